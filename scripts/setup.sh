@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv at the repository root and install slimdiff with its stack.
+# On a machine without an NVIDIA GPU the CPU build of torch is installed first, so that no
+# multi-GB CUDA build is pulled in by the dependency resolver.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    .venv/bin/pip install -q torch
+  else
+    .venv/bin/pip install -q torch==2.13.0 || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+TORCH_VERSION=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+CONSTRAINTS=$(mktemp)
+trap 'rm -f "$CONSTRAINTS"' EXIT
+echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
+# uv resolves in seconds; pip is the fallback. Either way torch stays the build installed above.
+if .venv/bin/pip install -q uv 2>/dev/null; then
+  .venv/bin/uv pip install -q --python .venv/bin/python -c "$CONSTRAINTS" -e ".[dev]"
+else
+  .venv/bin/pip install -q -c "$CONSTRAINTS" -e ".[dev]"
+fi
