@@ -1,0 +1,276 @@
+"""Closed-form group decompositions (method.md §3): covariances and weights in, narrower weights out.
+
+Conventions: row-token activations X (n x d_in) and a layer computes X W, so every weight here is
+(d_in x d_out), the transpose of ``nn.Linear.weight``. A bias is handled by the caller as an extra
+input row (augmented activation [x, 1]). All math runs in float64; no I/O, no diffusers.
+
+Predicted errors are "whitened" errors under the regularised covariance: the mean over tokens of
+the squared error of the module's output (QK: the per-head logits before the 1/sqrt(d) scale,
+summed over heads; VO and FFN: the output features). With ``reg=0`` and full-rank statistics they
+equal the error measured on the calibration activations exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+DEFAULT_REG = 1e-3
+
+
+def regularize(cov: Tensor, reg: float) -> Tensor:
+    """C + reg * (trace(C)/d) * I, in float64."""
+    if reg < 0 or reg != reg:
+        raise ValueError(f"regularisation must be a number >= 0, got {reg}")
+    cov = cov.to(torch.float64)
+    d = cov.shape[-1]
+    if reg == 0:
+        return cov.clone()
+    scale = torch.diagonal(cov).sum() / d
+    if scale <= 0:
+        scale = torch.tensor(1.0, dtype=torch.float64)
+    return cov + reg * scale * torch.eye(d, dtype=torch.float64, device=cov.device)
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """A factor S with S S^T = C, its inverse transpose S^-T, and how it was obtained."""
+
+    factor: Tensor
+    inv_t: Tensor
+    method: str  # "cholesky" or "eigh" (fallback, eigenvalues clamped)
+
+
+def whitening(cov: Tensor) -> Whitening:
+    """Cholesky factor of ``cov``; if Cholesky fails, an eigendecomposition with clamped eigenvalues.
+
+    Any valid S gives the same truncated product (method.md §2).
+    """
+    cov = cov.to(torch.float64)
+    factor, info = torch.linalg.cholesky_ex(cov)
+    if int(info) == 0:
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        inv_t = torch.linalg.solve_triangular(factor.T, eye, upper=True)
+        return Whitening(factor, inv_t, "cholesky")
+    eigenvalues, eigenvectors = torch.linalg.eigh((cov + cov.T) / 2)
+    floor = eigenvalues.abs().max().clamp_min(1e-300) * cov.shape[-1] * torch.finfo(torch.float64).eps
+    eigenvalues = eigenvalues.clamp_min(floor)
+    root = eigenvalues.sqrt()
+    return Whitening(eigenvectors * root, eigenvectors / root, "eigh")
+
+
+def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """Solve matrix @ x = rhs for symmetric PSD ``matrix``: Cholesky, else clamped-eigenvalue pseudo-inverse."""
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, chol)
+    eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    keep = eigenvalues > eigenvalues.abs().max() * matrix.shape[-1] * torch.finfo(torch.float64).eps
+    inv = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), torch.zeros_like(eigenvalues))
+    return eigenvectors @ (inv[:, None] * (eigenvectors.T @ rhs))
+
+
+def _split_heads(weight: Tensor, heads: int) -> Tensor:
+    """(d_in, heads*dh) -> (heads, d_in, dh)."""
+    d_in, total = weight.shape
+    return weight.reshape(d_in, heads, total // heads).permute(1, 0, 2)
+
+
+def _merge_heads(factors: Tensor) -> Tensor:
+    """(heads, d_in, k) -> (d_in, heads*k)."""
+    heads, d_in, k = factors.shape
+    return factors.permute(1, 0, 2).reshape(d_in, heads * k)
+
+
+def _pad_last(t: Tensor, size: int) -> Tensor:
+    if t.shape[-1] == size:
+        return t
+    pad = torch.zeros(*t.shape[:-1], size - t.shape[-1], dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=-1)
+
+
+def _tail_from_singular_values(singular_values: Tensor) -> Tensor:
+    """tail[k] = sum over heads of sum_{i >= k} s_i^2, for k = 0..head_dim."""
+    energy = (singular_values**2).sum(dim=0)
+    rev = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])
+    return torch.cat([rev, energy.new_zeros(1)])
+
+
+@dataclass(frozen=True)
+class QKDecomposition:
+    """Per-head whitening-SVD of the query-key product, all ranks at once.
+
+    ``q_factors[h] = S_x^-T U diag(s)^1/2`` and ``k_factors[h] = S_y^-T V diag(s)^1/2``, columns in
+    decreasing singular value order, so keeping the first ``rank`` columns is the optimal truncation.
+    """
+
+    q_factors: Tensor  # (heads, d_x, head_dim)
+    k_factors: Tensor  # (heads, d_y, head_dim)
+    singular_values: Tensor  # (heads, head_dim)
+
+    @property
+    def head_dim(self) -> int:
+        return self.singular_values.shape[1]
+
+    @property
+    def tail(self) -> Tensor:
+        """Predicted whitened logit error at every rank 0..head_dim (summed over heads)."""
+        return _tail_from_singular_values(self.singular_values)
+
+    def weights(self, rank: int) -> tuple[Tensor, Tensor]:
+        """(W_q', W_k') with ``rank`` columns per head: (d_x, heads*rank), (d_y, heads*rank)."""
+        _check_rank(rank, self.head_dim)
+        return _merge_heads(self.q_factors[:, :, :rank]), _merge_heads(self.k_factors[:, :, :rank])
+
+
+@dataclass(frozen=True)
+class VODecomposition:
+    """Per-head whitening-SVD of the value-output product, all ranks at once.
+
+    ``v_factors[h] = S_y^-T U`` and ``o_factors[h] = diag(s) V^T``.
+    """
+
+    v_factors: Tensor  # (heads, d_y, head_dim)
+    o_factors: Tensor  # (heads, head_dim, d_out)
+    singular_values: Tensor  # (heads, head_dim)
+
+    @property
+    def head_dim(self) -> int:
+        return self.singular_values.shape[1]
+
+    @property
+    def tail(self) -> Tensor:
+        """Predicted whitened output error at every rank 0..head_dim (summed over heads)."""
+        return _tail_from_singular_values(self.singular_values)
+
+    def weights(self, rank: int) -> tuple[Tensor, Tensor]:
+        """(W_v', W_o') with ``rank`` per head: (d_y, heads*rank), (heads*rank, d_out)."""
+        _check_rank(rank, self.head_dim)
+        heads = self.o_factors.shape[0]
+        w_v = _merge_heads(self.v_factors[:, :, :rank])
+        w_o = self.o_factors[:, :rank, :].reshape(heads * rank, -1)
+        return w_v, w_o
+
+
+def _check_rank(rank: int, head_dim: int) -> None:
+    if not 1 <= rank <= head_dim:
+        raise ValueError(f"rank must be in 1..{head_dim}, got {rank}")
+
+
+def decompose_qk(w_q: Tensor, w_k: Tensor, cov_x: Tensor, cov_y: Tensor, heads: int, reg: float = DEFAULT_REG) -> QKDecomposition:
+    """Whitening-SVD of A_h = S_x^T W_q^h (W_k^h)^T S_y for every head (cheap form: thin QRs + small SVD).
+
+    ``w_q`` (d_x, heads*dh) and ``w_k`` (d_y, heads*dh) in X W layout; ``cov_x``/``cov_y`` are the
+    second moments of the query input and key input.
+    """
+    if w_q.shape[1] != w_k.shape[1] or w_q.shape[1] % heads:
+        raise ValueError(f"query/key widths {w_q.shape[1]}/{w_k.shape[1]} do not split into {heads} equal heads")
+    head_dim = w_q.shape[1] // heads
+    white_x = whitening(regularize(cov_x, reg))
+    white_y = white_x if cov_y is cov_x else whitening(regularize(cov_y, reg))
+    wq_heads = _split_heads(w_q.to(torch.float64), heads)
+    wk_heads = _split_heads(w_k.to(torch.float64), heads)
+    q_white = white_x.factor.T @ wq_heads  # (heads, d_x, dh)
+    k_white = white_y.factor.T @ wk_heads
+    basis_q, r_q = torch.linalg.qr(q_white)  # (heads, d_x, m), (heads, m, dh)
+    basis_k, r_k = torch.linalg.qr(k_white)
+    core = r_q @ r_k.transpose(1, 2)
+    u_core, singular_values, vh_core = torch.linalg.svd(core, full_matrices=False)
+    root = singular_values.sqrt()
+    q_factors = white_x.inv_t @ (basis_q @ u_core) * root[:, None, :]
+    k_factors = white_y.inv_t @ (basis_k @ vh_core.transpose(1, 2)) * root[:, None, :]
+    return QKDecomposition(_pad_last(q_factors, head_dim), _pad_last(k_factors, head_dim), _pad_last(singular_values, head_dim))
+
+
+def decompose_vo(w_v: Tensor, w_o: Tensor, cov_y: Tensor, heads: int, reg: float = DEFAULT_REG) -> VODecomposition:
+    """Whitening-SVD of B_h = S_y^T W_v^h W_o^h for every head.
+
+    ``w_v`` (d_y, heads*dh), ``w_o`` (heads*dh, d_out) in X W layout; ``cov_y`` is the value input's
+    second moment.
+    """
+    if w_v.shape[1] != w_o.shape[0] or w_v.shape[1] % heads:
+        raise ValueError(f"value width {w_v.shape[1]} and output rows {w_o.shape[0]} do not split into {heads} equal heads")
+    head_dim = w_v.shape[1] // heads
+    white_y = whitening(regularize(cov_y, reg))
+    wv_heads = _split_heads(w_v.to(torch.float64), heads)
+    wo_heads = w_o.to(torch.float64).reshape(heads, head_dim, -1)
+    basis, r_v = torch.linalg.qr(white_y.factor.T @ wv_heads)  # (heads, d_y, m), (heads, m, dh)
+    u_core, singular_values, vh = torch.linalg.svd(r_v @ wo_heads, full_matrices=False)
+    v_factors = white_y.inv_t @ (basis @ u_core)
+    o_factors = singular_values[:, :, None] * vh
+    m = singular_values.shape[1]
+    if m < head_dim:
+        o_factors = torch.cat([o_factors, o_factors.new_zeros(heads, head_dim - m, o_factors.shape[2])], dim=1)
+    return VODecomposition(_pad_last(v_factors, head_dim), o_factors, _pad_last(singular_values, head_dim))
+
+
+@dataclass(frozen=True)
+class FFNDecomposition:
+    """Nyström channel selection of an FFN hidden layer by ridge leverage (method.md §3).
+
+    ``cov_hidden`` is the regularised second moment of the down projection's input, ``w_down``
+    (f, d_out) in X W layout.
+    """
+
+    cov_hidden: Tensor
+    w_down: Tensor
+    eigenvalues: Tensor  # descending
+    eigenvectors_sq: Tensor  # (f, f): squared eigenvector entries, rows = channels
+
+    @property
+    def full_width(self) -> int:
+        return self.cov_hidden.shape[0]
+
+    def ridge_leverage(self, width: int) -> Tensor:
+        """l_j = [C (C + lam I)^-1]_jj with lam = (sum of eigenvalues beyond ``width``) / ``width``."""
+        _check_width(width, self.full_width)
+        lam = self.eigenvalues[width:].clamp_min(0).sum() / width
+        if lam <= 0:
+            return torch.ones(self.full_width, dtype=torch.float64, device=self.cov_hidden.device)
+        ratio = self.eigenvalues.clamp_min(0) / (self.eigenvalues.clamp_min(0) + lam)
+        return self.eigenvectors_sq @ ratio
+
+    def channels(self, width: int) -> Tensor:
+        """Indices of the ``width`` kept channels, ascending."""
+        if width == self.full_width:
+            return torch.arange(width, device=self.cov_hidden.device)
+        leverage = self.ridge_leverage(width)
+        # stable tie-break by channel index keeps the choice deterministic
+        order = torch.argsort(-leverage, stable=True)
+        return torch.sort(order[:width]).values
+
+    def weights(self, width: int) -> tuple[Tensor, Tensor]:
+        """(kept channel indices, W_d' = C[S,S]^-1 C[S,:] W_d of shape (width, d_out))."""
+        keep = self.channels(width)
+        cov_kept = self.cov_hidden[keep][:, keep]
+        rhs = self.cov_hidden[keep] @ self.w_down
+        return keep, _spd_solve(cov_kept, rhs)
+
+    def error(self, width: int) -> float:
+        """Nyström residual trace(W_d^T (C - C[:,S] C[S,S]^-1 C[S,:]) W_d) for the selection at ``width``."""
+        keep, w_new = self.weights(width)
+        total = torch.einsum("ic,ij,jc->", self.w_down, self.cov_hidden, self.w_down)
+        explained = torch.einsum("kc,kc->", self.cov_hidden[keep] @ self.w_down, w_new)
+        return float((total - explained).clamp_min(0))
+
+    def tail(self, widths: Sequence[int]) -> Tensor:
+        """Predicted output error at each of ``widths``."""
+        return torch.tensor([self.error(int(w)) for w in widths], dtype=torch.float64)
+
+
+def _check_width(width: int, full_width: int) -> None:
+    if not 1 <= width <= full_width:
+        raise ValueError(f"FFN width must be in 1..{full_width}, got {width}")
+
+
+def decompose_ffn(w_down: Tensor, cov_hidden: Tensor, reg: float = DEFAULT_REG) -> FFNDecomposition:
+    """Prepare Nyström channel selection for an FFN: one eigendecomposition serves every width."""
+    if w_down.shape[0] != cov_hidden.shape[0]:
+        raise ValueError(f"down projection has {w_down.shape[0]} input channels but the covariance is {tuple(cov_hidden.shape)}")
+    cov = regularize(cov_hidden, reg)
+    eigenvalues, eigenvectors = torch.linalg.eigh((cov + cov.T) / 2)
+    eigenvalues, eigenvectors = torch.flip(eigenvalues, [0]), torch.flip(eigenvectors, [1])
+    return FFNDecomposition(cov, w_down.to(torch.float64), eigenvalues, eigenvectors**2)

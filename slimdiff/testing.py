@@ -1,0 +1,132 @@
+"""Tiny seeded diffusers models built from config, for tests and benchmarks (no network, no weights).
+
+Three denoiser families go through one test mixin: an SD-1.x-style UNet (GEGLU, per-level head
+counts), an SD-2-style UNet (linear projections, head dim 64) and a PixArt-style transformer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+TINY_CROSS_DIM = 32
+TINY_TEXT_LEN = 16
+TINY_PROMPT_TOKENS = 48
+
+
+def char_tokenizer(model_max_length: int = TINY_PROMPT_TOKENS):
+    """A CLIPTokenizer over single characters, built locally (no hub files)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length,
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                         unk_token="<|endoftext|>")
+
+
+def tiny_unet_sd1(seed: int = 0):
+    """SD-1.x style: GEGLU feed-forward, per-level head counts (``attention_head_dim`` as a list), conv projections."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_CROSS_DIM, attention_head_dim=(2, 4),
+    ).eval()
+
+
+def tiny_unet_sd2(seed: int = 0):
+    """SD-2 style: linear projections in/out of the transformer, head dim 64 (64 and 128 channels)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128), norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_CROSS_DIM, attention_head_dim=(1, 2), use_linear_projection=True,
+    ).eval()
+
+
+def tiny_pixart(seed: int = 0):
+    """PixArt-style DiT: GELU(tanh) feed-forward, biased q/k/v, cross-attention to caption tokens."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, num_attention_heads=3, attention_head_dim=8, in_channels=4,
+        out_channels=4, patch_size=2, cross_attention_dim=24, caption_channels=TINY_CROSS_DIM,
+        norm_type="ada_norm_single", norm_num_groups=8,
+    ).eval()
+
+
+@dataclass(frozen=True)
+class TinyDenoiser:
+    """A tiny denoiser factory and how to call it with random inputs."""
+
+    name: str
+    build: Callable[[int], nn.Module]
+
+    def inputs(self, model: nn.Module, batch: int, timestep: int, seed: int) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        sample = torch.randn(batch, 4, 8, 8, generator=generator)
+        text = torch.randn(batch, TINY_TEXT_LEN, TINY_CROSS_DIM, generator=generator)
+        args = {"timestep": torch.full((batch,), timestep), "encoder_hidden_states": text}
+        if self.name == "pixart":
+            args["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+            return {"hidden_states": sample, **args}
+        return {"sample": sample, **args}
+
+    def output(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        return model(**inputs, return_dict=False)[0]
+
+
+TINY_DENOISERS = {
+    "unet_sd1": TinyDenoiser("unet_sd1", tiny_unet_sd1),
+    "unet_sd2": TinyDenoiser("unet_sd2", tiny_unet_sd2),
+    "pixart": TinyDenoiser("pixart", tiny_pixart),
+}
+
+
+def tiny_sd_pipeline(seed: int = 0):
+    """A complete tiny StableDiffusionPipeline (16x16 images, 8x8 latents), built from config."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TINY_CROSS_DIM, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=TINY_PROMPT_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=tiny_unet_sd1(seed + 1),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TINY_PROMPTS = [
+    f"a {size} {colour} {shape} at the {place}"
+    for size in ("small", "large")
+    for colour in ("red", "green", "blue", "yellow")
+    for shape in ("circle", "square")
+    for place in ("top left", "bottom right")
+]
