@@ -182,7 +182,7 @@ def train_vae(
         if checkpoint_dir is not None and (step + 1) % train.checkpoint_every == 0:
             _save_checkpoint(checkpoint_dir, step + 1, {"vae": vae}, optimizer, {"kind": "vae"})
     vae.eval()
-    latents = encode_latents(vae, images, device, scaling_factor=1.0)
+    latents = encode_latents(vae, images[:4096], device, scaling_factor=1.0)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return vae
 
