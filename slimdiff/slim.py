@@ -27,8 +27,11 @@ class SlimAttnProcessor:
     attention would rescale by the new, smaller width.
     """
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, logit_noise=None):
         self.scale = float(scale)
+        # optional callable (query, key) -> additive noise on the unscaled logits; used only to
+        # measure propagation gains (slimdiff.influence), never in a compressed model
+        self.logit_noise = logit_noise
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
@@ -60,6 +63,9 @@ class SlimAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        if self.logit_noise is not None:
+            noise = self.logit_noise(query, key) * self.scale
+            attention_mask = noise if attention_mask is None else attention_mask + noise
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                        is_causal=False, scale=self.scale)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * value.shape[-1])

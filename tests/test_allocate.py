@@ -1,0 +1,181 @@
+"""Influence scores and global allocation (issue 3)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slimdiff.allocate import ALLOCATORS, Budget, BudgetError, WidthPlan, allocate, allowed_widths, check_budget
+from slimdiff.capture import ActivationRecorder, Capture, group_input_sites, sites_for
+from slimdiff.groups import compressible_groups
+from slimdiff.influence import (
+    Granularity, InfluenceScores, ffn_error_under, propagation_gains, score, skeleton_scores, spearman, vo_error_under,
+)
+from slimdiff.slim import decompose, decompose_group
+from slimdiff.testing import TINY_DENOISERS
+
+CAPTURE_TIMESTEPS = (5, 180, 420, 610, 820, 990) * 2
+GAIN_TIMESTEPS = (100, 500, 900)
+HELD_OUT_TIMESTEPS = (50, 300, 600, 900)
+
+
+def build_scored(name: str):
+    tiny = TINY_DENOISERS[name]
+    model = tiny.build(0)
+    groups = compressible_groups(model)
+    with ActivationRecorder(model, sites_for(groups), 4, 1000) as recorder, torch.no_grad():
+        for i, t in enumerate(CAPTURE_TIMESTEPS):
+            tiny.output(model, tiny.inputs(model, 4, t, i))
+    capture = Capture(recorder.stats, {"bucket_edges": recorder.edges})
+    calls = [((), tiny.inputs(model, 4, t, 100 + i)) for i, t in enumerate(GAIN_TIMESTEPS)]
+    capture.gains, capture.metadata["block_influence"] = propagation_gains(model, calls)
+    return tiny, model, capture, score(model, capture)
+
+
+@pytest.fixture(scope="module")
+def scored():
+    return {name: build_scored(name) for name in TINY_DENOISERS}
+
+
+def held_out_error(tiny, model, compressed) -> float:
+    errors = []
+    with torch.no_grad():
+        for i, t in enumerate(HELD_OUT_TIMESTEPS):
+            inputs = tiny.inputs(model, 4, t, 500 + i)
+            ref = tiny.output(model, inputs)
+            errors.append(float((tiny.output(compressed, inputs) - ref).norm() / ref.norm()))
+    return sum(errors) / len(errors)
+
+
+def max_step_params(scores: InfluenceScores, min_keep: float) -> int:
+    steps = []
+    for m in scores.modules:
+        allowed = allowed_widths(m, min_keep)
+        steps += [m.unit_params * (b - a) for a, b in zip(allowed, allowed[1:])]
+    return max(steps)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(sorted(TINY_DENOISERS)), fraction=st.floats(0.01, 0.95), min_keep=st.floats(0.0, 0.6),
+       allocator=st.sampled_from(ALLOCATORS), absolute=st.booleans())
+def test_plan_meets_budget_within_one_step_and_respects_minimum(scored, name, fraction, min_keep, allocator, absolute):
+    scores = scored[name][3]
+    compressible = scores.compressible_params
+    budget = Budget(max(2, int(fraction * compressible))) if absolute else Budget(fraction)
+    target = budget.params(compressible)
+    if target > scores_removable(scores, min_keep) or target < 1:
+        with pytest.raises(BudgetError, match="valid budgets"):
+            allocate(scores, budget, allocator, min_keep=min_keep)
+        return
+    plan = allocate(scores, budget, allocator, min_keep=min_keep)
+    assert plan.target_removed == target
+    assert target <= plan.removed < target + max_step_params(scores, min_keep)
+    for entry, module in zip(plan.modules, scores.modules):
+        assert entry.width >= min_keep * entry.full_width - 1e-9
+        assert entry.width in module.widths
+
+
+def scores_removable(scores, min_keep):
+    return sum(m.unit_params * (m.full_width - allowed_widths(m, min_keep)[0]) for m in scores.modules)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0, -0.2, 1, 1.5, float("inf"), "abc"])
+def test_impossible_budget_names_valid_range(bad):
+    with pytest.raises(BudgetError, match="budget"):
+        Budget.parse(bad)
+
+
+def test_budget_beyond_minimums_fails_before_work():
+    groups = compressible_groups(TINY_DENOISERS["unet_sd1"].build(0))
+    skeleton = skeleton_scores(groups)
+    with pytest.raises(BudgetError, match=r"valid budgets are fractions in \(0, 0\.8"):
+        check_budget(skeleton, Budget(0.95), min_keep=0.1)
+    assert check_budget(skeleton, Budget(0.5)) == round(0.5 * skeleton.compressible_params)
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_slimdiff_allocator_beats_uniform_and_modegpt(scored, budget):
+    tiny, model, capture, scores = scored["unet_sd1"]
+    errors = {}
+    for allocator in ALLOCATORS:
+        plan = allocate(scores, budget, allocator)
+        compressed = copy.deepcopy(model)
+        decompose(compressed, capture, plan.widths)
+        errors[allocator] = held_out_error(tiny, model, compressed)
+    assert errors["slimdiff"] < errors["uniform"], errors
+    assert errors["slimdiff"] < errors["modegpt"], errors
+
+
+def test_gains_correlate_with_single_module_damage(scored):
+    tiny, model, capture, scores = scored["unet_sd1"]
+    gains, damage, sis = [], [], []
+    for module in scores.modules:
+        half = max(1, module.full_width // 2)
+        compressed = copy.deepcopy(model)
+        decompose(compressed, capture, {module.name: half})
+        damage.append(held_out_error(tiny, model, compressed))
+        gains.append(module.gain)
+        sis.append(float(module.sis()[module.widths.index(half)]) if half in module.widths else math.nan)
+    assert spearman(gains, damage) > 0.3, spearman(gains, damage)
+    pairs = [(s, d) for s, d in zip(sis, damage) if not math.isnan(s)]
+    assert spearman([p[0] for p in pairs], [p[1] for p in pairs]) > 0.7
+
+
+def test_bucket_errors_are_token_weighted_parts_of_pooled_error(scored):
+    """VO and FFN errors are linear in the covariance: token-weighted bucket errors add up to the pooled one."""
+    tiny, model, capture, scores = scored["unet_sd1"]
+    for group in compressible_groups(model):
+        if group.kind.startswith("qk"):
+            continue
+        site = group_input_sites(group)[0]
+        counts = capture.sites[site].count.double()
+        module = next(m for m in scores.modules if m.name == group.name)
+        decomposition = decompose_group(model, group, capture)
+        augment = group.kind.startswith("vo") and model.get_submodule(group.path).to_v.bias is not None
+        pooled_cov = capture.second_moment(site, augment=augment)
+        pooled = vo_error_under(decomposition, pooled_cov) if group.kind.startswith("vo") else None
+        for index, width in enumerate(module.widths):
+            mixed = sum(float(counts[b]) / float(counts.sum()) * e[index] for b, e in enumerate(module.errors) if e is not None)
+            expected = float(pooled[width]) if pooled is not None else ffn_error_under(decomposition, width, pooled_cov)
+            assert mixed == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_reallocation_from_saved_scores_takes_seconds(scored, tmp_path):
+    scores = scored["unet_sd2"][3]
+    path = scores.save(tmp_path / "scores.json")
+    start = time.perf_counter()
+    loaded = InfluenceScores.load(path)
+    plans = [allocate(loaded, b) for b in (0.2, 0.4, 0.6)]
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0
+    assert [p.removed for p in plans] == sorted(p.removed for p in plans)
+
+
+def test_plan_artifact_round_trip_table_and_plot(scored, tmp_path):
+    scores = scored["pixart"][3]
+    plan = allocate(scores, 0.4, "slimdiff")
+    again = WidthPlan.load(plan.save(tmp_path / "plan.json"))
+    assert again.widths == plan.widths and again.removed == plan.removed
+    assert again.predicted_error == pytest.approx(plan.predicted_error)
+    assert "allocator slimdiff" in plan.table()
+    png = plan.plot(tmp_path / "plan.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_requires_gains_unless_asked(scored):
+    tiny, model, capture, _ = scored["pixart"]
+    bare = Capture(capture.sites, capture.metadata)
+    with pytest.raises(ValueError, match="no propagation gains"):
+        score(model, bare)
+    assert score(model, bare, require_gains=False).metadata["gains_measured"] is False
+
+
+def test_granularity_validation():
+    with pytest.raises(ValueError, match="ffn_step"):
+        Granularity(ffn_step=0)
