@@ -72,7 +72,9 @@ def _attention_groups(block_path: str, attn_name: str, attn: nn.Module) -> list[
     qk_note, qk_ok = "", True
     if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
         qk_ok, qk_note = False, "q/k normalisation between projection and dot product; QK left intact"
-    if to_k.out_features != to_q.out_features:
+    # the attention's own (config) dims, not the linears': a compressed VO legitimately differs from QK
+    grouped_kv = getattr(attn, "inner_kv_dim", None) != getattr(attn, "inner_dim", None)
+    if grouped_kv:
         qk_ok, qk_note = False, "grouped key/value heads; QK left intact"
     if getattr(attn, "added_kv_proj_dim", None) is not None:
         return [
@@ -81,7 +83,7 @@ def _attention_groups(block_path: str, attn_name: str, attn: nn.Module) -> list[
                         note="added key/value projections (joint attention); left intact"),
         ]
     vo_ok, vo_note = True, ""
-    if to_v.out_features != to_q.out_features:
+    if grouped_kv:
         vo_ok, vo_note = False, "grouped key/value heads; VO left intact"
     return [
         ModuleGroup(f"{path}.qk", f"qk_{side}", block_path, path, heads, qk_width, to_q.in_features,

@@ -42,19 +42,24 @@ def structure_of(denoiser: nn.Module) -> dict[str, Any]:
     return {"widths": widths, "attention_scales": scales}
 
 
-def save(pipe, folder: str | Path, info: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+def save(pipe, folder: str | Path, info: dict[str, Any] | None = None, full_widths: dict[str, int] | None = None,
+         overwrite: bool = False) -> Path:
     """Write ``pipe`` (with its compressed denoiser) to ``folder`` atomically, in diffusers layout.
 
-    ``info`` (budget, allocator, base model, capture provenance, predicted errors, ...) is stored in
-    the slimdiff config beside the widths.
+    ``full_widths`` are the uncompressed widths (default: the current ones); ``info`` (budget,
+    allocator, base model, capture provenance, predicted errors, ...) is stored beside them.
     """
     key, denoiser = denoiser_of(pipe)
+    structure = structure_of(denoiser)
+    full = dict(structure["widths"])
+    full.update(full_widths or {})
     config = {
         "format": SLIMDIFF_CONFIG_FORMAT,
         "version": SLIMDIFF_CONFIG_VERSION,
         "denoiser": key,
         "denoiser_class": type(denoiser).__name__,
-        **structure_of(denoiser),
+        **structure,
+        "full_widths": full,
         "info": info or {},
     }
     folder = Path(folder)
@@ -137,7 +142,8 @@ def build_denoiser(subfolder: str | Path, config: dict[str, Any]) -> nn.Module:
         raise CompressedModelError(f"{subfolder / WEIGHTS_NAME}: does not match {SLIMDIFF_CONFIG_NAME}: " + "; ".join(problems[:5])
                                    + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
     dtype = next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
-    denoiser = denoiser.to(dtype)
+    if dtype != next(denoiser.parameters()).dtype:
+        denoiser = denoiser.to(dtype)
     denoiser.load_state_dict(weights, strict=True)
     return denoiser.eval()
 
@@ -153,3 +159,32 @@ def load(folder: str | Path, **from_pretrained_kwargs):
     if torch_dtype is not None:
         denoiser = denoiser.to(torch_dtype)
     return DiffusionPipeline.from_pretrained(str(folder), **{key: denoiser}, **from_pretrained_kwargs)
+
+
+def describe(folder: str | Path) -> dict[str, Any]:
+    """Parameter counts (total; compressible before and after) and per-module widths of a saved model."""
+    folder = Path(folder)
+    key, config = read_config(folder)
+    denoiser = build_denoiser(folder / key, config)
+    groups = {g.name: g for g in find_groups(denoiser)}
+    modules = {}
+    before = after = 0
+    for name, width in config["widths"].items():
+        group = groups[name]
+        full = int(config.get("full_widths", {}).get(name, width))
+        before += group.unit_params * full
+        after += group.unit_params * width
+        modules[name] = {"kind": group.kind, "width": width, "full_width": full, "heads": group.heads}
+    return {
+        "model": str(folder),
+        "denoiser": config["denoiser_class"],
+        "params": {
+            "total": sum(p.numel() for p in denoiser.parameters()),
+            "compressible_before": before,
+            "compressible_after": after,
+            "removed": before - after,
+            "removed_fraction": (before - after) / before if before else 0.0,
+        },
+        "modules": modules,
+        "info": config.get("info", {}),
+    }

@@ -1,0 +1,136 @@
+"""Command line: ``slimdiff compress``, ``slimdiff info``, ``slimdiff allocate``.
+
+Errors a user can fix (bad paths, bad budgets, unreadable prompts) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _offline_defaults() -> None:
+    import os
+
+    for key, value in (("HF_HUB_DISABLE_TELEMETRY", "1"), ("DO_NOT_TRACK", "true")):
+        os.environ.setdefault(key, value)
+    # loading bars and library chatter would bury slimdiff's own progress bars and one-line errors
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimdiff", description="Training-free structural compression of diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="capture, score, allocate and decompose; save the compressed pipeline")
+    c.add_argument("model", help="local diffusers pipeline folder or hub id")
+    c.add_argument("--prompts", required=True, help="calibration prompts: .txt (one per line), .json or .jsonl")
+    c.add_argument("--budget", required=True, help="fraction of compressible parameters to remove (0<b<1) or a whole count")
+    c.add_argument("--out", required=True, help="output folder (diffusers layout)")
+    c.add_argument("--allocator", default="slimdiff", choices=["slimdiff", "uniform", "modegpt"])
+    c.add_argument("--min-keep", type=float, default=0.1, help="minimum kept fraction per module")
+    c.add_argument("--steps", type=int, default=25, help="sampler steps during capture")
+    c.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale during capture")
+    c.add_argument("--height", type=int, default=None)
+    c.add_argument("--width", type=int, default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--buckets", type=int, default=4, help="timestep buckets")
+    c.add_argument("--reg", type=float, default=1e-3, help="covariance regularisation lambda")
+    c.add_argument("--ffn-step", type=int, default=8)
+    c.add_argument("--rank-step", type=int, default=1)
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--save-capture", default=None, help="also write the capture (safetensors) here")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("info", help="parameter counts and widths of a compressed folder")
+    i.add_argument("folder")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    a = sub.add_parser("allocate", help="a width plan from saved influence scores (no model needed)")
+    a.add_argument("scores", help="scores JSON written by the score stage")
+    a.add_argument("--budget", required=True)
+    a.add_argument("--allocator", default="slimdiff", choices=["slimdiff", "uniform", "modegpt"])
+    a.add_argument("--min-keep", type=float, default=0.1)
+    a.add_argument("--out", required=True, help="plan JSON")
+    a.add_argument("--plot", default=None, help="PNG of kept fraction per block")
+    return parser
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from slimdiff.allocate import Budget
+    from slimdiff.capture import SamplerSettings
+    from slimdiff.compress import SlimDiffConfig, compress_pipeline, load_pipeline, read_prompts
+    from slimdiff.io import save
+
+    config = SlimDiffConfig(budget=Budget.parse(args.budget).value, allocator=args.allocator, min_keep=args.min_keep,
+                            reg=args.reg, num_buckets=args.buckets, ffn_step=args.ffn_step, rank_step=args.rank_step,
+                            batch_size=args.batch_size)
+    sampler = SamplerSettings(args.steps, args.guidance, args.height, args.width, args.seed)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    prompts = read_prompts(args.prompts)
+    pipe = load_pipeline(args.model)
+    result = compress_pipeline(pipe, prompts, config, sampler, model_id=args.model, progress=not args.quiet)
+    if args.save_capture:
+        result.capture.save(args.save_capture)
+    full_widths = {m.name: m.full_width for m in result.plan.modules}
+    save(pipe, out, result.info(args.model), full_widths=full_widths, overwrite=args.overwrite)
+    result.plan.save(out / "width_plan.json")
+    result.plan.plot(out / "width_plan.png")
+    print(result.plan.table().splitlines()[-1])
+    print(f"saved {out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from slimdiff.io import describe
+
+    info = describe(args.folder)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    p = info["params"]
+    print(f"{info['model']}: {info['denoiser']}, {p['total']:,} parameters; compressible {p['compressible_before']:,} -> "
+          f"{p['compressible_after']:,} ({p['removed_fraction']:.1%} removed)")
+    for name, m in info["modules"].items():
+        print(f"  {name:<72} {m['kind']:<8} {m['width']:>5}/{m['full_width']}")
+    return 0
+
+
+def _allocate(args: argparse.Namespace) -> int:
+    from slimdiff.allocate import Budget, allocate
+    from slimdiff.influence import InfluenceScores
+
+    budget = Budget.parse(args.budget)
+    plan = allocate(InfluenceScores.load(args.scores), budget, args.allocator, args.min_keep)
+    plan.save(args.out)
+    if args.plot:
+        plan.plot(args.plot)
+    print(plan.table().splitlines()[-1])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_defaults()
+    args = _parser().parse_args(argv)
+    handlers = {"compress": _compress, "info": _info, "allocate": _allocate}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"slimdiff {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

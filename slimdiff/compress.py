@@ -1,0 +1,184 @@
+"""One call that runs the whole method on a pipeline: capture -> gains -> scores -> plan -> decompose.
+
+Each step also has its own entry point (``slimdiff.capture``, ``slimdiff.influence.measure_gains``,
+``slimdiff.influence.score``, ``slimdiff.allocate``, ``slimdiff.decompose``); the DVC stages call
+those one at a time so each result is a versioned file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from slimdiff.allocate import ALLOCATORS, DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, WidthPlan, allocate, check_budget
+from slimdiff.capture import Capture, SamplerSettings, capture, denoiser_of
+from slimdiff.decompose import DEFAULT_REG
+from slimdiff.groups import compressible_groups
+from slimdiff.influence import Granularity, InfluenceScores, measure_gains, score, skeleton_scores
+from slimdiff.slim import GroupResult, decompose
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SlimDiffConfig:
+    """Every setting of a compression, versioned; round-trips through JSON and is saved beside the weights."""
+
+    budget: float = 0.4
+    allocator: str = "slimdiff"
+    min_keep: float = DEFAULT_MIN_KEEP
+    ffn_step: int = 8
+    rank_step: int = 1
+    reg: float = DEFAULT_REG
+    num_buckets: int = 4
+    bucket_weights: tuple[float, ...] | None = None
+    temperature: float = DEFAULT_TEMPERATURE
+    gain_prompts: int = 4
+    gain_calls: int = 4
+    rel_noise: float = 0.05
+    max_ffn_points: int = 64
+    batch_size: int = 8
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        Budget.parse(self.budget)
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"unknown allocator {self.allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+        if not 0 <= self.min_keep < 1:
+            raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
+        Granularity(self.ffn_step, self.rank_step)
+        if self.reg < 0:
+            raise ValueError(f"reg must be >= 0, got {self.reg}")
+        if self.num_buckets < 1:
+            raise ValueError(f"num_buckets must be >= 1, got {self.num_buckets}")
+        if self.bucket_weights is not None and len(self.bucket_weights) != self.num_buckets:
+            raise ValueError(f"{len(self.bucket_weights)} bucket_weights for num_buckets={self.num_buckets}")
+        for name in ("gain_prompts", "gain_calls", "batch_size", "max_ffn_points"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"unknown SlimDiffConfig version {self.version}; this slimdiff reads version {CONFIG_VERSION}")
+
+    @property
+    def granularity(self) -> Granularity:
+        return Granularity(self.ffn_step, self.rank_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["bucket_weights"] = list(self.bucket_weights) if self.bucket_weights is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SlimDiffConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown SlimDiffConfig keys {unknown}; valid keys: {sorted(names)}")
+        data = dict(data)
+        if data.get("bucket_weights") is not None:
+            data["bucket_weights"] = tuple(data["bucket_weights"])
+        return cls(**data)
+
+
+@dataclass
+class CompressionResult:
+    """Everything a compression produced besides the compressed pipeline itself."""
+
+    config: SlimDiffConfig
+    capture: Capture
+    scores: InfluenceScores
+    plan: WidthPlan
+    groups: list[GroupResult] = field(default_factory=list)
+
+    def info(self, model_id: str = "") -> dict[str, Any]:
+        """Provenance stored in the saved model's slimdiff config."""
+        meta = self.capture.metadata
+        return {
+            "base_model": {"id": model_id or meta.get("model_id", ""), "hash": meta.get("model_hash")},
+            "config": self.config.to_dict(),
+            "capture": {k: meta.get(k) for k in ("prompts_digest", "num_prompts", "scheduler", "num_inference_steps",
+                                                 "guidance_scale", "height", "width", "seed", "bucket_edges")},
+            "plan": {"allocator": self.plan.allocator, "removed": self.plan.removed, "target_removed": self.plan.target_removed,
+                     "compressible_before": self.plan.params_before, "compressible_after": self.plan.params_after,
+                     "predicted_error": self.plan.predicted_error},
+        }
+
+
+def compress_pipeline(pipe, prompts: Sequence[str], config: SlimDiffConfig = SlimDiffConfig(),
+                      sampler: SamplerSettings = SamplerSettings(), model_id: str = "", progress: bool = True) -> CompressionResult:
+    """Compress ``pipe``'s denoiser in place with the full SlimDiff method; returns the artifacts."""
+    _, denoiser = denoiser_of(pipe)
+    groups = compressible_groups(denoiser)
+    check_budget(skeleton_scores(groups, config.granularity), Budget.parse(config.budget), config.min_keep)  # before any work
+    stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
+                    groups=groups, model_id=model_id, progress=progress)
+    measure_gains(pipe, list(prompts)[: config.gain_prompts], sampler, stats, config.gain_calls, config.rel_noise,
+                  seed=sampler.seed, progress=progress)
+    scores = score(denoiser, stats, config.granularity, config.reg, config.max_ffn_points, progress=progress)
+    plan = allocate(scores, Budget.parse(config.budget), config.allocator, config.min_keep, config.bucket_weights, config.temperature)
+    results = decompose(denoiser, stats, plan.widths, config.reg, progress=progress)
+    return CompressionResult(config, stats, scores, plan, results)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line), a JSON list, or JSON lines (strings or objects with a
+    ``prompt``, ``text`` or ``caption`` field). Fails naming the file on missing, unreadable or empty input."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"prompt file {path} is unreadable: {error}") from None
+    prompts: list[str] = []
+    if path.suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"prompt file {path} is not valid JSON: {error}") from None
+        if not isinstance(items, list):
+            raise ValueError(f"prompt file {path} must hold a JSON list of prompts")
+        prompts = [_prompt_of(item, path) for item in items]
+    elif path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    prompts.append(_prompt_of(json.loads(line), path))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"prompt file {path} line {number} is not valid JSON: {error}") from None
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def _prompt_of(item: Any, path: Path) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        for key in ("prompt", "text", "caption"):
+            if isinstance(item.get(key), str):
+                return item[key]
+    raise ValueError(f"prompt file {path}: entry {str(item)[:60]!r} is not a string nor has a prompt/text/caption field")
+
+
+def load_pipeline(model: str, **kwargs):
+    """A diffusers pipeline from a local folder or a hub id, with a clear error when neither works."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(model)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise FileNotFoundError(f"model {model!r}: no such folder, and not a hub id of the form 'owner/name'")
+    try:
+        return DiffusionPipeline.from_pretrained(model, **kwargs)
+    except Exception as error:  # noqa: BLE001 - re-raised with the cause named
+        raise OSError(f"could not load model {model!r} from the hub ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                      "offline machines need a local diffusers folder") from error
