@@ -179,6 +179,7 @@ def merge_captures(captures: Sequence[Capture]) -> Capture:
             sum(c.sites[site].count for c in captures),
         )
     metadata = dict(first.metadata)
+    metadata["denoiser_calls"] = sum(c.metadata.get("denoiser_calls", 0) for c in captures)
     prompt_hashes = sorted(h for c in captures for h in c.metadata.get("prompt_hashes", []))
     metadata["prompt_hashes"] = prompt_hashes
     metadata["num_prompts"] = len(prompt_hashes)
@@ -358,10 +359,15 @@ def capture(
     num_buckets: int = 4,
     batch_size: int = 8,
     groups: Sequence[ModuleGroup] | None = None,
+    extra_sites: Sequence[str] = (),
     model_id: str = "",
     progress: bool = True,
 ) -> Capture:
-    """Run ``pipe`` over ``prompts`` with the deployment sampler and return the accumulated statistics."""
+    """Run ``pipe`` over ``prompts`` with the deployment sampler and return the accumulated statistics.
+
+    ``extra_sites`` names further ``nn.Linear`` modules (by path in the denoiser) whose inputs to
+    record, e.g. for per-matrix baselines.
+    """
     from tqdm.auto import tqdm
 
     prompts = list(prompts)
@@ -374,7 +380,8 @@ def capture(
     _, denoiser = denoiser_of(pipe)
     groups = list(groups) if groups is not None else compressible_groups(denoiser)
     num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
-    recorder = ActivationRecorder(denoiser, sites_for(groups), num_buckets, num_train_timesteps)
+    sites = list(dict.fromkeys([*sites_for(groups), *extra_sites]))
+    recorder = ActivationRecorder(denoiser, sites, num_buckets, num_train_timesteps)
     with recorder, _quiet_pipeline(pipe), torch.inference_mode():
         bar = tqdm(total=len(prompts), desc="capture", unit="prompt", disable=not progress)
         for batch in _batches(prompts, batch_size):
