@@ -88,7 +88,7 @@ class CompressionResult:
 
     config: SlimDiffConfig
     capture: Capture
-    scores: InfluenceScores
+    scores: InfluenceScores | None
     plan: WidthPlan
     groups: list[GroupResult] = field(default_factory=list)
 

@@ -1,0 +1,73 @@
+"""The main job: run the DVC stages as Prefect tasks, then log, register and gate the compressed model.
+
+    python -m flows.compress [--workspace .] [--budget 0.4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.tasks import STAGES, StageError, run_capture, run_stage, track
+from flows.tracking import TrackingError, check_tracking_uri, folder_hash, tracking_uri
+
+
+def preflight(workspace: Path) -> dict[str, Any]:
+    """Everything that can be checked before any stage runs: params, model folder, prompts, budget, tracking."""
+    from slimdiff.allocate import Budget
+    from slimdiff.stages import load_params
+
+    if not (workspace / "dvc.yaml").is_file():
+        raise FileNotFoundError(f"{workspace / 'dvc.yaml'} not found: not a slimdiff workspace")
+    params = load_params(workspace / "params.yaml")
+    model = workspace / str(params["model"]["path"])
+    if not (model / "model_index.json").is_file():
+        raise FileNotFoundError(f"model path {params['model']['path']!r} is not a diffusers pipeline folder (no model_index.json)")
+    for source in params["curate"]["sources"]:
+        path = workspace / str(source)
+        if "/" in str(source) and not str(source).startswith(("data/", "./", "/")) and not path.exists():
+            continue  # a hub dataset id; curate reports it if it cannot be loaded
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt source {source!r} not found")
+        if path.stat().st_size == 0:
+            raise ValueError(f"prompt source {source!r} is empty")
+    Budget.parse(params["allocate"]["budget"])
+    check_tracking_uri(tracking_uri(workspace))
+    return params
+
+
+@flow(name="slimdiff-compress", log_prints=True)
+def compress(workspace: str = ".", checkpoint_hash: str | None = None) -> dict[str, Any]:
+    """Run curate -> ... -> report (DVC skips unchanged stages) and track the result in MLflow."""
+    root = Path(workspace).resolve()
+    params = preflight(root)
+    stages_run: dict[str, bool] = {}
+    for stage in STAGES:
+        stages_run[stage] = run_capture(str(root)) if stage == "capture" else run_stage(str(root), stage)
+    checkpoint = checkpoint_hash or folder_hash(root / str(params["model"]["path"]))
+    result = track(str(root), params, checkpoint, stages_run)
+    result["stages_run"] = stages_run
+    print(f"registered {result['name']} version {result['version']} ({'champion' if result['gate'] else 'candidate'}): {result['reason']}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.compress", description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", default=".", help="folder with dvc.yaml and params.yaml (default: .)")
+    args = parser.parse_args(argv)
+    try:
+        preflight(Path(args.workspace).resolve())
+        result = compress(args.workspace)
+    except (FileNotFoundError, ValueError, KeyError, TrackingError, StageError) as error:
+        print(f"compress: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"MLflow run {result['run_id']} at {result['tracking_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Prefect tasks: one per DVC stage, plus tracking. Flows in this package chain them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+STAGES = ("curate", "capture", "score", "allocate", "decompose", "evaluate", "report")
+
+
+class StageError(RuntimeError):
+    """A DVC stage failed; the message carries the stage's own last error line."""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # stage commands say `python`: make it this interpreter, whatever the caller's PATH
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def dvc_repro(workspace: Path, stage: str) -> bool:
+    """Run one stage with ``dvc repro --single-item``; True if it ran, False if DVC found it unchanged."""
+    dvc = Path(sys.executable).with_name("dvc")
+    command = [str(dvc) if dvc.exists() else "dvc", "repro", "--single-item", stage]
+    result = subprocess.run(command, cwd=workspace, env=_env(), capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [l for l in (result.stderr + result.stdout).splitlines() if l.strip()]
+        stage_errors = [l for l in lines if l.startswith(f"stage {stage}: error")]
+        raise StageError(stage_errors[-1] if stage_errors else f"stage {stage} failed: " + (lines[-1] if lines else "no output"))
+    ran = f"Running stage '{stage}'" in result.stdout
+    return ran
+
+
+@task(name="stage", task_run_name="{stage}", retries=0)
+def run_stage(workspace: str, stage: str) -> bool:
+    return dvc_repro(Path(workspace), stage)
+
+
+@task(name="capture", retries=2, retry_delay_seconds=10, timeout_seconds=3600)
+def run_capture(workspace: str) -> bool:
+    """Capture is the long stage: retried on failure and bounded in time."""
+    return dvc_repro(Path(workspace), "capture")
+
+
+@task(name="track")
+def track(workspace: str, params: dict[str, Any], checkpoint_hash: str, stages_run: dict[str, bool]) -> dict[str, Any]:
+    from flows.tracking import log_compression
+
+    return log_compression(Path(workspace), params, checkpoint_hash, stages_run)

@@ -1,0 +1,121 @@
+"""The report stage: a Markdown summary and a sample grid (original vs compressed, same prompts and seeds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from slimdiff.utils import atomic_path
+
+
+def sample_grid(original, compressed, prompts: Sequence[str], sampler, path: str | Path, scale: int = 4) -> Path:
+    """PNG with two rows, original on top and compressed below, one column per prompt (same seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with torch.inference_mode():
+        top = original(**sampler.pipe_kwargs(original, prompts), output_type="pt").images
+        bottom = compressed(**sampler.pipe_kwargs(compressed, prompts), output_type="pt").images
+    cols = len(prompts)
+    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.9), squeeze=False)
+    for col, prompt in enumerate(prompts):
+        for row, images in enumerate((top, bottom)):
+            ax = axes[row][col]
+            ax.imshow(images[col].permute(1, 2, 0).clamp(0, 1).float().numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][col].set_title(_wrap(prompt), fontsize=5)
+    axes[0][0].set_ylabel("original", fontsize=7)
+    axes[1][0].set_ylabel("compressed", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100 * scale // 2)
+    plt.close(fig)
+    return path
+
+
+def _wrap(text: str, width: int = 24) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if len(line) + len(word) + 1 > width and line:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    return "\n".join(lines[:4])
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def markdown(params: dict[str, Any], plan: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The report text: what was compressed, by how much, and how it measures."""
+    lines = [
+        f"# slimdiff report: {params['model'].get('id', params['model']['path'])}",
+        "",
+        f"- model: `{params['model']['path']}`",
+        f"- budget: {params['allocate']['budget']} of compressible parameters, allocator `{plan['allocator']}`, "
+        f"min kept per module {params['allocate']['min_keep']}",
+        f"- compressible parameters: {plan['params']['compressible_before']:,} -> {plan['params']['compressible_after']:,} "
+        f"(removed {plan['params']['removed_fraction']:.1%}); predicted error {plan['predicted_error']:.4g}",
+        "",
+        "## Kept width by group",
+        "",
+        "| group | modules | kept fraction (mean) | params removed |",
+        "|---|---|---|---|",
+    ]
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for module in plan["modules"]:
+        kinds.setdefault(module["kind"], []).append(module)
+    for kind, modules in kinds.items():
+        kept = sum(m["width"] / m["full_width"] for m in modules) / len(modules)
+        removed = sum(m["params_before"] - m["params_after"] for m in modules)
+        lines.append(f"| {kind} | {len(modules)} | {kept:.2f} | {removed:,} |")
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+    for key, value in _flatten(metrics).items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        if isinstance(value, (list, tuple)):
+            continue
+        lines.append(f"| {key} | {value} |")
+    lines += ["", "![width plan](width_plan.png)", "", "![samples: original (top) vs compressed (bottom)](samples.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(params: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``report.md``, ``samples.png`` and a copy of the plan plot into ``out_dir``."""
+    import shutil
+
+    from slimdiff.io import load
+    from slimdiff.stages import MODEL_DIR, METRICS_FILE, PLAN_FILE, PLAN_PLOT, _pipeline, evaluation_prompts, sampler_settings
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = json.loads(PLAN_FILE.read_text())
+    metrics = json.loads(METRICS_FILE.read_text())
+    prompts = evaluation_prompts(params)[: int(params.get("report", {}).get("samples", 8))]
+    original = _pipeline(params)
+    compressed = load(MODEL_DIR)
+    compressed.set_progress_bar_config(disable=True)
+    sample_grid(original, compressed, prompts, sampler_settings(params), out_dir / "samples.png")
+    with atomic_path(out_dir / "width_plan.png") as tmp:
+        shutil.copyfile(PLAN_PLOT, tmp)
+    report = out_dir / "report.md"
+    with atomic_path(report) as tmp:
+        tmp.write_text(markdown(params, plan, metrics))
+    return report

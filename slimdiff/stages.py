@@ -1,0 +1,222 @@
+"""DVC stages: each a thin command that reads ``params.yaml`` and files, calls the library, writes files.
+
+    python -m slimdiff.stages {curate,capture,score,allocate,decompose,evaluate,report} [--params params.yaml]
+
+Paths in ``params.yaml`` are relative to the working directory (the DVC repository root). Every
+output is written atomically, so an interrupted stage leaves the previous output or none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+OUT = Path("outputs")
+SLIMSET_DIR = OUT / "slimset"
+SLIMSET_FILE = SLIMSET_DIR / "slimset.jsonl"
+CAPTURE_FILE = OUT / "capture.safetensors"
+SCORES_FILE = OUT / "scores.json"
+PLAN_DIR = OUT / "plan"
+PLAN_FILE = PLAN_DIR / "width_plan.json"
+PLAN_PLOT = PLAN_DIR / "width_plan.png"
+PLAN_METRICS = PLAN_DIR / "plan_metrics.json"
+MODEL_DIR = OUT / "model"
+METRICS_FILE = OUT / "metrics.json"
+REPORT_DIR = OUT / "report"
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    params = yaml.safe_load(path.read_text()) or {}
+    for section in ("model", "curate", "sampler", "capture", "score", "allocate", "evaluate"):
+        if section not in params:
+            raise KeyError(f"{path} has no '{section}' section")
+    return params
+
+
+def sampler_settings(params: dict[str, Any]):
+    from slimdiff.capture import SamplerSettings
+
+    s = params["sampler"]
+    return SamplerSettings(int(s["steps"]), float(s["guidance"]), s.get("height"), s.get("width"), int(s.get("seed", 0)))
+
+
+def config_from(params: dict[str, Any]):
+    """The SlimDiffConfig these params describe (one place that maps params.yaml keys to settings)."""
+    from slimdiff.compress import SlimDiffConfig
+
+    a, s, c = params["allocate"], params["score"], params["capture"]
+    return SlimDiffConfig(
+        budget=float(a["budget"]), allocator=a["allocator"], min_keep=float(a["min_keep"]),
+        temperature=float(a.get("temperature", 0.1)), bucket_weights=tuple(a["bucket_weights"]) if a.get("bucket_weights") else None,
+        reg=float(s["reg"]), ffn_step=int(s["ffn_step"]), rank_step=int(s["rank_step"]), max_ffn_points=int(s["max_ffn_points"]),
+        gain_prompts=int(s["gain_prompts"]), gain_calls=int(s["gain_calls"]), rel_noise=float(s["rel_noise"]),
+        num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]),
+    )
+
+
+def _pipeline(params: dict[str, Any]):
+    from slimdiff.compress import load_pipeline
+
+    pipe = load_pipeline(str(params["model"]["path"]))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def read_slimset(path: Path = SLIMSET_FILE) -> list[str]:
+    from slimdiff.compress import read_prompts
+
+    return read_prompts(path)
+
+
+def stage_curate(params: dict[str, Any]) -> None:
+    from slimdiff import curate
+
+    c = params["curate"]
+    pipe = _pipeline(params)
+    dataset = curate.load_prompt_sources(list(c["sources"]))
+    selected, stats = curate.curate(
+        dataset, curate.text_embedder(pipe), curate.token_counter(pipe.tokenizer), pipe.tokenizer.model_max_length,
+        n=int(c["n"]), near_duplicate=float(c["near_duplicate"]), seed=int(c["seed"]),
+    )
+    curate.write_slimset(selected, stats, SLIMSET_DIR)
+
+
+def stage_capture(params: dict[str, Any]) -> None:
+    from slimdiff.capture import capture
+    from slimdiff.influence import measure_gains
+
+    config = config_from(params)
+    sampler = sampler_settings(params)
+    prompts = read_slimset()
+    pipe = _pipeline(params)
+    stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
+                    model_id=str(params["model"].get("id", params["model"]["path"])))
+    measure_gains(pipe, prompts[: config.gain_prompts], sampler, stats, config.gain_calls, config.rel_noise, seed=sampler.seed,
+                  progress=True)
+    stats.save(CAPTURE_FILE)
+
+
+def stage_score(params: dict[str, Any]) -> None:
+    from slimdiff.capture import Capture, denoiser_of
+    from slimdiff.influence import score
+
+    config = config_from(params)
+    _, denoiser = denoiser_of(_pipeline(params))
+    scores = score(denoiser, Capture.load(CAPTURE_FILE), config.granularity, config.reg, config.max_ffn_points, progress=True)
+    scores.save(SCORES_FILE)
+
+
+def stage_allocate(params: dict[str, Any]) -> None:
+    from slimdiff.allocate import Budget, allocate
+    from slimdiff.influence import InfluenceScores
+    from slimdiff.utils import write_json
+
+    config = config_from(params)
+    plan = allocate(InfluenceScores.load(SCORES_FILE), Budget.parse(config.budget), config.allocator, config.min_keep,
+                    config.bucket_weights, config.temperature)
+    plan.save(PLAN_FILE)
+    plan.plot(PLAN_PLOT)
+    write_json(PLAN_METRICS, {"compressible_before": plan.params_before, "compressible_after": plan.params_after,
+                              "removed": plan.removed, "removed_fraction": plan.removed / plan.params_before,
+                              "predicted_error": plan.predicted_error})
+    print(plan.table().splitlines()[-1])
+
+
+def stage_decompose(params: dict[str, Any]) -> None:
+    from slimdiff.allocate import WidthPlan
+    from slimdiff.capture import Capture, denoiser_of
+    from slimdiff.compress import CompressionResult
+    from slimdiff.io import save
+    from slimdiff.slim import decompose
+
+    config = config_from(params)
+    pipe = _pipeline(params)
+    _, denoiser = denoiser_of(pipe)
+    stats = Capture.load(CAPTURE_FILE)
+    plan = WidthPlan.load(PLAN_FILE)
+    groups = decompose(denoiser, stats, plan.widths, config.reg, progress=True)
+    result = CompressionResult(config, stats, None, plan, groups)
+    save(pipe, MODEL_DIR, result.info(str(params["model"].get("id", ""))), full_widths={m.name: m.full_width for m in plan.modules},
+         overwrite=True)
+
+
+def evaluation_prompts(params: dict[str, Any]) -> list[str]:
+    from slimdiff.compress import read_prompts
+
+    e = params["evaluate"]
+    prompts = read_prompts(e["prompts"])
+    return prompts[: int(e["n"])]
+
+
+def stage_evaluate(params: dict[str, Any]) -> None:
+    from slimdiff.evaluate import evaluate
+    from slimdiff.io import load
+    from slimdiff.utils import write_json
+
+    e = params["evaluate"]
+    original = _pipeline(params)
+    compressed = load(MODEL_DIR)
+    compressed.set_progress_bar_config(disable=True)
+    evaluator = _evaluator(params)
+    metrics = evaluate(original, compressed, evaluation_prompts(params), sampler_settings(params), evaluator=evaluator,
+                       latency_repeats=int(e.get("latency_repeats", 5)))
+    metrics["plan"] = json.loads(PLAN_METRICS.read_text())
+    write_json(METRICS_FILE, metrics)
+
+
+def _evaluator(params: dict[str, Any]):
+    path = params["evaluate"].get("evaluator")
+    if not path:
+        return None
+    from slimdiff.reference.evaluator import load_evaluator
+
+    return load_evaluator(path)
+
+
+def stage_report(params: dict[str, Any]) -> None:
+    from slimdiff.report import write_report
+
+    write_report(params, REPORT_DIR)
+
+
+STAGES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "curate": stage_curate,
+    "capture": stage_capture,
+    "score": stage_score,
+    "allocate": stage_allocate,
+    "decompose": stage_decompose,
+    "evaluate": stage_evaluate,
+    "report": stage_report,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from slimdiff.cli import _offline_defaults
+
+    parser = argparse.ArgumentParser(prog="python -m slimdiff.stages", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    _offline_defaults()
+    start = time.perf_counter()
+    try:
+        STAGES[args.stage](load_params(args.params))
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"stage {args.stage}: error: {message}", file=sys.stderr)
+        return 2
+    print(f"stage {args.stage}: done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
