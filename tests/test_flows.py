@@ -1,0 +1,168 @@
+"""The pipeline end to end on a tiny model in a temporary workspace: DVC stages, Prefect flows, MLflow (issue 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_workspace(root: Path) -> Path:
+    """A git+DVC workspace holding the repo's dvc.yaml and code, a tiny pipeline and small prompt files."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "slimdiff", root / "slimdiff", ignore=shutil.ignore_patterns("__pycache__"))
+    tiny_sd_pipeline().save_pretrained(root / "data" / "model")
+    prompts = [f"{p} number {i}" for i, p in enumerate(TINY_PROMPTS * 2)]
+    (root / "data" / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (root / "data" / "eval.txt").write_text("\n".join(TINY_PROMPTS[:4]) + "\n")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"] = {"path": "data/model", "id": "tiny-sd"}
+    params["curate"].update({"sources": ["data/prompts.txt"], "n": 12})
+    params["sampler"].update({"steps": 2, "guidance": 4.0})
+    params["capture"].update({"batch_size": 6})
+    params["score"].update({"gain_prompts": 2, "gain_calls": 2})
+    params["evaluate"].update({"prompts": "data/eval.txt", "n": 4, "evaluator": None, "latency_repeats": 2})
+    params["report"] = {"samples": 2}
+    params["gate"] = {"min_image_psnr_db": 0.0}
+    params["recompress"] = {"source": "data/model", "cron": "0 3 * * *"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], cwd=root, check=True, env=env)
+    return root
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("flows") / "ws")
+
+
+def mlflow_client(workspace: Path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def test_compress_flow_end_to_end(prefect_env, workspace, monkeypatch):
+    from flows.compress import compress
+    from flows.tracking import stage_hashes
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = compress(str(workspace))
+    assert all(first["stages_run"].values()), first["stages_run"]
+    client = mlflow_client(workspace)
+    runs = client.search_runs([client.get_experiment_by_name("slimdiff").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["allocate.budget"] == "0.4" and run.data.params["model.id"] == "tiny-sd"
+    assert "plan.removed_fraction" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"width_plan.json", "width_plan.png", "metrics.json", "report", "dvc.lock"} <= artifacts
+    assert run.data.tags["lineage.capture"] == stage_hashes(workspace / "dvc.lock")["capture"]
+    version = client.get_model_version_by_alias("slimdiff-tiny-sd", "candidate")
+    lineage = {k[len("lineage."):]: v for k, v in version.tags.items() if k.startswith("lineage.")}
+    assert lineage == stage_hashes(workspace / "dvc.lock") and set(lineage) == {
+        "curate", "capture", "score", "allocate", "decompose", "evaluate", "report"}
+    assert version.tags["gate.decision"] in ("champion", "candidate") and version.tags["gate.reason"]
+
+    # nothing changed: no stage re-runs
+    second = compress(str(workspace))
+    assert not any(second["stages_run"].values()), second["stages_run"]
+
+    # a new budget re-runs allocate onwards, never capture
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["allocate"]["budget"] = 0.3
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = compress(str(workspace))
+    ran = [s for s, r in third["stages_run"].items() if r]
+    assert ran == ["allocate", "decompose", "evaluate", "report"], third["stages_run"]
+
+    # the registered model is a pyfunc that turns prompts into images
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(f"models:/slimdiff-tiny-sd/{third['version']}")
+    images = model.predict(["a small red circle at the top left"], params={"steps": 2})
+    assert images.shape[0] == 1 and images.dtype.name == "uint8"
+
+
+def test_recompress_registers_only_new_checkpoints(prefect_env, tmp_path, monkeypatch):
+    import torch
+    from flows.recompress import recompress
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    workspace = make_workspace(tmp_path / "ws")
+    assert recompress(str(workspace))["compressed"] is True
+    assert recompress(str(workspace))["compressed"] is False
+    client = mlflow_client(workspace)
+    assert len(client.search_model_versions("name='slimdiff-tiny-sd'")) == 1
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(workspace / "data" / "model")
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.mul_(1.01)
+    pipe.save_pretrained(workspace / "data" / "model")
+    result = recompress(str(workspace))
+    assert result["compressed"] is True
+    versions = client.search_model_versions("name='slimdiff-tiny-sd'")
+    assert len(versions) == 2
+    assert len({v.tags["checkpoint_hash"] for v in versions}) == 2
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: p["model"].update(path="data/missing"), "not a diffusers pipeline folder"),
+    (lambda p: p["allocate"].update(budget=1.5), "budget 1.5"),
+    (lambda p: p["curate"].update(sources=["data/empty.txt"]), "is empty"),
+])
+def test_bad_input_one_line_error_and_no_outputs(tmp_path, change, message):
+    workspace = make_workspace(tmp_path / "ws")
+    (workspace / "data" / "empty.txt").write_text("")
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    change(params)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "flows.compress", "--workspace", str(workspace)], cwd=REPO,
+                            capture_output=True, text=True, env=dict(os.environ, MLFLOW_TRACKING_URI=""))
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (workspace / "outputs").exists() and not (workspace / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_uri_fails_before_any_stage(tmp_path):
+    workspace = make_workspace(tmp_path / "ws")
+    result = subprocess.run([sys.executable, "-m", "flows.compress", "--workspace", str(workspace)], cwd=REPO,
+                            capture_output=True, text=True, env=dict(os.environ, MLFLOW_TRACKING_URI="http://127.0.0.1:9"))
+    assert result.returncode == 2
+    assert "unreachable" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (workspace / "outputs").exists()
+
+
+def test_quality_gate_decisions():
+    from flows.tracking import quality_gate
+
+    metrics = {"fidelity": {"image_psnr_db": 20.0}, "alignment": {"ratio_to_original": 0.9}}
+    assert quality_gate(metrics, {"min_image_psnr_db": 15}).passed
+    decision = quality_gate(metrics, {"min_image_psnr_db": 15, "min_alignment_ratio": 0.95})
+    assert not decision.passed and "alignment.ratio_to_original=0.9" in decision.reason
+    with pytest.raises(KeyError, match="unknown gate threshold"):
+        quality_gate(metrics, {"max_latency": 3})
