@@ -127,8 +127,8 @@ def _load_hub(source: str, cache_dir: str | None):
     name, split, column = (source.split(":") + [None, None])[:3]
     offline = any(os.environ.get(key, "").lower() in ("1", "true", "yes", "on") for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     if offline:
-        raise CurationError(f"hub dataset {name!r} needs the network, but HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set; "
-                            f"download it to a local file under data/ and pass that path")
+        raise CurationError(f"prompt source {name!r} is not a local file or folder, and as a hub dataset id it needs the "
+                            f"network, but HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set; save it as a file under data/ and pass that path")
     try:
         table = datasets.load_dataset(name, split=split or "train", cache_dir=cache_dir)
     except Exception as error:
