@@ -300,6 +300,8 @@ def curate(dataset, embed: Callable[[list[str]], Tensor], count_tokens: Callable
         raise ValueError(f"n must be a positive number of prompts, got {n}")
     if not 0.0 < near_duplicate <= 1.0:
         raise ValueError(f"near_duplicate must be a cosine similarity in (0, 1], got {near_duplicate}")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"dataset has no 'prompt' column; its columns are {dataset.column_names} (load_prompt_sources makes one)")
     raw = list(dataset["prompt"])
     domains_in = list(dataset["domain"]) if DOMAIN_COLUMN in dataset.column_names else [""] * len(raw)
     sources_in = list(dataset["source"]) if "source" in dataset.column_names else [""] * len(raw)
@@ -568,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
         datasets.disable_progress_bars()
         started = time.perf_counter()
         table = load_prompt_sources(args.sources)
