@@ -61,7 +61,7 @@ def dedupe_key(text: str) -> str:
 
 
 def _is_hub_id(source: str) -> bool:
-    return not Path(source).suffix.lower() in FORMATS and bool(HUB_ID.match(source)) and not Path(source).exists()
+    return Path(source).suffix.lower() not in FORMATS and bool(HUB_ID.match(source)) and not Path(source).exists()
 
 
 def _source_files(source: str) -> list[Path]:
@@ -493,7 +493,8 @@ def load_text_encoder(model: str | Path):
 
 
 def write_slimset(selected, stats: dict, out_dir: str | Path) -> Path:
-    """Write ``slimset.jsonl``, ``slimset_stats.json`` (with ``digest``) and ``slimset_domains.png``.
+    """Write ``slimset.jsonl``, ``slimset_stats.json`` (with ``digest``) and ``slimset_domains.png``
+    (per-domain counts at input, after deduplication/filters, and selected).
 
     The digest is ``slimdiff.capture.prompts_digest`` of the selected prompts, the same one a capture
     of this SlimSet records. Returns the path of ``slimset.jsonl``.
@@ -529,12 +530,14 @@ def _plot_domains(stats: dict, path: Path) -> None:
     width = 0.27
     for shift, key, label in ((-width, "input", "input"), (0.0, "available", "after dedupe/filters"),
                               (width, "selected", "selected")):
-        ax.bar([i + shift for i in x], [domains[key].get(name, 0) for name in names], width, label=label)
+        bars = ax.bar([i + shift for i in x], [domains[key].get(name, 0) for name in names], width, label=label)
+        if key == "selected":
+            ax.bar_label(bars, fontsize=7)
     ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set_yscale("log")
+    ax.set_ylim(0, 1.25 * max([1, *domains["input"].values()]))
     ax.set_ylabel("prompts")
     ax.set_title(f"SlimSet domains ({stats['n_selected']} of {stats['counts']['input']} prompts)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncols=3, loc="upper center")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

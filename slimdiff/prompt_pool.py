@@ -252,10 +252,12 @@ def _text_prompt(r: random.Random) -> str:
     return f"{_c(r, TEXT_CARRIERS)} \"{_c(r, SIGN_TEXTS)}\"" + (f", {style}" if style else "")
 
 
+LETTERING = ["chalk", "neon", "sand", "frosting", "smoke", "graffiti", "gold leaf", "wooden letters", "ice", "flowers"]
+SHOPS = ["shop", "diner", "motel", "bar", "bakery", "bookstore"]
 TEXT_TEMPLATES: list[Template] = [
     _text_prompt,
-    lambda r: f"the word \"{_c(r, SIGN_TEXTS)}\" written in {_c(r, ['chalk', 'neon', 'sand', 'frosting', 'smoke', 'graffiti', 'gold leaf', 'wooden letters', 'ice', 'flowers'])}",
-    lambda r: f"a photo of a {_c(r, ['shop', 'diner', 'motel', 'bar', 'bakery', 'bookstore'])} with a {_c(r, COLOURS)} sign that says \"{_c(r, SIGN_TEXTS)}\"",
+    lambda r: f"the word \"{_c(r, SIGN_TEXTS)}\" written in {_c(r, LETTERING)}",
+    lambda r: f"a photo of a {_c(r, SHOPS)} with a {_c(r, COLOURS)} sign that says \"{_c(r, SIGN_TEXTS)}\"",
 ]
 
 

@@ -80,7 +80,7 @@ def test_bad_sources_fail_naming_the_file(tmp_path, name, content, message):
     path = tmp_path / name
     if content is not None:
         path.write_text(content)
-    with pytest.raises(C.CurationError, match=None) as error:
+    with pytest.raises(C.CurationError) as error:
         C.load_prompt_sources([str(path)], cache_dir=str(tmp_path / "cache"))
     assert message in str(error.value) and name in str(error.value) and "\n" not in str(error.value)
 
