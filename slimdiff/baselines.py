@@ -12,8 +12,9 @@ a matrix stays dense when r (d_in + d_out) >= d_in d_out, and both factors count
   truncation-aware whitening); truncated error = tail of the singular values.
 - ``asvd``: SVD of W diag(s), s_j = rms(x_j)^alpha with alpha = 0.5 (ASVD uses mean |x_j|; we use the
   root of the captured second moment's diagonal, the statistic the capture holds).
-All three keep one rank ratio r / min(d_in, d_out) for every matrix, found by bisection, then single
-rank steps on the matrices furthest above it until the budget is met (overshoot < one step).
+All three keep one rank ratio r / min(d_in, d_out) for every matrix (option ``ratio_of="params"``: one
+kept-weight fraction per matrix instead), found by bisection, then single rank steps on the matrices
+furthest above it until the budget is met (overshoot < one step).
 
 Structured, narrower dense networks (built with ``slimdiff.slim.resize_group``, like SlimDiff):
 - ``wanda_sp``: activation-magnitude pruning, the same kept fraction in every module (the ``uniform``
@@ -213,17 +214,25 @@ def _output_moments(linear: nn.Module, capture: Capture, site: str) -> tuple[Ten
 
 # ---- per-matrix factorised baselines ----------------------------------------------------------
 
-def uniform_ranks(mats: list[Matrix], target: int) -> tuple[dict[str, int], float]:
-    """Ranks with one ratio r / full rank for every matrix that remove at least ``target`` weights.
+RATIO_KINDS = ("rank", "params")
 
-    Bisection on the ratio (r = max(1, floor(ratio * full rank))), then single steps on the matrices
-    with the highest kept ratio, so the overshoot is below one step (d_in + d_out weights). A rank at or
-    above a matrix's break-even rank means "stays dense". Raises ``BudgetError`` when even rank 1
-    everywhere cannot remove ``target``.
+
+def uniform_ranks(mats: list[Matrix], target: int, ratio_of: str = "rank") -> tuple[dict[str, int], float]:
+    """Ranks with one ratio for every matrix that remove at least ``target`` weights.
+
+    ``ratio_of="rank"``: r = ratio x min(d_in, d_out) (a matrix stays dense while that does not save);
+    ``"params"``: r = ratio x d_in d_out / (d_in + d_out), every matrix keeps the same fraction of its
+    weights (SVD-LLM's per-matrix compression ratio). Bisection on the ratio, r = max(1, floor(.)),
+    then single steps on the matrices with the highest kept ratio, so the overshoot is below one step
+    (d_in + d_out weights). A rank at or above a matrix's break-even rank means "stays dense".
+    Raises ``BudgetError`` when even rank 1 everywhere cannot remove ``target``.
     """
+    if ratio_of not in RATIO_KINDS:
+        raise ValueError(f"unknown ratio_of {ratio_of!r}; choose one of {', '.join(RATIO_KINDS)}")
+    reference = {m.path: m.full_rank if ratio_of == "rank" else m.d_in * m.d_out / (m.d_in + m.d_out) for m in mats}
 
     def ranks_at(ratio: float) -> dict[str, int]:
-        return {m.path: max(1, math.floor(ratio * m.full_rank + 1e-9)) for m in mats}
+        return {m.path: max(1, math.floor(ratio * reference[m.path] + 1e-9)) for m in mats}
 
     def removed(ranks: dict[str, int]) -> int:
         return sum(m.removed_at(ranks[m.path]) for m in mats)
@@ -246,7 +255,7 @@ def uniform_ranks(mats: list[Matrix], target: int) -> tuple[dict[str, int], floa
     while current < target:
         # a dense matrix (rank above break-even) steps straight to its break-even rank
         candidates = [m for m in mats if m.breakeven_rank >= 1 and min(ranks[m.path], m.breakeven_rank + 1) > 1]
-        m = max(candidates, key=lambda m: (ranks[m.path] / m.full_rank, -order[m.path]))
+        m = max(candidates, key=lambda m: (ranks[m.path] / reference[m.path], -order[m.path]))
         new_rank = min(ranks[m.path] - 1, m.breakeven_rank)
         current += m.removed_at(new_rank) - m.removed_at(ranks[m.path])
         ranks[m.path] = new_rank
@@ -264,10 +273,10 @@ def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def _factorized_baseline(method: str) -> Callable:
     def run(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
-            *, alpha: float = DEFAULT_ASVD_ALPHA, reg: float = DEFAULT_REG) -> dict[str, Any]:
+            *, alpha: float = DEFAULT_ASVD_ALPHA, reg: float = DEFAULT_REG, ratio_of: str = "rank") -> dict[str, Any]:
         mats = matrices(denoiser)
         target = budget.params(count_params(denoiser)["compressible"])
-        ranks, ratio = uniform_ranks(mats, target)
+        ranks, ratio = uniform_ranks(mats, target, ratio_of)
         factorised = {}
         for m in mats:
             rank = ranks[m.path]
@@ -276,7 +285,7 @@ def _factorized_baseline(method: str) -> Callable:
             cov = None if method == "svd" else _second_moment(capture, m.site)
             _replace(denoiser, m.path, factorize(denoiser.get_submodule(m.path), rank, method, cov, alpha, reg))
             factorised[m.path] = rank
-        settings: dict[str, Any] = {"rank_ratio": ratio, "ranks": factorised,
+        settings: dict[str, Any] = {"ratio": ratio, "ratio_of": ratio_of, "ranks": factorised,
                                     "dense": [m.path for m in mats if m.path not in factorised]}
         if method == "svd_llm":
             settings["reg"] = reg

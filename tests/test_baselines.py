@@ -14,11 +14,11 @@ from slimdiff.baselines import (
     BASELINES, FactorizedLinear, _channel_scores, _kept, _moments, baseline_sites, compress_with, factorize,
     factorized_params, matrices, saves,
 )
-from slimdiff.capture import SamplerSettings, capture
+from slimdiff.capture import ActivationRecorder, Capture, SamplerSettings, capture, sites_for
 from slimdiff.evaluate import count_macs, count_params, sqnr_db
 from slimdiff.groups import compressible_groups, find_groups
-from slimdiff.influence import measure_gains, record_denoiser_calls, score
-from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+from slimdiff.influence import measure_gains, propagation_gains, record_denoiser_calls, score
+from slimdiff.testing import TINY_DENOISERS, TINY_PROMPTS, tiny_sd_pipeline
 
 SAMPLER = SamplerSettings(num_inference_steps=4, guidance_scale=4.0, seed=7)
 CALIBRATION = TINY_PROMPTS[:16]
@@ -113,6 +113,8 @@ def test_factorised_layers_count_both_factors_and_stay_dense_when_not_saving(set
         if groups[name].kind == "ffn":
             assert params == sum(p.numel() for p in module.net[0].proj.parameters()) + \
                 sum(p.numel() for p in module.net[2].parameters()) - module.net[2].bias.numel()
+    by_params = compress_with("svd", copy.deepcopy(pipe.unet), stats, None, 0.05, ratio_of="params")
+    assert by_params["settings"]["dense"] == [] and by_params["removed"] >= by_params["target_removed"]
     args, kwargs = record_denoiser_calls(pipe, HELD_OUT[:1], SAMPLER, num_calls=1)[0]
     assert count_macs(model, (args, kwargs))["linear"] < count_macs(pipe.unet, (args, kwargs))["linear"]
 
@@ -175,6 +177,32 @@ def test_flap_compensates_bias_with_mean_of_removed_channels(setup, compressed):
     assert torch.equal(new_down.weight, down.weight[:, keep])
 
 
+@pytest.mark.parametrize("name", ["unet_sd2", "pixart"])
+def test_every_method_on_other_denoisers(name):
+    """Linear-projection UNet (SD2) and PixArt (biased q/k/v, GELU FFN) go through the same code path."""
+    tiny = TINY_DENOISERS[name]
+    model = tiny.build(0)
+    sites = sites_for(compressible_groups(model)) + baseline_sites(model)
+    with ActivationRecorder(model, sites) as recorder, torch.no_grad():
+        for i, t in enumerate((50, 300, 600, 900)):
+            tiny.output(model, tiny.inputs(model, 4, t, i))
+    stats = Capture(recorder.stats, {})
+    stats.gains, stats.metadata["block_influence"] = propagation_gains(model, [((), tiny.inputs(model, 2, 500, 9))])
+    scores = score(model, stats)
+    inputs = tiny.inputs(model, 2, 400, 11)
+    with torch.no_grad():
+        reference = tiny.output(model, inputs)
+    sqnrs = {}
+    for method in BASELINES:
+        compressed = copy.deepcopy(model)
+        report = compress_with(method, compressed, stats, scores, BUDGET)
+        assert report["target_removed"] <= report["removed"] < report["target_removed"] + max_step(model, scores), method
+        assert report["total_before"] - report["total_after"] == report["removed"], method
+        with torch.no_grad():
+            sqnrs[method] = float(sqnr_db(reference, tiny.output(compressed, inputs)))
+    assert all(math.isfinite(v) and v > 0 for v in sqnrs.values()), sqnrs
+
+
 # ---- quality ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", [m for m in BASELINES if m != "slimdiff"])
@@ -203,6 +231,8 @@ def test_errors_name_the_problem(setup):
     bare.sites = {k: v for k, v in stats.sites.items() if not k.endswith("to_out.0")}
     with pytest.raises(KeyError, match="baseline_sites"):
         compress_with("svd_llm", copy.deepcopy(pipe.unet), bare, None, BUDGET)
+    with pytest.raises(ValueError, match="unknown ratio_of 'flops'; choose one of rank, params"):
+        compress_with("svd", copy.deepcopy(pipe.unet), stats, None, BUDGET, ratio_of="flops")
     with pytest.raises(ValueError, match="unknown factorisation 'qr'"):
         factorize(nn.Linear(4, 4), 2, "qr")
     assert math.isfinite(Budget(BUDGET).value)

@@ -28,8 +28,8 @@ def half_widths(model) -> dict[str, int]:
     return {g.name: max(1, g.width // 2) for g in compressible_groups(model)}
 
 
-def identity_capture(model, tiny):
-    """A capture with identity-like statistics is enough to build a decomposed model for structure tests."""
+def random_input_capture(model, tiny):
+    """A capture from random denoiser inputs: enough to build a decomposed model for structure tests."""
     from slimdiff.capture import ActivationRecorder, Capture, sites_for
 
     with ActivationRecorder(model, sites_for(compressible_groups(model))) as recorder, torch.no_grad():
@@ -44,7 +44,7 @@ def pipes():
     original = tiny_sd_pipeline()
     compressed = tiny_sd_pipeline()
     tiny = TINY_DENOISERS["unet_sd1"]
-    decompose(compressed.unet, identity_capture(compressed.unet, tiny), half_widths(compressed.unet))
+    decompose(compressed.unet, random_input_capture(compressed.unet, tiny), half_widths(compressed.unet))
     return original, compressed
 
 
@@ -138,7 +138,7 @@ def test_count_params_matches_group_accounting(name):
     assert counts["compressible"] == sum(g.unit_params * g.width for g in groups) == sum(counts["by_kind"].values())
     assert counts["groups"] == {g.name: g.unit_params * g.width for g in groups}
     widths = half_widths(model)
-    decompose(model, identity_capture(model, tiny), widths)
+    decompose(model, random_input_capture(model, tiny), widths)
     after = count_params(model)
     removed = sum(g.unit_params * (g.width - widths[g.name]) for g in groups)
     assert counts["compressible"] - after["compressible"] == removed == counts["total"] - after["total"]
