@@ -28,6 +28,7 @@ SlimDiff: ``slimdiff`` (greedy spectral-influence allocation), ``slimdiff_unifor
 from __future__ import annotations
 
 import heapq
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -205,8 +206,8 @@ def _moments(capture: Capture, site: str) -> tuple[Tensor, Tensor]:
 def _output_moments(linear: nn.Module, capture: Capture, site: str) -> tuple[Tensor, Tensor]:
     """Per-output (E[y_i^2], E[y_i]) of a linear y = W x + b from its input's captured moments."""
     aug = _second_moment(capture, site, augment=True)
-    weight = linear.weight.detach().to(torch.float64)
-    bias = linear.bias.detach().to(torch.float64) if linear.bias is not None else weight.new_zeros(weight.shape[0])
+    weight = linear.weight.detach().cpu().to(torch.float64)
+    bias = linear.bias.detach().cpu().to(torch.float64) if linear.bias is not None else weight.new_zeros(weight.shape[0])
     w_aug = torch.cat([weight, bias[:, None]], dim=1)
     second = torch.einsum("oi,ij,oj->o", w_aug, aug, w_aug)
     return second.clamp_min(0), w_aug @ aug[:, -1]
@@ -217,7 +218,8 @@ def _output_moments(linear: nn.Module, capture: Capture, site: str) -> tuple[Ten
 RATIO_KINDS = ("rank", "params")
 
 
-def uniform_ranks(mats: list[Matrix], target: int, ratio_of: str = "rank") -> tuple[dict[str, int], float]:
+def uniform_ranks(mats: list[Matrix], target: int, ratio_of: str = "rank",
+                  compressible: int | None = None) -> tuple[dict[str, int], float]:
     """Ranks with one ratio for every matrix that remove at least ``target`` weights.
 
     ``ratio_of="rank"``: r = ratio x min(d_in, d_out) (a matrix stays dense while that does not save);
@@ -225,7 +227,8 @@ def uniform_ranks(mats: list[Matrix], target: int, ratio_of: str = "rank") -> tu
     weights (SVD-LLM's per-matrix compression ratio). Bisection on the ratio, r = max(1, floor(.)),
     then single steps on the matrices with the highest kept ratio, so the overshoot is below one step
     (d_in + d_out weights). A rank at or above a matrix's break-even rank means "stays dense".
-    Raises ``BudgetError`` when even rank 1 everywhere cannot remove ``target``.
+    Raises ``BudgetError`` when even rank 1 everywhere cannot remove ``target`` (out of
+    ``compressible`` parameters, for the message).
     """
     if ratio_of not in RATIO_KINDS:
         raise ValueError(f"unknown ratio_of {ratio_of!r}; choose one of {', '.join(RATIO_KINDS)}")
@@ -238,10 +241,11 @@ def uniform_ranks(mats: list[Matrix], target: int, ratio_of: str = "rank") -> tu
         return sum(m.removed_at(ranks[m.path]) for m in mats)
 
     most = removed(ranks_at(0.0))
-    total = sum(m.d_in * m.d_out for m in mats)
+    total = compressible or sum(m.d_in * m.d_out for m in mats)
     if target < 1 or target > most:
-        raise BudgetError(f"budget asks to remove {target:,} weights; per-matrix factorisation at rank 1 removes at "
-                          f"most {most:,} of {total:,} matrix weights: valid budgets are whole numbers in [1, {most:,}]")
+        raise BudgetError(f"budget asks to remove {target:,} of {total:,} compressible parameters; per-matrix "
+                          f"factorisation at rank 1 removes at most {most:,}: valid budgets are fractions in "
+                          f"(0, {most / total:.4f}] or whole numbers in [1, {most:,}]")
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
@@ -275,8 +279,8 @@ def _factorized_baseline(method: str) -> Callable:
     def run(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
             *, alpha: float = DEFAULT_ASVD_ALPHA, reg: float = DEFAULT_REG, ratio_of: str = "rank") -> dict[str, Any]:
         mats = matrices(denoiser)
-        target = budget.params(count_params(denoiser)["compressible"])
-        ranks, ratio = uniform_ranks(mats, target, ratio_of)
+        compressible = count_params(denoiser)["compressible"]
+        ranks, ratio = uniform_ranks(mats, budget.params(compressible), ratio_of, compressible)
         factorised = {}
         for m in mats:
             rank = ranks[m.path]
@@ -321,7 +325,7 @@ def _channel_scores(denoiser: nn.Module, group: ModuleGroup, capture: Capture, m
         out = module.net[2] if group.kind == "ffn" else module.to_out[0]
         site = f"{group.path}.net.2" if group.kind == "ffn" else f"{group.path}.to_out.0"
         second, mean = _moments(capture, site)
-        column_energy = out.weight.detach().to(torch.float64).pow(2).sum(0)
+        column_energy = out.weight.detach().cpu().to(torch.float64).pow(2).sum(0)
         energy = torch.diagonal(second).clamp_min(0)
         if metric == "wanda":
             score = column_energy.sqrt() * energy.sqrt()
@@ -376,8 +380,9 @@ def _prune_group(denoiser: nn.Module, group: ModuleGroup, keep: Tensor, capture:
             _, mean = _moments(capture, site)
             removed = torch.ones(down.in_features, dtype=torch.bool)
             removed[flat] = False
-            weight = down.weight.detach().to(torch.float64)
-            bias = (bias.to(torch.float64) + weight[:, removed] @ mean[removed]).to(bias.dtype)
+            weight = down.weight.detach().cpu().to(torch.float64)
+            shift = (weight[:, removed] @ mean[removed]).to(bias.device)
+            bias = (bias.to(torch.float64) + shift).to(bias.dtype)
             compensated = True
         resize_group(denoiser, group, width)
         new_up, new_down = (module.net[0].proj, module.net[2]) if group.kind == "ffn" else (module.to_v, module.to_out[0])
@@ -498,6 +503,10 @@ def compress_with(method: str, denoiser: nn.Module, capture: Capture, scores: In
     """
     if method not in BASELINES:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(BASELINES)}")
+    valid = [p.name for p in inspect.signature(BASELINES[method]).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"method {method!r} has no option(s) {unknown}; its options: {', '.join(valid) or 'none'}")
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     before = count_params(denoiser)
     target = budget.params(before["compressible"])

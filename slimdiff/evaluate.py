@@ -91,7 +91,7 @@ def _conv_macs(module: nn.Module, output: Tensor) -> int:
 
 def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules()
-            if all(hasattr(m, attr) for attr in ("to_q", "to_k", "to_v", "heads")) and isinstance(m.to_q, nn.Module)}
+            if hasattr(m, "heads") and all(isinstance(getattr(m, p, None), nn.Module) for p in ("to_q", "to_k", "to_v"))}
 
 
 def count_macs(model: nn.Module, call: DenoiserCall) -> dict[str, int]:
@@ -282,7 +282,7 @@ class _TeacherForcedReplay:
         self.cos_count = [0] * num_buckets
         self.guided_calls = 0
 
-    def bucket(self, bound: dict, batch: int) -> int:
+    def bucket(self, bound: dict) -> int:
         if "timestep" not in bound:
             raise ValueError(f"{type(self.original).__name__}.forward was called without a timestep")
         t = torch.as_tensor(bound["timestep"]).reshape(-1).to(torch.float64)
@@ -294,7 +294,7 @@ class _TeacherForcedReplay:
         sample = next(iter(bound.values()))
         reference = _prediction(output, sample).to(torch.float64)
         test = _prediction(self.compressed(*args, **kwargs), sample).to(torch.float64)
-        b = self.bucket(bound, sample.shape[0])
+        b = self.bucket(bound)
         self.signal[b] += float(reference.pow(2).sum())
         self.noise[b] += float((reference - test).pow(2).sum())
         self.calls[b] += 1
@@ -480,6 +480,10 @@ def evaluate(original_pipe, compressed_pipe, prompts: Sequence[str], sampler: Sa
     (identical outputs) are written as null.
     """
     prompts = list(prompts)
+    if not prompts:
+        raise ValueError("evaluate needs at least one prompt")
+    if latency_prompts < 1:
+        raise ValueError(f"latency_prompts must be >= 1, got {latency_prompts}")
     _, original = denoiser_of(original_pipe)
     _, compressed = denoiser_of(compressed_pipe)
     params_original, params_compressed = count_params(original), count_params(compressed)

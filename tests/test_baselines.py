@@ -223,7 +223,7 @@ def test_errors_name_the_problem(setup):
         compress_with("nope", copy.deepcopy(pipe.unet), stats, scores)
     with pytest.raises(ValueError, match="needs influence scores"):
         compress_with("slimdiff", copy.deepcopy(pipe.unet), stats, None)
-    with pytest.raises(BudgetError, match="valid budgets"):
+    with pytest.raises(BudgetError, match=r"valid budgets are fractions in \(0, 0\.\d+\]"):
         compress_with("svd", copy.deepcopy(pipe.unet), stats, None, 0.99)
     with pytest.raises(BudgetError, match="valid budgets"):
         compress_with("flap", copy.deepcopy(pipe.unet), stats, None, 0.95)
@@ -231,6 +231,8 @@ def test_errors_name_the_problem(setup):
     bare.sites = {k: v for k, v in stats.sites.items() if not k.endswith("to_out.0")}
     with pytest.raises(KeyError, match="baseline_sites"):
         compress_with("svd_llm", copy.deepcopy(pipe.unet), bare, None, BUDGET)
+    with pytest.raises(ValueError, match=r"method 'flap' has no option\(s\) \['alpha'\]; its options: min_keep"):
+        compress_with("flap", copy.deepcopy(pipe.unet), stats, None, BUDGET, alpha=0.5)
     with pytest.raises(ValueError, match="unknown ratio_of 'flops'; choose one of rank, params"):
         compress_with("svd", copy.deepcopy(pipe.unet), stats, None, BUDGET, ratio_of="flops")
     with pytest.raises(ValueError, match="unknown factorisation 'qr'"):
