@@ -295,3 +295,35 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """DVC `dataset` stage: all splits as a `datasets.DatasetDict` on disk, plus the caption pool."""
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m slimdiff.reference.data")
+    parser.add_argument("--params", default="data/reference/params.yaml")
+    parser.add_argument("--out", required=True, help="folder for DatasetDict.save_to_disk")
+    parser.add_argument("--captions", required=True, help="captions.jsonl to write")
+    args = parser.parse_args(argv)
+    params = yaml.safe_load(Path(args.params).read_text())
+    seed, data = params["seed"], params.get("data", {})
+    dataset = build_dataset(seed, data.get("sizes"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    dataset.save_to_disk(str(tmp))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    pool = caption_pool(data.get("caption_pool", 4000), seed)
+    write_jsonl_atomic(args.captions, [{"caption": c, "objects": parse_caption(c)} for c in pool])
+    print({name: len(split) for name, split in dataset.items()}, f"{len(pool)} captions")
+
+
+if __name__ == "__main__":
+    main()
