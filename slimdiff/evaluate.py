@@ -368,11 +368,12 @@ def fidelity(original_pipe, compressed_pipe, prompts: Sequence[str], sampler: Sa
              num_buckets: int = 4, batch_size: int = 8) -> dict[str, Any]:
     """Fidelity of ``compressed_pipe`` to ``original_pipe`` on the same prompts and per-prompt seeds.
 
-    Noise prediction (teacher-forced): every denoiser call of the original generation is replayed
-    through the compressed denoiser with identical inputs, so errors do not compound along the
-    trajectory; SQNR (dB) over all calls and per timestep bucket (energies summed over the bucket's
-    calls), and the mean cosine between original and compressed guidance directions
-    (cond - uncond prediction; ``None`` without classifier-free guidance).
+    Noise prediction (the denoiser's output: epsilon, v or sample, whatever the model predicts; the
+    learned-variance half of a DiT/PixArt output is dropped), teacher-forced: every denoiser call of
+    the original generation is replayed through the compressed denoiser with identical inputs, so
+    errors do not compound along the trajectory. SQNR (dB) over all calls and per timestep bucket
+    (energies summed over the bucket's calls), and the mean cosine between original and compressed
+    guidance directions (cond - uncond prediction; ``None`` without classifier-free guidance).
     Images: both pipelines generate freely (errors do compound); mean per-image PSNR and SSIM.
     SQNR/PSNR are +inf for identical outputs; buckets that saw no call are left out.
     """
