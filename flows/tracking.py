@@ -116,7 +116,7 @@ def quality_gate(metrics: dict[str, Any], gate: dict[str, Any]) -> GateDecision:
     checks = {
         "min_alignment_ratio": ("alignment.ratio_to_original", lambda v, t: v >= t),
         "min_image_psnr_db": ("fidelity.image_psnr_db", lambda v, t: v >= t),
-        "min_sqnr_db": ("fidelity.sqnr_db_mean", lambda v, t: v >= t),
+        "min_noise_sqnr_db": ("fidelity.noise_sqnr_db", lambda v, t: v >= t),
     }
     failures, passes = [], []
     for key, threshold in gate.items():
@@ -145,6 +145,14 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
     outputs = workspace / "outputs"
     uri = tracking_uri(workspace)
     mlflow.set_tracking_uri(uri)
+    name = registered_name(params)
+    lineage = stage_hashes(workspace / "dvc.lock")
+    existing = _version_with_lineage(name, lineage, checkpoint_hash)
+    if existing is not None:
+        # nothing changed since that version was registered: a re-run registers nothing new
+        return {"run_id": existing.run_id, "name": name, "version": str(existing.version), "reused": True,
+                "gate": existing.tags.get("gate.decision") == "champion", "reason": existing.tags.get("gate.reason", ""),
+                "tracking_uri": uri}
     experiment = params["mlflow"]["experiment"]
     if mlflow.get_experiment_by_name(experiment) is None:
         location = (workspace / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
@@ -153,8 +161,6 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
     metrics = json.loads((outputs / "metrics.json").read_text())
     plan = json.loads((outputs / "plan" / "width_plan.json").read_text())
     slimset_stats = json.loads((outputs / "slimset" / "slimset_stats.json").read_text())
-    lineage = stage_hashes(workspace / "dvc.lock")
-    name = registered_name(params)
     decision = quality_gate(metrics, params.get("gate", {}))
     tags = {f"lineage.{stage}": value for stage, value in lineage.items()}
     tags.update({
@@ -191,8 +197,24 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
     client.set_registered_model_alias(name, "candidate", version)
     if decision.passed:
         client.set_registered_model_alias(name, "champion", version)
-    return {"run_id": run.info.run_id, "name": name, "version": version, "gate": decision.passed, "reason": decision.reason,
-            "tracking_uri": uri}
+    return {"run_id": run.info.run_id, "name": name, "version": version, "reused": False, "gate": decision.passed,
+            "reason": decision.reason, "tracking_uri": uri}
+
+
+def _version_with_lineage(name: str, lineage: dict[str, str], checkpoint_hash: str):
+    """A registered version whose stage hashes and checkpoint hash all equal these, if any."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        tags = version.tags
+        if tags.get("checkpoint_hash") == checkpoint_hash and all(tags.get(f"lineage.{k}") == v for k, v in lineage.items()):
+            return version
+    return None
 
 
 def registered_checkpoint_hashes(workspace: Path, params: dict[str, Any]) -> set[str]:

@@ -170,6 +170,9 @@ def stage_evaluate(params: dict[str, Any]) -> None:
     metrics = evaluate(original, compressed, evaluation_prompts(params), sampler_settings(params), evaluator=evaluator,
                        latency_repeats=int(e.get("latency_repeats", 5)))
     metrics["plan"] = json.loads(PLAN_METRICS.read_text())
+    if "alignment" in metrics:
+        original, compressed_acc = metrics["alignment"]["original"]["overall"], metrics["alignment"]["compressed"]["overall"]
+        metrics["alignment"]["ratio_to_original"] = compressed_acc / original if original else None
     write_json(METRICS_FILE, metrics)
 
 

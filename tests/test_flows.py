@@ -64,70 +64,68 @@ def mlflow_client(workspace: Path):
     return MlflowClient()
 
 
-def test_compress_flow_end_to_end(prefect_env, workspace, monkeypatch):
+def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
+    """recompress -> compress (unchanged) -> new budget -> new checkpoint, in one workspace."""
+    import mlflow
+    import torch
+    from diffusers import StableDiffusionPipeline
+
     from flows.compress import compress
+    from flows.recompress import recompress
     from flows.tracking import stage_hashes
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    first = compress(str(workspace))
-    assert all(first["stages_run"].values()), first["stages_run"]
+    name = "slimdiff-tiny-sd"
+
+    # a new checkpoint: recompress runs the compress flow, every stage runs, one run, one version
+    first = recompress(str(workspace))
+    assert first["compressed"] is True and all(first["stages_run"].values()), first["stages_run"]
     client = mlflow_client(workspace)
     runs = client.search_runs([client.get_experiment_by_name("slimdiff").experiment_id])
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["allocate.budget"] == "0.4" and run.data.params["model.id"] == "tiny-sd"
-    assert "plan.removed_fraction" in run.data.metrics
+    assert {"plan.removed_fraction", "fidelity.image_psnr_db", "macs.ratio"} <= set(run.data.metrics)
+    assert run.inputs.dataset_inputs[0].dataset.name == "slimset"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"width_plan.json", "width_plan.png", "metrics.json", "report", "dvc.lock"} <= artifacts
-    assert run.data.tags["lineage.capture"] == stage_hashes(workspace / "dvc.lock")["capture"]
-    version = client.get_model_version_by_alias("slimdiff-tiny-sd", "candidate")
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/report.md", "report/samples.png"}
+    version = client.get_model_version_by_alias(name, "candidate")
     lineage = {k[len("lineage."):]: v for k, v in version.tags.items() if k.startswith("lineage.")}
-    assert lineage == stage_hashes(workspace / "dvc.lock") and set(lineage) == {
-        "curate", "capture", "score", "allocate", "decompose", "evaluate", "report"}
+    assert lineage == stage_hashes(workspace / "dvc.lock")
+    assert set(lineage) == {"curate", "capture", "score", "allocate", "decompose", "evaluate", "report"}
+    assert run.data.tags["lineage.capture"] == lineage["capture"]
     assert version.tags["gate.decision"] in ("champion", "candidate") and version.tags["gate.reason"]
 
-    # nothing changed: no stage re-runs
-    second = compress(str(workspace))
-    assert not any(second["stages_run"].values()), second["stages_run"]
+    # the same checkpoint again: nothing registered
+    assert recompress(str(workspace))["compressed"] is False
+    # compress with nothing changed: no stage re-runs, the registered version is reused
+    again = compress(str(workspace))
+    assert not any(again["stages_run"].values()) and again["reused"], again
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
 
     # a new budget re-runs allocate onwards, never capture
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["allocate"]["budget"] = 0.3
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = compress(str(workspace))
-    ran = [s for s, r in third["stages_run"].items() if r]
-    assert ran == ["allocate", "decompose", "evaluate", "report"], third["stages_run"]
+    assert [s for s, r in third["stages_run"].items() if r] == ["allocate", "decompose", "evaluate", "report"]
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
 
-    # the registered model is a pyfunc that turns prompts into images
-    import mlflow
-
-    model = mlflow.pyfunc.load_model(f"models:/slimdiff-tiny-sd/{third['version']}")
-    images = model.predict(["a small red circle at the top left"], params={"steps": 2})
-    assert images.shape[0] == 1 and images.dtype.name == "uint8"
-
-
-def test_recompress_registers_only_new_checkpoints(prefect_env, tmp_path, monkeypatch):
-    import torch
-    from flows.recompress import recompress
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    workspace = make_workspace(tmp_path / "ws")
-    assert recompress(str(workspace))["compressed"] is True
-    assert recompress(str(workspace))["compressed"] is False
-    client = mlflow_client(workspace)
-    assert len(client.search_model_versions("name='slimdiff-tiny-sd'")) == 1
-
-    from diffusers import StableDiffusionPipeline
-
+    # a changed checkpoint: recompress registers a new version with the new hash
     pipe = StableDiffusionPipeline.from_pretrained(workspace / "data" / "model")
     with torch.no_grad():
         pipe.unet.conv_in.weight.mul_(1.01)
     pipe.save_pretrained(workspace / "data" / "model")
-    result = recompress(str(workspace))
-    assert result["compressed"] is True
-    versions = client.search_model_versions("name='slimdiff-tiny-sd'")
-    assert len(versions) == 2
-    assert len({v.tags["checkpoint_hash"] for v in versions}) == 2
+    fourth = recompress(str(workspace))
+    assert fourth["compressed"] is True and fourth["stages_run"]["capture"]
+    versions = client.search_model_versions(f"name='{name}'")
+    assert len(versions) == 3 and len({v.tags["checkpoint_hash"] for v in versions}) == 2
+
+    # the registered model is a pyfunc that turns prompts into images
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{fourth['version']}")
+    images = model.predict(["a small red circle at the top left"], params={"steps": 2})
+    assert images.shape[0] == 1 and images.dtype.name == "uint8"
 
 
 @pytest.mark.parametrize("change,message", [
