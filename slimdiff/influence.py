@@ -367,10 +367,15 @@ class _perturbed:
             heads = attn.heads
 
             def logit_noise(query: Tensor, key: Tensor) -> Tensor:
-                logits = query.double() @ key.double().transpose(-1, -2)
-                sigma = self.rel_noise * float(logits.pow(2).mean().sqrt())
+                # mean square of the logits q.k over all pairs = tr(Q^T Q K^T K) / (Nq Nk), without
+                # materialising the (B, H, Nq, Nk) logits in float64
+                gram_q = query.double().transpose(-1, -2) @ query.double()
+                gram_k = key.double().transpose(-1, -2) @ key.double()
+                pairs = query.shape[-2] * key.shape[-2] * query.shape[0] * query.shape[1]
+                sigma = self.rel_noise * math.sqrt(float((gram_q * gram_k).sum()) / pairs)
                 self.energy.append(heads * sigma**2)
-                noise = torch.randn(logits.shape, generator=self.generator, dtype=torch.float32) * sigma
+                shape = (*query.shape[:-1], key.shape[-2])
+                noise = torch.randn(shape, generator=self.generator, dtype=torch.float32) * sigma
                 return noise.to(query.dtype)
 
             attn.set_processor(SlimAttnProcessor(original_attention_scale(attn), logit_noise=logit_noise))
