@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from slimdiff.utils import flatten
+
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
@@ -56,17 +58,6 @@ def registered_name(params: dict[str, Any]) -> str:
     """Registry name derived from the base model: ``<prefix>-<model id>`` with unsafe characters replaced."""
     base = str(params["model"].get("id") or Path(params["model"]["path"]).name)
     return f"{params['mlflow']['registered_model_prefix']}-{re.sub(r'[^A-Za-z0-9._-]+', '-', base).strip('-')}"
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def stage_hashes(lock_path: Path) -> dict[str, str]:
@@ -142,6 +133,8 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
     import pandas as pd
     from mlflow import MlflowClient
 
+    from slimdiff.evaluate import flatten_metrics
+
     outputs = workspace / "outputs"
     uri = tracking_uri(workspace)
     mlflow.set_tracking_uri(uri)
@@ -173,8 +166,7 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
     })
     with mlflow.start_run(run_name=f"{name}-b{params['allocate']['budget']}") as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
-        numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        mlflow.log_metrics({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k): v for k, v in numeric.items() if v == v and abs(v) != float("inf")})
+        mlflow.log_metrics({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k): v for k, v in flatten_metrics(metrics).items()})
         slimset = pd.read_json(outputs / "slimset" / "slimset.jsonl", lines=True)
         dataset = mlflow.data.from_pandas(slimset, source=str((outputs / "slimset" / "slimset.jsonl").resolve()), name="slimset",
                                           digest=str(slimset_stats.get("digest", ""))[:36])

@@ -99,8 +99,23 @@ def _tail_from_singular_values(singular_values: Tensor) -> Tensor:
     return torch.cat([rev, energy.new_zeros(1)])
 
 
+class _PerHeadSpectrum:
+    """Shared by the per-head SVDs: singular values (heads, head_dim) and their tail energy."""
+
+    singular_values: Tensor
+
+    @property
+    def head_dim(self) -> int:
+        return self.singular_values.shape[1]
+
+    @property
+    def tail(self) -> Tensor:
+        """Predicted whitened error at every rank 0..head_dim (summed over heads)."""
+        return _tail_from_singular_values(self.singular_values)
+
+
 @dataclass(frozen=True)
-class QKDecomposition:
+class QKDecomposition(_PerHeadSpectrum):
     """Per-head whitening-SVD of the query-key product, all ranks at once.
 
     ``q_factors[h] = S_x^-T U diag(s)^1/2`` and ``k_factors[h] = S_y^-T V diag(s)^1/2``, columns in
@@ -111,15 +126,6 @@ class QKDecomposition:
     k_factors: Tensor  # (heads, d_y, head_dim)
     singular_values: Tensor  # (heads, head_dim)
 
-    @property
-    def head_dim(self) -> int:
-        return self.singular_values.shape[1]
-
-    @property
-    def tail(self) -> Tensor:
-        """Predicted whitened logit error at every rank 0..head_dim (summed over heads)."""
-        return _tail_from_singular_values(self.singular_values)
-
     def weights(self, rank: int) -> tuple[Tensor, Tensor]:
         """(W_q', W_k') with ``rank`` columns per head: (d_x, heads*rank), (d_y, heads*rank)."""
         _check_rank(rank, self.head_dim)
@@ -127,7 +133,7 @@ class QKDecomposition:
 
 
 @dataclass(frozen=True)
-class VODecomposition:
+class VODecomposition(_PerHeadSpectrum):
     """Per-head whitening-SVD of the value-output product, all ranks at once.
 
     ``v_factors[h] = S_y^-T U`` and ``o_factors[h] = diag(s) V^T``.
@@ -136,15 +142,6 @@ class VODecomposition:
     v_factors: Tensor  # (heads, d_y, head_dim)
     o_factors: Tensor  # (heads, head_dim, d_out)
     singular_values: Tensor  # (heads, head_dim)
-
-    @property
-    def head_dim(self) -> int:
-        return self.singular_values.shape[1]
-
-    @property
-    def tail(self) -> Tensor:
-        """Predicted whitened output error at every rank 0..head_dim (summed over heads)."""
-        return _tail_from_singular_values(self.singular_values)
 
     def weights(self, rank: int) -> tuple[Tensor, Tensor]:
         """(W_v', W_o') with ``rank`` per head: (d_y, heads*rank), (heads*rank, d_out)."""

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from slimdiff.capture import SamplerSettings, bucket_edges, denoiser_of, prompts_digest
 from slimdiff.groups import GROUP_KINDS, ModuleGroup, find_groups
+from slimdiff.utils import flatten
 
 DenoiserCall = tuple[tuple, dict]
 
@@ -455,16 +456,10 @@ def _json_safe(value):
     return str(value)
 
 
-def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested metrics dict as ``{"a.b.c": value}`` (e.g. for ``mlflow.log_metrics``)."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_metrics(value, f"{name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            flat[name] = float(value)
-    return flat
+def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Finite numeric leaves of a nested metrics dict as ``{"a.b.c": value}`` (e.g. for ``mlflow.log_metrics``)."""
+    return {k: float(v) for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def evaluate(original_pipe, compressed_pipe, prompts: Sequence[str], sampler: SamplerSettings = SamplerSettings(),

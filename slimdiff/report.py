@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from slimdiff.utils import atomic_path
+from slimdiff.utils import atomic_path, flatten
 
 
 def sample_grid(original, compressed, prompts: Sequence[str], sampler, path: str | Path, scale: int = 4) -> Path:
@@ -52,17 +52,6 @@ def _wrap(text: str, width: int = 24) -> str:
     return "\n".join(lines[:4])
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def markdown(params: dict[str, Any], plan: dict[str, Any], metrics: dict[str, Any]) -> str:
     """The report text: what was compressed, by how much, and how it measures."""
     lines = [
@@ -87,7 +76,7 @@ def markdown(params: dict[str, Any], plan: dict[str, Any], metrics: dict[str, An
         removed = sum(m["params_before"] - m["params_after"] for m in modules)
         lines.append(f"| {kind} | {len(modules)} | {kept:.2f} | {removed:,} |")
     lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    for key, value in _flatten(metrics).items():
+    for key, value in flatten(metrics).items():
         if isinstance(value, float):
             value = f"{value:.4g}"
         if isinstance(value, (list, tuple)):
