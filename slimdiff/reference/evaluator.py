@@ -282,7 +282,7 @@ class ReferenceEvaluator:
         (torchmetrics FID with a custom feature extractor; not Inception FID)."""
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        metric = FrechetInceptionDistance(feature=EvaluatorFeatures(self.net), normalize=True)
+        metric = FrechetInceptionDistance(feature=EvaluatorFeatures(self.net), normalize=True).eval()
         for images, real in ((images_a, True), (images_b, False)):
             images = self._check_images(images)
             for start in range(0, len(images), self.batch_size):

@@ -160,7 +160,7 @@ def evaluate_reference(
 def main(argv: list[str] | None = None) -> None:
     import yaml
 
-    from slimdiff.reference import load_reference_pipeline
+    from slimdiff.reference import REFERENCE_MODEL_DIR, load_reference_pipeline
 
     parser = argparse.ArgumentParser(prog="python -m slimdiff.reference.metrics")
     parser.add_argument("--params", default="data/reference/params.yaml")
@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_reference_pipeline("cpu", args.model)
     evaluator = load_evaluator(args.evaluator)
     metrics, grid_images, grid_captions = evaluate_reference(pipe, evaluator, splits, config)
-    model_dir = Path(args.model) if args.model else None
-    stats_path = (model_dir or Path(pipe.config._name_or_path)) / "train_stats.json"
+    stats_path = (Path(args.model) if args.model else REFERENCE_MODEL_DIR) / "train_stats.json"
     if stats_path.exists():
         stats = json.loads(stats_path.read_text())
         metrics["training"] = {k: v for k, v in stats.items() if k != "loss_log"}

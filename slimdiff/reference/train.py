@@ -379,9 +379,35 @@ def run_unet(params: dict, dataset: str | None, vae_dir: Path, out: Path, device
     print(json.dumps({k: v for k, v in stats.items() if k != "loss_log"}))
 
 
+def run_benchmark(params: dict, device: str, steps: int) -> dict:
+    """Seconds per VAE / UNet training step at the configured batch sizes (after 2 warm-up steps),
+    and the projected time of the configured step counts."""
+    config = ReferenceConfig.from_dict(params["model"])
+    vae_cfg = VaeTrainConfig(**params["train_vae"])
+    unet_cfg = UnetTrainConfig(**params["train_unet"])
+    images, captions = make_split("train", params["seed"], 1024)
+    timings = {}
+    for name in ("vae", "unet"):
+        seconds = []
+        for n in (2, 2 + steps):
+            start = time.time()
+            if name == "vae":
+                vae = train_vae(config, VaeTrainConfig(**dict(vars(vae_cfg), steps=n)), images[:256], 0, device)
+            else:
+                latents = encode_latents(vae, images, device)
+                train_unet(config, UnetTrainConfig(**dict(vars(unet_cfg), steps=n)), latents, captions, 0, device)
+            seconds.append(time.time() - start)
+        timings[f"{name}_seconds_per_step"] = round((seconds[1] - seconds[0]) / steps, 3)
+    timings["projected_minutes"] = round(
+        (timings["vae_seconds_per_step"] * vae_cfg.steps + timings["unet_seconds_per_step"] * unet_cfg.steps) / 60, 1
+    )
+    timings.update(device=device, threads=torch.get_num_threads(), load_average_1min=round(os.getloadavg()[0], 2))
+    return timings
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m slimdiff.reference.train")
-    parser.add_argument("what", choices=["vae", "unet", "all"])
+    parser.add_argument("what", choices=["vae", "unet", "all", "bench"])
     parser.add_argument("--params", default="data/reference/params.yaml")
     parser.add_argument("--dataset", default=None, help="datasets folder from the dataset stage; else generated")
     parser.add_argument("--vae", default=None, help="VAE folder (unet)")
@@ -391,12 +417,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the step count (smoke tests)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    if args.steps is not None:
+    if args.steps is not None and args.what != "bench":
         params["train_vae"]["steps"] = params["train_unet"]["steps"] = args.steps
     device = _device(args.device)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     out = Path(args.out)
-    if args.what == "vae":
+    if args.what == "bench":
+        result = run_benchmark(params, device, args.steps or 20)
+        print(json.dumps(result))
+        if args.out != "-":
+            _atomic_json(result, out)
+    elif args.what == "vae":
         run_vae(params, args.dataset, out, device, ckpt / "vae" if ckpt else None)
     elif args.what == "unet":
         if not args.vae:
