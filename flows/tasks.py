@@ -26,16 +26,30 @@ def _env() -> dict[str, str]:
 
 
 def dvc_repro(workspace: Path, stage: str) -> bool:
-    """Run one stage with ``dvc repro --single-item``; True if it ran, False if DVC found it unchanged."""
+    """Run one stage with ``dvc repro --single-item``; True if it ran, False if DVC found it unchanged.
+
+    The stage's output (progress bars included) streams to this process's stderr as it comes.
+    """
     dvc = Path(sys.executable).with_name("dvc")
     command = [str(dvc) if dvc.exists() else "dvc", "repro", "--single-item", stage]
-    result = subprocess.run(command, cwd=workspace, env=_env(), capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = [l for l in (result.stderr + result.stdout).splitlines() if l.strip()]
+    process = subprocess.Popen(command, cwd=workspace, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks: list[bytes] = []
+    assert process.stdout is not None
+    raw = getattr(sys.stderr, "buffer", None)
+    for chunk in iter(lambda: process.stdout.read1(4096), b""):
+        chunks.append(chunk)
+        if raw is not None:
+            raw.write(chunk)
+        else:
+            sys.stderr.write(chunk.decode(errors="replace"))
+        sys.stderr.flush()
+    returncode = process.wait()
+    output = b"".join(chunks).decode(errors="replace")
+    if returncode != 0:
+        lines = [l for l in output.replace("\r", "\n").splitlines() if l.strip()]
         stage_errors = [l for l in lines if l.startswith(f"stage {stage}: error")]
         raise StageError(stage_errors[-1] if stage_errors else f"stage {stage} failed: " + (lines[-1] if lines else "no output"))
-    ran = f"Running stage '{stage}'" in result.stdout
-    return ran
+    return f"Running stage '{stage}'" in output
 
 
 @task(name="stage", task_run_name="{stage}", retries=0)
