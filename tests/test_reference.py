@@ -81,10 +81,10 @@ def test_render_places_colour_in_named_quadrant():
 def test_caption_pool_unique_and_committed_file():
     pool = d.caption_pool(300, seed=0)
     assert len(set(pool)) == 300
-    committed = Path(d.__file__).resolve().parents[2] / "data" / "reference" / "captions.jsonl"
-    rows = [json.loads(line) for line in committed.read_text().splitlines()]
+    rows = d.read_caption_pool()
     assert len(rows) >= 2000 and len({r["caption"] for r in rows}) == len(rows)
     assert rows[0]["objects"] == d.parse_caption(rows[0]["caption"])
+    assert [r["caption"] for r in rows] == d.caption_pool(len(rows), seed=0)  # seed 0 of params.yaml
 
 
 def test_build_dataset_small(tmp_path):

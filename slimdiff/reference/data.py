@@ -277,6 +277,12 @@ def caption_pool(n: int = 4000, seed: int = 0) -> list[str]:
     return pool
 
 
+def read_caption_pool(path: str | Path | None = None) -> list[dict]:
+    """Rows {caption, objects} of the committed pool (`data/reference/captions.jsonl` by default)."""
+    path = Path(path) if path is not None else Path(__file__).resolve().parents[2] / "data" / "reference" / "captions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def grammar_words() -> list[str]:
     """Every word the grammar can emit."""
     words = {"a", "at", "the", "and", "on", "background"}

@@ -298,15 +298,26 @@ class ReferenceEvaluator:
         if path is None or not Path(path).is_dir():
             raise FileNotFoundError(f"CLIPScore needs a local CLIP folder (set {CLIP_PATH_ENV}); got {path!r}")
 
+        class TensorFeaturesCLIP(CLIPModel):
+            """transformers 5 returns output objects from get_*_features; torchmetrics expects tensors."""
+
+            def get_image_features(self, *args, **kwargs):
+                out = super().get_image_features(*args, **kwargs)
+                return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+            def get_text_features(self, *args, **kwargs):
+                out = super().get_text_features(*args, **kwargs)
+                return out if isinstance(out, torch.Tensor) else out.pooler_output
+
         def load() -> tuple[CLIPModel, CLIPProcessor]:
             return (
-                CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True),
+                TensorFeaturesCLIP.from_pretrained(path, local_files_only=True, use_safetensors=True),
                 CLIPProcessor.from_pretrained(path, local_files_only=True),
             )
 
         metric = CLIPScore(model_name_or_path=load)
         images = self._check_images(images)
-        metric.update(list(images), list(captions))
+        metric.update(list(images * 255.0), list(captions))  # the CLIP processor rescales by 1/255
         return float(metric.compute())
 
     def inception_fid(

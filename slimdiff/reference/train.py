@@ -415,7 +415,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--checkpoint-dir", default=None, help="resume from / save checkpoints here")
     parser.add_argument("--steps", type=int, default=None, help="override the step count (smoke tests)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     params = load_params(args.params)
     if args.steps is not None and args.what != "bench":
         params["train_vae"]["steps"] = params["train_unet"]["steps"] = args.steps
