@@ -98,7 +98,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--latency-repeats", type=int, default=3)
     parser.add_argument("--name", default="quality", help="results name: benchmarks/results/<name>.csv, docs/<doc>")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     pipe = load_reference_pipeline()

@@ -65,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, TrackingError, StageError) as error:
         print(f"compress: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"MLflow run {result['run_id']} at {result['tracking_uri']}")
+    alias = "champion" if result["gate"] else "candidate"
+    ran = [stage for stage, did in result["stages_run"].items() if did]
+    print(f"stages run: {', '.join(ran) or 'none (all up to date)'}")
+    print(f"registered {result['name']} version {result['version']} as '{alias}'"
+          f"{' (unchanged, existing version)' if result.get('reused') else ''}; gate {result['reason']}")
+    print(f"MLflow run {result['run_id']} at {result['tracking_uri']}; outputs in {Path(args.workspace).resolve() / 'outputs'}")
     return 0
 
 
