@@ -159,6 +159,8 @@ def test_training_bit_reproducible_and_resumable(tmp_path):
     assert json.loads((tmp_path / "ck" / "progress.json").read_text())["step"] == 2
     resumed = _tiny_unet_run(latents, captions, steps=4, ckpt=tmp_path / "ck")
     assert all(torch.equal(first[k], resumed[k]) for k in first)
+    with pytest.raises(ValueError, match="other settings"):  # a checkpoint of another config is never reused
+        _tiny_unet_run(latents, captions, steps=6, ckpt=tmp_path / "ck")
     untrained = _tiny_unet_run(latents, captions, steps=1)
     assert not all(torch.equal(first[k], untrained[k]) for k in first)
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,15 +123,24 @@ def _save_checkpoint(ckpt_dir: Path, step: int, modules: dict[str, torch.nn.Modu
     _atomic_json(dict(extra, step=step), ckpt_dir / "progress.json")
 
 
-def _load_checkpoint(ckpt_dir: Path, modules: dict[str, torch.nn.Module], optimizer, device: str) -> dict | None:
+def _load_checkpoint(
+    ckpt_dir: Path, modules: dict[str, torch.nn.Module], optimizer, device: str, run_key: dict
+) -> dict | None:
+    """Restore a checkpoint written by a run with the same `run_key` (config, seed); None if there is none."""
     if not (ckpt_dir / "progress.json").exists():
         return None
+    progress = json.loads((ckpt_dir / "progress.json").read_text())
+    if progress.get("run_key") != json.loads(json.dumps(run_key)):
+        raise ValueError(
+            f"checkpoint in {ckpt_dir} was written by a run with other settings "
+            f"({progress.get('run_key')} != {run_key}); delete it or pass another --checkpoint-dir"
+        )
     tensors = load_file(str(ckpt_dir / "weights.safetensors"), device=device)
     for name, m in modules.items():
         prefix = f"{name}."
         m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
     optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location=device, weights_only=True))
-    return json.loads((ckpt_dir / "progress.json").read_text())
+    return progress
 
 
 def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
@@ -158,7 +167,8 @@ def train_vae(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=train.lr, weight_decay=0.0)
     start = 0
     if checkpoint_dir is not None:
-        progress = _load_checkpoint(checkpoint_dir, {"vae": vae}, optimizer, device)
+        run_key = {"model": config.to_dict(), "train": asdict(train), "seed": seed, "n_images": len(images)}
+        progress = _load_checkpoint(checkpoint_dir, {"vae": vae}, optimizer, device, run_key)
         start = progress["step"] if progress else 0
     data = images_to_tensor(images)
     bar = tqdm(range(start, train.steps), desc="vae", initial=start, total=train.steps)
@@ -180,7 +190,7 @@ def train_vae(
         if step % 50 == 0:
             bar.set_postfix(rec=f"{rec_loss.item():.4f}")
         if checkpoint_dir is not None and (step + 1) % train.checkpoint_every == 0:
-            _save_checkpoint(checkpoint_dir, step + 1, {"vae": vae}, optimizer, {"kind": "vae"})
+            _save_checkpoint(checkpoint_dir, step + 1, {"vae": vae}, optimizer, {"kind": "vae", "run_key": run_key})
     vae.eval()
     latents = encode_latents(vae, images[:4096], device, scaling_factor=1.0)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
@@ -246,8 +256,9 @@ def train_unet(
     )
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
     start, log = 0, []
+    run_key = {"model": config.to_dict(), "train": asdict(train), "seed": seed, "n_latents": len(latents)}
     if checkpoint_dir is not None:
-        progress = _load_checkpoint(checkpoint_dir, modules, optimizer, device)
+        progress = _load_checkpoint(checkpoint_dir, modules, optimizer, device, run_key)
         if progress:
             start, log = progress["step"], progress.get("log", [])
     noise_scheduler = build_scheduler(config)  # only its training betas are used here
@@ -295,7 +306,7 @@ def train_unet(
             if step % 100 == 0 or step == train.steps - 1:
                 log.append((step, round(running, 5)))
         if checkpoint_dir is not None and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.steps:
-            _save_checkpoint(checkpoint_dir, step + 1, modules, optimizer, {"kind": "unet", "log": log})
+            _save_checkpoint(checkpoint_dir, step + 1, modules, optimizer, {"kind": "unet", "log": log, "run_key": run_key})
     return ema_text.eval(), ema_unet.eval(), tokenizer, log
 
 
