@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -71,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
+    results: dict = {"machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)",
                      "torch": torch.__version__, "args": vars(args)}
     torch.manual_seed(0)
     build = time.perf_counter()
@@ -150,7 +151,8 @@ def write_doc(r: dict) -> None:
         "",
         "```bash",
         f".venv/bin/python benchmarks/cost_sd15.py --calls {r['args']['calls']} --gain-calls {r['args']['gain_calls']} "
-        f"--ffn-points {r['args']['ffn_points']} --buckets {r['args']['buckets']} --budget {r['args']['budget']}",
+        f"--ffn-points {r['args']['ffn_points']} --buckets {r['args']['buckets']} --budget {r['args']['budget']}"
+        + (f" --threads {r['args']['threads']}" if r['args'].get('threads') else ""),
         "```",
         "",
         f"Machine: {r['machine']}; torch {r['torch']}. Denoiser calls are CFG-shaped: batch 2, 64x64 latents, 77 text tokens.",
