@@ -1,0 +1,258 @@
+"""Does re-training the reference model reproduce its metrics? Side-by-side evaluation of several
+reference-model folders (e.g. the committed weights and a CPU re-run of the DVC training stages)
+over several sampling seeds, with the committed evaluator and the same prompts.
+
+The spread over sampling seeds, and the binomial standard error of each accuracy, is the noise a
+difference between the models is judged against: a metric reproduces when the difference of the
+means is within 2 standard errors (seed spread and binomial SE combined). Writes
+benchmarks/results/reference_repro.csv and docs/reference-reproducibility.md.
+
+    .venv/bin/python benchmarks/reference_repro.py --model committed=data/reference/model \
+        --model cpu-rerun=/path/to/retrained/model --seeds 1234 1235 1236
+    .venv/bin/python benchmarks/reference_repro.py --from-csv benchmarks/results/reference_repro.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from slimdiff.reference import REFERENCE_DIR, load_reference_pipeline  # noqa: E402
+from slimdiff.reference.data import load_split, make_split  # noqa: E402
+from slimdiff.reference.evaluator import FD_NAME, load_evaluator  # noqa: E402
+from slimdiff.reference.metrics import EvaluateConfig, evaluate_reference  # noqa: E402
+from slimdiff.utils import atomic_path  # noqa: E402
+
+# (column, group, attribute): accuracies read from metrics["reference_alignment"].
+ACCURACIES = [
+    ("single_colour", "single", "colour"),
+    ("single_shape", "single", "shape"),
+    ("single_overall", "single", "overall"),
+    ("two_overall", "two", "overall"),
+    ("heldout_shape", "heldout", "shape"),
+    ("heldout_overall", "heldout", "overall"),
+]
+FD_COLUMN = "fd_shapes_model_vs_real"
+
+
+def parse_model(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--model {spec!r}: expected NAME=FOLDER, e.g. committed=data/reference/model")
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        raise argparse.ArgumentTypeError(f"--model {spec!r}: {folder} holds no diffusers pipeline (model_index.json)")
+    return name, folder
+
+
+def measure(models: list[tuple[str, Path]], seeds: list[int], params: dict, dataset: Path | None,
+            evaluator_dir: Path | None) -> list[dict]:
+    sizes = params.get("data", {}).get("sizes", {})
+    splits = {name: load_split(dataset, name) if dataset else make_split(name, params["seed"], sizes.get(name))
+              for name in ("test", "heldout")}
+    evaluator = load_evaluator(evaluator_dir)
+    base = EvaluateConfig(**params.get("evaluate", {}))
+    rows = []
+    for name, folder in models:
+        pipe = load_reference_pipeline("cpu", folder)
+        for seed in seeds:
+            config = EvaluateConfig(**{**base.__dict__, "seed": seed})
+            start = time.time()
+            metrics, _, _ = evaluate_reference(pipe, evaluator, splits, config)
+            row = {"model": name, "folder": str(folder), "seed": seed}
+            counts = {"single": config.n_single, "two": config.n_two, "heldout": config.n_heldout}
+            for column, group, attribute in ACCURACIES:
+                row[column] = metrics["reference_alignment"][group][attribute]
+                row[f"{column}_n"] = counts[group]
+            row[FD_COLUMN] = metrics[FD_NAME]["model_vs_real"]
+            row["fd_shapes_real_vs_real"] = metrics[FD_NAME]["real_vs_real"]
+            row["seconds"] = round(time.time() - start, 1)
+            row["threads"] = torch.get_num_threads()
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a saved CSV with numbers parsed back."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("model", "folder"):
+                row[key] = float(value) if "." in value or "e" in value else int(value)
+    return rows
+
+
+def summarise(rows: list[dict], column: str, name: str) -> tuple[float, float]:
+    """Mean over seeds and its standard error (seed spread; for accuracies at least the binomial SE)."""
+    values = np.array([r[column] for r in rows if r["model"] == name], dtype=float)
+    mean = float(values.mean())
+    se_seeds = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+    if column == FD_COLUMN:
+        return mean, se_seeds
+    n = next(r[f"{column}_n"] for r in rows if r["model"] == name)
+    # Binomial SE of a mean over len(values) runs of n prompts; floored at one error in n*runs so a
+    # perfect score does not claim zero noise.
+    p = min(max(mean, 1 / (n * len(values))), 1 - 1 / (n * len(values)))
+    se_binomial = math.sqrt(p * (1 - p) / (n * len(values)))
+    return mean, max(se_seeds, se_binomial)
+
+
+def training_section(models: list[tuple[str, Path]]) -> list[str]:
+    """Training facts from each folder's train_stats.json, and the loss curves side by side in one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["| model | device | torch | VAE s | VAE val MAE (/255) | UNet s | UNet steps | final loss (mean of last 5 logs) |",
+             "|---|---|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, folder in models:
+        stats_path = folder / "train_stats.json"
+        if not stats_path.is_file():
+            lines.append(f"| {name} | (no train_stats.json) | | | | | | |")
+            continue
+        stats = json.loads(stats_path.read_text())
+        device = stats.get("gpu") or stats.get("device", "?")
+        log = np.array(stats.get("loss_log") or [[0, float("nan")]], dtype=float)
+        lines.append(f"| {name} | {device} | {stats.get('torch', '?')} | {stats.get('vae_seconds', '?')} | "
+                     f"{stats.get('vae_val_mae_255', '?')} | {stats.get('unet_seconds', '?')} | {stats.get('unet_steps', '?')} | "
+                     f"{log[-5:, 1].mean():.4f} |")
+        ax.plot(log[:, 0], log[:, 1], label=f"{name} ({device})")
+    ax.set_xlabel("UNet training step")
+    ax.set_ylabel("running loss (v-pred., min-SNR)")
+    ax.set_title("UNet + text encoder training, same seed and config")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plot_path = ROOT / "docs" / "img" / "reference_repro_loss.png"
+    with atomic_path(plot_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return [*lines, "", "![UNet training loss of each model](img/reference_repro_loss.png)"]
+
+
+def write_outputs(rows: list[dict], models: list[tuple[str, Path]], args, seconds: float) -> None:
+    csv_path = ROOT / "benchmarks" / "results" / "reference_repro.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    names = [name for name, _ in models]
+    reference, others = names[0], names[1:]
+    columns = [c for c, _, _ in ACCURACIES] + [FD_COLUMN]
+    header = "| metric | " + " | ".join(f"{n} (mean ± SE)" for n in names)
+    header += "".join(f" | {o} − {reference} | within 2 SE" for o in others) + " |"
+    lines = [header, "|" + "---|" * (1 + len(names) + 2 * len(others))]
+    verdicts = {}
+    for column in columns:
+        stats = {n: summarise(rows, column, n) for n in names}
+        digits = 1 if column == FD_COLUMN else 3
+        cells = [f"{stats[n][0]:.{digits}f} ± {stats[n][1]:.{digits}f}" for n in names]
+        for o in others:
+            diff = stats[o][0] - stats[reference][0]
+            se = math.hypot(stats[o][1], stats[reference][1])
+            ok = abs(diff) <= 2 * se
+            verdicts[(column, o)] = ok
+            distance = f"{abs(diff) / se:.1f} SE" if se > 0 else "identical" if diff == 0 else "SE 0"
+            cells += [f"{diff:+.{digits}f}", f"yes ({distance})" if ok else f"**no** ({distance})"]
+        lines.append(f"| {column} | " + " | ".join(cells) + " |")
+    real = np.mean([r["fd_shapes_real_vs_real"] for r in rows])
+    doc = [
+        "# Reference model: does re-training reproduce it?",
+        "",
+        "Generated by `benchmarks/reference_repro.py`; do not edit by hand. Raw rows: "
+        "`benchmarks/results/reference_repro.csv`.",
+        "",
+        f"Models compared (first is the reference): " + ", ".join(f"`{n}` = `{p}`" for n, p in models) + ". "
+        "A folder outside the repository is a local re-training output and is not committed; "
+        "its training facts are in the table at the end.",
+        f"Sampling seeds: {', '.join(str(s) for s in args.seeds)}; the same prompts, sampler and committed evaluator "
+        "for every model (the `evaluate` section of `data/reference/params.yaml`).",
+        "",
+        "SE: the larger of the seed-to-seed standard error and the binomial standard error of the accuracy "
+        "(for FD-shapes, seed-to-seed only). A difference counts as reproduced when it is within 2 SE, where SE "
+        "combines both models' SE. The noise of training itself (another training seed) is not measured here, "
+        "so this rule is, if anything, strict. The binomial SE counts prompts; `heldout_shape` is scored per object "
+        "(some held-out prompts have two), so its binomial SE is slightly generous.",
+        "",
+        *lines,
+        "",
+        f"FD-shapes between two real image sets of the same size: {real:.1f} (lower is closer to real images).",
+        "",
+        "## Training runs",
+        "",
+        *training_section(models),
+        "",
+        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{', '.join(str(t) for t in sorted({r['threads'] for r in rows}))} torch threads; {seconds / 60:.1f} min for {len(rows)} evaluations.",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        ".venv/bin/python benchmarks/reference_repro.py " + " ".join(f"--model {n}={p}" for n, p in models)
+        + " --seeds " + " ".join(str(s) for s in args.seeds)
+        + ("" if args.params == REFERENCE_DIR / "params.yaml" else f" --params {args.params}")
+        + (f" --threads {args.threads}" if args.threads else ""),
+        "```",
+        "",
+    ]
+    doc_path = ROOT / "docs" / "reference-reproducibility.md"
+    with atomic_path(doc_path) as tmp:
+        Path(tmp).write_text("\n".join(doc))
+    failed = [f"{c} ({o})" for (c, o), ok in verdicts.items() if not ok]
+    print(f"wrote {csv_path} and {doc_path}; " + (f"outside 2 SE: {', '.join(failed)}" if failed else "all within 2 SE"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", dest="models", type=parse_model, action="append", default=[],
+                        help="NAME=FOLDER of a reference-model pipeline; give two or more, the first is the reference")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
+    parser.add_argument("--params", type=Path, default=REFERENCE_DIR / "params.yaml")
+    parser.add_argument("--dataset", type=Path, default=REFERENCE_DIR / "dataset",
+                        help="dataset folder of the DVC `dataset` stage (generated from the seed if missing)")
+    parser.add_argument("--evaluator", type=Path, default=None, help="evaluator folder (default: the committed one)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--from-csv", type=Path, default=None,
+                        help="rewrite the page from saved rows (benchmarks/results/reference_repro.csv) without evaluating")
+    args = parser.parse_args()
+    if args.from_csv:
+        rows = read_rows(args.from_csv)
+        args.models = list(dict.fromkeys((r["model"], Path(r["folder"])) for r in rows))
+        args.seeds = sorted({r["seed"] for r in rows})
+        write_outputs(rows, args.models, args, sum(r["seconds"] for r in rows))
+        return
+    if len(args.models) < 2:
+        parser.error("give at least two --model NAME=FOLDER to compare")
+    if len({n for n, _ in args.models}) != len(args.models):
+        parser.error("--model names must be unique")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = yaml.safe_load(args.params.read_text())
+    dataset = args.dataset if args.dataset.is_dir() else None
+    start = time.time()
+    rows = measure(args.models, args.seeds, params, dataset, args.evaluator)
+    write_outputs(rows, args.models, args, time.time() - start)
+
+
+if __name__ == "__main__":
+    main()
