@@ -112,9 +112,6 @@ class Capture:
         aug[dim, dim] = 1.0
         return aug
 
-    def tokens(self, site: str) -> int:
-        return int(self.sites[site].count.sum())
-
     def save(self, path: str | Path) -> Path:
         """Write to a safetensors file (tensors + JSON metadata), atomically."""
         from safetensors.torch import save_file

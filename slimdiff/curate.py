@@ -52,11 +52,6 @@ def normalise(text: str | None) -> str:
     return text
 
 
-def dedupe_key(text: str) -> str:
-    """Key for exact duplicates: the normalised text, case-folded."""
-    return normalise(text).casefold()
-
-
 # -------------------------------------------------------------------------------------------- loading
 
 
