@@ -9,7 +9,8 @@ benchmarks/results/reference_repro.csv and docs/reference-reproducibility.md.
 
     .venv/bin/python benchmarks/reference_repro.py --model committed=data/reference/model \
         --model cpu-rerun=/path/to/retrained/model --seeds 1234 1235 1236
-    .venv/bin/python benchmarks/reference_repro.py --from-csv benchmarks/results/reference_repro.csv
+    .venv/bin/python benchmarks/reference_repro.py --from-csv benchmarks/results/reference_repro.csv \
+        --train-stats cpu-rerun=data/reference/cpu_rerun_train_stats.json
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ def parse_model(spec: str) -> tuple[str, Path]:
     if not (folder / "model_index.json").is_file():
         raise argparse.ArgumentTypeError(f"--model {spec!r}: {folder} holds no diffusers pipeline (model_index.json)")
     return name, folder
+
+
+def parse_stats(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"--train-stats {spec!r}: expected NAME=FILE with an existing train_stats.json")
+    return name, Path(path)
 
 
 def measure(models: list[tuple[str, Path]], seeds: list[int], params: dict, dataset: Path | None,
@@ -113,8 +121,9 @@ def summarise(rows: list[dict], column: str, name: str) -> tuple[float, float]:
     return mean, max(se_seeds, se_binomial)
 
 
-def training_section(models: list[tuple[str, Path]]) -> list[str]:
-    """Training facts from each folder's train_stats.json, and the loss curves side by side in one plot."""
+def training_section(models: list[tuple[str, Path]], train_stats: dict[str, Path]) -> list[str]:
+    """Training facts from each model's train_stats.json (its folder's, unless `train_stats` names another
+    file), and the loss curves side by side in one plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +133,7 @@ def training_section(models: list[tuple[str, Path]]) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, folder in models:
-        stats_path = folder / "train_stats.json"
+        stats_path = train_stats.get(name, folder / "train_stats.json")
         if not stats_path.is_file():
             lines.append(f"| {name} | (no train_stats.json) | | | | | | |")
             continue
@@ -149,13 +158,17 @@ def training_section(models: list[tuple[str, Path]]) -> list[str]:
     return [*lines, "", "![UNet training loss of each model](img/reference_repro_loss.png)"]
 
 
-def write_outputs(rows: list[dict], models: list[tuple[str, Path]], args, seconds: float) -> None:
+def write_rows(rows: list[dict]) -> Path:
+    """The measured rows as benchmarks/results/reference_repro.csv (atomically)."""
     csv_path = ROOT / "benchmarks" / "results" / "reference_repro.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return csv_path
+
+
+def write_outputs(rows: list[dict], models: list[tuple[str, Path]], args, seconds: float) -> None:
     names = [name for name, _ in models]
     reference, others = names[0], names[1:]
     columns = [c for c, _, _ in ACCURACIES] + [FD_COLUMN]
@@ -200,7 +213,7 @@ def write_outputs(rows: list[dict], models: list[tuple[str, Path]], args, second
         "",
         "## Training runs",
         "",
-        *training_section(models),
+        *training_section(models, dict(args.train_stats)),
         "",
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{', '.join(str(t) for t in sorted({r['threads'] for r in rows}))} torch threads; {seconds / 60:.1f} min for {len(rows)} evaluations.",
@@ -211,7 +224,8 @@ def write_outputs(rows: list[dict], models: list[tuple[str, Path]], args, second
         ".venv/bin/python benchmarks/reference_repro.py " + " ".join(f"--model {n}={p}" for n, p in models)
         + " --seeds " + " ".join(str(s) for s in args.seeds)
         + ("" if args.params == REFERENCE_DIR / "params.yaml" else f" --params {args.params}")
-        + (f" --threads {args.threads}" if args.threads else ""),
+        + (f" --threads {args.threads}" if args.threads else "")
+        + "".join(f" --train-stats {n}={p}" for n, p in args.train_stats),
         "```",
         "",
     ]
@@ -219,7 +233,7 @@ def write_outputs(rows: list[dict], models: list[tuple[str, Path]], args, second
     with atomic_path(doc_path) as tmp:
         Path(tmp).write_text("\n".join(doc))
     failed = [f"{c} ({o})" for (c, o), ok in verdicts.items() if not ok]
-    print(f"wrote {csv_path} and {doc_path}; " + (f"outside 2 SE: {', '.join(failed)}" if failed else "all within 2 SE"))
+    print(f"wrote {doc_path}; " + (f"outside 2 SE: {', '.join(failed)}" if failed else "all within 2 SE"))
 
 
 def main() -> None:
@@ -232,10 +246,15 @@ def main() -> None:
                         help="dataset folder of the DVC `dataset` stage (generated from the seed if missing)")
     parser.add_argument("--evaluator", type=Path, default=None, help="evaluator folder (default: the committed one)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--train-stats", type=parse_stats, action="append", default=[],
+                        help="NAME=FILE: training facts of a model whose folder is gone or elsewhere "
+                             "(e.g. cpu-rerun=data/reference/cpu_rerun_train_stats.json)")
     parser.add_argument("--from-csv", type=Path, default=None,
                         help="rewrite the page from saved rows (benchmarks/results/reference_repro.csv) without evaluating")
     args = parser.parse_args()
     if args.from_csv:
+        if not args.from_csv.is_file():
+            parser.error(f"--from-csv {args.from_csv}: no such file (the benchmark writes benchmarks/results/reference_repro.csv)")
         rows = read_rows(args.from_csv)
         args.models = list(dict.fromkeys((r["model"], Path(r["folder"])) for r in rows))
         args.seeds = sorted({r["seed"] for r in rows})
@@ -251,6 +270,7 @@ def main() -> None:
     dataset = args.dataset if args.dataset.is_dir() else None
     start = time.time()
     rows = measure(args.models, args.seeds, params, dataset, args.evaluator)
+    print(f"wrote {write_rows(rows)}")
     write_outputs(rows, args.models, args, time.time() - start)
 
 

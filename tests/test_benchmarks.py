@@ -67,3 +67,11 @@ def test_model_spec_errors_name_the_bad_value(repro, tmp_path):
         repro.parse_model("no-equals-sign")
     with pytest.raises(Exception, match="model_index.json"):
         repro.parse_model(f"x={tmp_path}")
+
+
+def test_train_stats_spec_must_name_an_existing_file(repro, tmp_path):
+    with pytest.raises(Exception, match="NAME=FILE"):
+        repro.parse_stats(f"cpu-rerun={tmp_path / 'missing.json'}")
+    stats = tmp_path / "train_stats.json"
+    stats.write_text("{}")
+    assert repro.parse_stats(f"cpu-rerun={stats}") == ("cpu-rerun", stats)
