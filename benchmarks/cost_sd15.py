@@ -95,7 +95,7 @@ def main() -> None:
     results["plain_calls_s"] = plain
     results["capture_calls_s"] = captured
     results["capture_overhead"] = captured / plain
-    results["covariance_bytes"] = sum(s.sum_outer.numel() * 8 + s.sum.numel() * 8 for s in stats.sites.values())
+    results["covariance_bytes"] = stats.nbytes
     results["peak_rss_after_capture_gib"] = peak_rss_gib()
     print(f"capture {captured:.1f} s vs plain {plain:.1f} s; covariances {results['covariance_bytes'] / 2**30:.2f} GiB", flush=True)
 
@@ -109,7 +109,7 @@ def main() -> None:
     results["gains_s"] = sampled / len(sample) * len(groups)
     print(f"gains {sampled:.0f} s for {len(sample)} modules -> {results['gains_s']:.0f} s for all {len(groups)}", flush=True)
     scores_holder = {}
-    results["score_s"] = timed(lambda: scores_holder.setdefault("s", score(unet, stats, Granularity(), max_ffn_points=args.ffn_points,
+    results["score_s"] = timed(lambda: scores_holder.setdefault("s", score(unet, stats, None, Granularity(), max_ffn_points=args.ffn_points,
                                                                             require_gains=False, progress=True)))
     print(f"score {results['score_s']:.0f} s", flush=True)
     plans = {}

@@ -53,8 +53,7 @@ def with_denoiser(pipe, denoiser):
 def calibrate(pipe, prompts, sampler, args):
     stats = capture(pipe, prompts, sampler, num_buckets=4, batch_size=args.batch_size, extra_sites=baseline_sites(pipe.unet),
                     model_id="reference")
-    measure_gains(pipe, prompts[:8], sampler, stats, num_calls=4)
-    return stats, score(pipe.unet, stats)
+    return stats, score(pipe.unet, stats, measure_gains(pipe, prompts[:8], sampler, num_calls=4))
 
 
 def row_of(method: str, budget: float, calib: int, removed: dict, metrics: dict) -> dict:

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.tasks import STAGES, StageError, run_capture, run_stage, track
+from flows.tasks import RESUMABLE_STAGES, STAGES, StageError, run_resumable, run_stage, track
 from flows.tracking import TrackingError, check_tracking_uri, folder_hash, tracking_uri
 
 
@@ -47,7 +47,8 @@ def compress(workspace: str = ".", checkpoint_hash: str | None = None) -> dict[s
     params = preflight(root)
     stages_run: dict[str, bool] = {}
     for stage in STAGES:
-        stages_run[stage] = run_capture(str(root)) if stage == "capture" else run_stage(str(root), stage)
+        task = run_resumable if stage in RESUMABLE_STAGES else run_stage
+        stages_run[stage] = task(str(root), stage)
     checkpoint = checkpoint_hash or folder_hash(root / str(params["model"]["path"]))
     result = track(str(root), params, checkpoint, stages_run)
     result["stages_run"] = stages_run

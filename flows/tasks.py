@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import task
 
-STAGES = ("curate", "capture", "score", "allocate", "decompose", "evaluate", "report")
+STAGES = ("curate", "capture", "gains", "score", "allocate", "decompose", "evaluate", "report")
 
 
 class StageError(RuntimeError):
@@ -57,10 +57,14 @@ def run_stage(workspace: str, stage: str) -> bool:
     return dvc_repro(Path(workspace), stage)
 
 
-@task(name="capture", retries=2, retry_delay_seconds=10, timeout_seconds=3600)
-def run_capture(workspace: str) -> bool:
-    """Capture is the long stage: retried on failure and bounded in time."""
-    return dvc_repro(Path(workspace), "capture")
+@task(name="resumable-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=10)
+def run_resumable(workspace: str, stage: str) -> bool:
+    """The long stages (capture, gains) checkpoint as they go: a retry resumes where the failed try stopped,
+    so there is no timeout to guess; a run takes as long as its prompts need."""
+    return dvc_repro(Path(workspace), stage)
+
+
+RESUMABLE_STAGES = ("capture", "gains")
 
 
 @task(name="track")

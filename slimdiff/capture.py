@@ -1,9 +1,15 @@
 """Timestep activation capture (method.md §2).
 
-Forward pre-hooks on the denoiser's linear layers accumulate float64 uncentered second moments of
-their inputs, per timestep bucket, over every denoiser call (every timestep, both classifier-free
-guidance branches). Memory holds sums, never activations. Sums are additive, so captures of disjoint
-prompt shards merge exactly (``merge_captures``).
+Forward pre-hooks on the denoiser's linear layers accumulate uncentered second moments of their
+inputs over every denoiser call (every timestep, both classifier-free guidance branches), on the
+model's own device. Memory holds sums, never activations. Sums are additive, so captures of disjoint
+prompt shards merge exactly (``merge_captures``), and a capture checkpointed every few prompts
+resumes where it stopped.
+
+Precision (docs/method.md, "Precision of the statistics"): each hooked call's Gram matrix x^T x is
+formed in float32 (inputs in the model's dtype, float32 accumulation; float64 for a float64 model),
+then added into a float64 pooled sum. Per-timestep-bucket sums, which only the influence score
+reads, are kept in float32 (float64 for a float64 model).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import inspect
 import json
 import math
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,31 +27,119 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from slimdiff.device import module_device
 from slimdiff.groups import ModuleGroup, compressible_groups
 from slimdiff.utils import atomic_path
 
-CAPTURE_FORMAT = "slimdiff-capture/1"
+CAPTURE_FORMAT = "slimdiff-capture/2"
+
+
+def gram_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """Precision of one call's Gram matrix: float64 for float64 activations, else float32."""
+    return torch.float64 if activation_dtype == torch.float64 else torch.float32
+
+
+def gram(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(x^T x, sum of x) of row tokens ``rows`` (n, d), accumulated in ``gram_dtype`` on ``rows``' device.
+
+    Half-precision inputs on CUDA go to the tensor cores with float32 accumulation (their products are
+    exact in float32); TF32 is never used for float32 inputs.
+    """
+    out_dtype = gram_dtype(rows.dtype)
+    if rows.dtype in (torch.float16, torch.bfloat16) and rows.is_cuda:
+        outer = _half_gram_cuda(rows)
+    elif rows.is_cuda and rows.dtype == torch.float32:
+        with _no_tf32():
+            outer = rows.T @ rows
+    else:
+        rows = rows.to(out_dtype)
+        outer = rows.T @ rows
+    return outer, rows.sum(0, dtype=out_dtype)
+
+
+def _half_gram_cuda(rows: Tensor) -> Tensor:
+    try:
+        return torch.mm(rows.T, rows, out_dtype=torch.float32)
+    except TypeError:  # torch < 2.8 has no out_dtype: the same products, upcast first (slower, same result)
+        upcast = rows.float()
+        with _no_tf32():
+            return upcast.T @ upcast
+
+
+@contextmanager
+def _no_tf32():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @dataclass
 class SiteStats:
-    """Sums for one hooked input: per bucket, sum of x x^T, sum of x, and token count."""
+    """Sums for one hooked input: pooled over all buckets in float64, and per timestep bucket."""
 
-    sum_outer: Tensor  # (buckets, d, d) float64
-    sum: Tensor  # (buckets, d) float64
-    count: Tensor  # (buckets,) int64
+    sum_outer: Tensor  # (d, d) float64: sum of x x^T over every token of every bucket
+    sum: Tensor  # (d,) float64
+    count: Tensor  # (buckets,) int64 tokens per bucket (CPU)
+    bucket_sum_outer: Tensor | None  # (buckets, d, d) float32 (float64 for float64 models); None with one bucket
+    bucket_sum: Tensor | None  # (buckets, d)
 
     @classmethod
-    def zeros(cls, buckets: int, dim: int) -> "SiteStats":
+    def zeros(cls, buckets: int, dim: int, device: torch.device | str = "cpu",
+              bucket_dtype: torch.dtype = torch.float32) -> "SiteStats":
+        per_bucket = buckets > 1
         return cls(
-            torch.zeros(buckets, dim, dim, dtype=torch.float64),
-            torch.zeros(buckets, dim, dtype=torch.float64),
-            torch.zeros(buckets, dtype=torch.int64),
+            torch.zeros(dim, dim, dtype=torch.float64, device=device),
+            torch.zeros(dim, dtype=torch.float64, device=device),
+            torch.zeros(buckets, dtype=torch.int64, device="cpu"),  # bookkeeping stays on the host: no syncs
+            torch.zeros(buckets, dim, dim, dtype=bucket_dtype, device=device) if per_bucket else None,
+            torch.zeros(buckets, dim, dtype=bucket_dtype, device=device) if per_bucket else None,
         )
 
     @property
     def dim(self) -> int:
-        return self.sum.shape[1]
+        return self.sum.shape[0]
+
+    @property
+    def num_buckets(self) -> int:
+        return self.count.shape[0]
+
+    def add(self, bucket: int, outer: Tensor, first: Tensor, tokens: int) -> None:
+        """Add one call's Gram matrix and token sum (any float dtype, same device) to ``bucket``."""
+        self.sum_outer.add_(outer)
+        self.sum.add_(first)
+        self.count[bucket] += tokens
+        if self.bucket_sum_outer is not None:
+            self.bucket_sum_outer[bucket].add_(outer)
+            self.bucket_sum[bucket].add_(first)
+
+    def outer_in(self, buckets: Sequence[int]) -> tuple[Tensor, Tensor, int]:
+        """(sum x x^T, sum x, tokens) over ``buckets``, in float64."""
+        index = sorted(set(int(b) for b in buckets))
+        tokens = int(self.count[index].sum())
+        if index == list(range(self.num_buckets)) or self.bucket_sum_outer is None:
+            if index != list(range(self.num_buckets)):
+                raise ValueError(f"this capture keeps no per-bucket statistics; buckets {index} cannot be separated")
+            return self.sum_outer, self.sum, tokens
+        return (self.bucket_sum_outer[index].sum(0, dtype=torch.float64),
+                self.bucket_sum[index].sum(0, dtype=torch.float64), tokens)
+
+    def nbytes(self) -> int:
+        parts = (self.sum_outer, self.sum, self.count, self.bucket_sum_outer, self.bucket_sum)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def to(self, device: torch.device | str) -> "SiteStats":
+        move = (lambda t: None if t is None else t.to(device))
+        return SiteStats(move(self.sum_outer), move(self.sum), self.count.clone(), move(self.bucket_sum_outer), move(self.bucket_sum))
+
+
+def statistics_bytes(dims: Sequence[int], num_buckets: int, bucket_bytes: int = 4) -> int:
+    """Bytes of the statistics of sites with input widths ``dims``: float64 pooled sums plus per-bucket sums."""
+    pooled = sum(8 * (d * d + d) for d in dims)
+    per_bucket = 0 if num_buckets == 1 else sum(bucket_bytes * num_buckets * (d * d + d) for d in dims)
+    return pooled + per_bucket + 8 * num_buckets * len(dims)
 
 
 def group_input_sites(group: ModuleGroup) -> tuple[str, str]:
@@ -79,75 +174,96 @@ def bucket_edges(num_buckets: int, num_train_timesteps: int) -> list[float]:
     return [num_train_timesteps * i / num_buckets for i in range(num_buckets + 1)]
 
 
+_PARTS = ("sum_outer", "sum", "count", "bucket_sum_outer", "bucket_sum")
+
+
 @dataclass
 class Capture:
     """Accumulated second moments of a denoiser's compressible inputs, with provenance metadata."""
 
     sites: dict[str, SiteStats]
     metadata: dict = field(default_factory=dict)
-    gains: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_buckets(self) -> int:
-        return next(iter(self.sites.values())).count.shape[0]
+        return next(iter(self.sites.values())).num_buckets
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.sites.values())
 
     def second_moment(self, site: str, buckets: Sequence[int] | None = None, augment: bool = False) -> Tensor:
-        """E[x x^T] over the chosen buckets (all by default); with ``augment`` the moment of [x, 1]."""
+        """E[x x^T] (float64, on the statistics' device) over the chosen buckets (all by default);
+        with ``augment`` the moment of [x, 1]."""
         if site not in self.sites:
             raise KeyError(f"capture has no statistics for {site!r}")
         stats = self.sites[site]
         index = list(range(self.num_buckets)) if buckets is None else list(buckets)
-        count = int(stats.count[index].sum())
+        outer, first, count = stats.outer_in(index)
         if count == 0:
             raise ValueError(f"capture holds no tokens for {site!r} in buckets {index}")
-        outer = stats.sum_outer[index].sum(0) / count
+        outer = outer / count
         if not augment:
             return outer
-        mean = stats.sum[index].sum(0) / count
+        mean = first / count
         dim = stats.dim
-        aug = torch.empty(dim + 1, dim + 1, dtype=torch.float64)
+        aug = torch.empty(dim + 1, dim + 1, dtype=torch.float64, device=outer.device)
         aug[:dim, :dim] = outer
         aug[:dim, dim] = mean
         aug[dim, :dim] = mean
         aug[dim, dim] = 1.0
         return aug
 
+    def check_finite(self, where: str = "capture") -> None:
+        """Fail naming the first site whose sums hold NaN or Inf (e.g. half-precision activations that overflowed)."""
+        for site, stats in self.sites.items():
+            if not bool(torch.isfinite(stats.sum_outer).all()):
+                raise ValueError(f"{where}: the statistics of {site} hold NaN/Inf: its activations overflowed or were "
+                                 "not finite; capture with --dtype float32 or bfloat16")
+
     def save(self, path: str | Path) -> Path:
-        """Write to a safetensors file (tensors + JSON metadata), atomically."""
+        """Write to a safetensors file (tensors on the CPU + JSON metadata), atomically."""
         from safetensors.torch import save_file
 
         tensors: dict[str, Tensor] = {}
         for site, stats in self.sites.items():
-            tensors[f"{site}|sum_outer"] = stats.sum_outer.contiguous()
-            tensors[f"{site}|sum"] = stats.sum.contiguous()
-            tensors[f"{site}|count"] = stats.count.contiguous()
-        header = {"format": CAPTURE_FORMAT, "metadata": self.metadata, "gains": self.gains}
+            for part in _PARTS:
+                value = getattr(stats, part)
+                if value is not None:
+                    tensors[f"{site}|{part}"] = value.detach().cpu().contiguous()
+        header = {"format": CAPTURE_FORMAT, "metadata": self.metadata}
         path = Path(path)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"slimdiff": json.dumps(header, sort_keys=True)})
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Capture":
-        """Read a capture written by ``save``; fails with the file name on a wrong format."""
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "Capture":
+        """Read a capture written by ``save`` onto ``device``; fails with the file name on a wrong format."""
         from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"capture file not found: {path}")
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
             raw = (handle.metadata() or {}).get("slimdiff")
             if raw is None:
                 raise ValueError(f"{path} is not a slimdiff capture (no 'slimdiff' metadata)")
             header = json.loads(raw)
             if header.get("format") != CAPTURE_FORMAT:
-                raise ValueError(f"{path}: unknown capture format {header.get('format')!r}, expected {CAPTURE_FORMAT!r}")
+                raise ValueError(f"{path}: capture format {header.get('format')!r}, this slimdiff reads {CAPTURE_FORMAT!r}; "
+                                 "re-run the capture")
             parts: dict[str, dict[str, Tensor]] = {}
             for key in handle.keys():
                 site, part = key.rsplit("|", 1)
                 parts.setdefault(site, {})[part] = handle.get_tensor(key)
-        sites = {site: SiteStats(p["sum_outer"], p["sum"], p["count"]) for site, p in parts.items()}
-        return cls(sites, header.get("metadata", {}), {k: float(v) for k, v in header.get("gains", {}).items()})
+        sites = {}
+        for site, p in parts.items():
+            missing = [part for part in ("sum_outer", "sum", "count") if part not in p]
+            if missing:
+                raise ValueError(f"{path}: site {site} lacks {', '.join(missing)}; the file is incomplete")
+            sites[site] = SiteStats(p["sum_outer"], p["sum"], p["count"].cpu(), p.get("bucket_sum_outer"), p.get("bucket_sum"))
+        return cls(sites, header.get("metadata", {}))
 
 
 # Metadata keys that must agree between shards (everything that defines the sampling distribution).
@@ -170,11 +286,11 @@ def merge_captures(captures: Sequence[Capture]) -> Capture:
                 raise ValueError(f"captures disagree on {key!r}: {first.metadata.get(key)!r} vs {other.metadata.get(key)!r}")
     sites = {}
     for site, stats in first.sites.items():
-        sites[site] = SiteStats(
-            sum(c.sites[site].sum_outer for c in captures),
-            sum(c.sites[site].sum for c in captures),
-            sum(c.sites[site].count for c in captures),
-        )
+        parts = {}
+        for part in _PARTS:
+            values = [getattr(c.sites[site], part) for c in captures]
+            parts[part] = None if values[0] is None else sum(v.to(values[0].device) for v in values)
+        sites[site] = SiteStats(**parts)
     metadata = dict(first.metadata)
     metadata["denoiser_calls"] = sum(c.metadata.get("denoiser_calls", 0) for c in captures)
     prompt_hashes = sorted(h for c in captures for h in c.metadata.get("prompt_hashes", []))
@@ -209,10 +325,12 @@ def model_content_hash(module: nn.Module) -> str:
 class ActivationRecorder:
     """Stateful hooks on a denoiser that accumulate input second moments per timestep bucket.
 
-    Use as a context manager: hooks are registered on enter and removed on exit, also on error.
+    Statistics live on each hooked module's device. Use as a context manager: hooks are registered
+    on enter and removed on exit, also on error.
     """
 
-    def __init__(self, denoiser: nn.Module, sites: Sequence[str], num_buckets: int = 4, num_train_timesteps: int = 1000):
+    def __init__(self, denoiser: nn.Module, sites: Sequence[str], num_buckets: int = 4, num_train_timesteps: int = 1000,
+                 stats: dict[str, SiteStats] | None = None):
         self.denoiser = denoiser
         self.site_names = list(sites)
         self.edges = bucket_edges(num_buckets, num_train_timesteps)
@@ -223,14 +341,22 @@ class ActivationRecorder:
         if missing:
             raise KeyError(f"denoiser has no module(s) {missing[:3]} to hook")
         self._modules = {s: modules[s] for s in self.site_names}
-        self.stats = {s: SiteStats.zeros(num_buckets, self._modules[s].in_features) for s in self.site_names}
+        if stats is None:
+            stats = {}
+            for site, module in self._modules.items():
+                weight = module.weight
+                stats[site] = SiteStats.zeros(num_buckets, module.in_features, weight.device, gram_dtype(weight.dtype))
+        elif set(stats) != set(self.site_names):
+            raise ValueError("statistics to continue hold other sites than the ones to hook")
+        self.stats = stats
         self._bucket_ids: Tensor | None = None
         self._handles: list = []
         self._signature = inspect.signature(denoiser.forward)
         self.calls = 0
 
     def bucket_of(self, timesteps: Tensor) -> Tensor:
-        t = timesteps.detach().to(torch.float64).cpu()
+        """Bucket index of each timestep (on the CPU: one small copy per denoiser call)."""
+        t = timesteps.detach().to("cpu", torch.float64)
         ids = torch.floor(t * self.num_buckets / self.num_train_timesteps).to(torch.int64)
         return ids.clamp(0, self.num_buckets - 1)
 
@@ -240,8 +366,7 @@ class ActivationRecorder:
             raise ValueError(f"{type(module).__name__}.forward was called without a timestep; cannot bucket statistics")
         sample = next(iter(bound.values()))
         batch = sample.shape[0]
-        timestep = bound["timestep"]
-        timestep = torch.as_tensor(timestep).reshape(-1)
+        timestep = torch.as_tensor(bound["timestep"]).reshape(-1)
         if timestep.numel() == 1:
             timestep = timestep.expand(batch)
         self._bucket_ids = self.bucket_of(timestep)
@@ -254,18 +379,17 @@ class ActivationRecorder:
                 raise RuntimeError(f"{site} ran outside a denoiser call; cannot assign a timestep bucket")
             ids = self._bucket_ids
             stats = self.stats[site]
-            if x.shape[0] == ids.shape[0]:
-                groups = [(int(b), ids.to(x.device) == b) for b in torch.unique(ids)]
-            elif bool((ids == ids[0]).all()):
+            if bool((ids == ids[0]).all()):
                 groups = [(int(ids[0]), None)]
+            elif x.shape[0] == ids.shape[0]:
+                groups = [(int(b), torch.nonzero(ids == b).flatten().to(x.device)) for b in torch.unique(ids)]
             else:
                 raise RuntimeError(f"{site}: input batch {x.shape[0]} does not match the denoiser batch {ids.shape[0]}")
             for bucket, rows in groups:
-                chunk = x if rows is None else x[rows]
-                flat = chunk.reshape(-1, chunk.shape[-1]).to(torch.float64).cpu()
-                stats.sum_outer[bucket].addmm_(flat.T, flat)
-                stats.sum[bucket].add_(flat.sum(0))
-                stats.count[bucket] += flat.shape[0]
+                chunk = x if rows is None else x.index_select(0, rows)
+                flat = chunk.reshape(-1, chunk.shape[-1])
+                outer, first = gram(flat)
+                stats.add(bucket, outer, first, flat.shape[0])
 
         return hook
 
@@ -299,7 +423,8 @@ def denoiser_of(pipe) -> tuple[str, nn.Module]:
 
 
 def prompt_generator(prompt: str, seed: int) -> torch.Generator:
-    """A generator seeded from (seed, prompt): each prompt gets the same noise in any batch or shard."""
+    """A CPU generator seeded from (seed, prompt): each prompt gets the same initial noise in any batch,
+    shard or device (diffusers draws CPU-generated latents and moves them to the model's device)."""
     value = int.from_bytes(hashlib.sha256(f"{seed}:{prompt}".encode()).digest()[:8], "little") % (2**63)
     return torch.Generator().manual_seed(value)
 
@@ -333,6 +458,10 @@ class SamplerSettings:
             kwargs["width"] = self.width
         return kwargs
 
+    def to_dict(self) -> dict:
+        return {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                "height": self.height, "width": self.width, "seed": self.seed}
+
 
 def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
@@ -348,6 +477,41 @@ def _quiet_pipeline(pipe):
         pipe.set_progress_bar_config(disable=False)
 
 
+def capture_fingerprint(denoiser: nn.Module, prompts: Sequence[str], sampler: SamplerSettings, sites: Sequence[str],
+                        num_buckets: int, batch_size: int, scheduler, model_hash: str) -> dict:
+    """Everything that decides the sums a capture accumulates, batch by batch (what a resumed capture must match)."""
+    parameter = next(denoiser.parameters())
+    ordered = hashlib.sha256("\n".join(prompt_hash(p) for p in prompts).encode()).hexdigest()
+    return {
+        "model_hash": model_hash,
+        "denoiser_class": type(denoiser).__name__,
+        "sampler": sampler.to_dict(),
+        "scheduler": _jsonable({"class": type(scheduler).__name__, **dict(scheduler.config)}),
+        "sites": hashlib.sha256("\n".join(sites).encode()).hexdigest(),
+        "num_buckets": num_buckets,
+        "batch_size": batch_size,
+        "prompts_in_order": ordered,
+        "device_type": parameter.device.type,
+        "dtype": str(parameter.dtype),
+    }
+
+
+def _resume_point(checkpoint: Path, fingerprint: dict, device: torch.device) -> tuple[dict[str, SiteStats] | None, int, int]:
+    """(statistics, prompts done, denoiser calls) of a checkpoint written with the same fingerprint, else (None, 0, 0)."""
+    if not checkpoint.is_file():
+        return None, 0, 0
+    partial = Capture.load(checkpoint, device)
+    info = partial.metadata.get("checkpoint", {})
+    written = info.get("fingerprint", {})
+    if written != fingerprint:
+        differing = sorted(k for k in set(fingerprint) | set(written) if written.get(k) != fingerprint.get(k))
+        print(f"capture: not resuming {checkpoint}: it was written with other settings ({', '.join(differing)}); "
+              "starting over", file=sys.stderr)
+        return None, 0, 0
+    print(f"capture: resuming {checkpoint} after {info['done']} prompts", file=sys.stderr)
+    return partial.sites, int(info["done"]), int(info["denoiser_calls"])
+
+
 def capture(
     pipe,
     prompts: Sequence[str],
@@ -359,11 +523,17 @@ def capture(
     extra_sites: Sequence[str] = (),
     model_id: str = "",
     progress: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
 ) -> Capture:
     """Run ``pipe`` over ``prompts`` with the deployment sampler and return the accumulated statistics.
 
-    ``extra_sites`` names further ``nn.Linear`` modules (by path in the denoiser) whose inputs to
-    record, e.g. for per-matrix baselines.
+    Statistics accumulate on the denoiser's device. ``extra_sites`` names further ``nn.Linear``
+    modules (by path in the denoiser) whose inputs to record, e.g. for per-matrix baselines. With
+    ``checkpoint``, the partial sums are written there atomically every ``checkpoint_every`` prompts
+    (rounded up to whole batches), and a checkpoint left by an interrupted run with the same model,
+    prompts and settings is resumed; the result equals an uninterrupted capture. The caller removes
+    the checkpoint once the final capture is saved.
     """
     from tqdm.auto import tqdm
 
@@ -374,21 +544,36 @@ def capture(
         raise ValueError("every calibration prompt must be a non-empty string")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1 prompt, got {checkpoint_every}")
     _, denoiser = denoiser_of(pipe)
+    device = module_device(denoiser)
     groups = list(groups) if groups is not None else compressible_groups(denoiser)
     num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
     sites = list(dict.fromkeys([*sites_for(groups), *extra_sites]))
-    recorder = ActivationRecorder(denoiser, sites, num_buckets, num_train_timesteps)
+    model_hash = model_content_hash(denoiser)
+    fingerprint = capture_fingerprint(denoiser, prompts, sampler, sites, num_buckets, batch_size, pipe.scheduler, model_hash)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    stats, done, calls = _resume_point(checkpoint, fingerprint, device) if checkpoint else (None, 0, 0)
+    recorder = ActivationRecorder(denoiser, sites, num_buckets, num_train_timesteps, stats=stats)
+    recorder.calls = calls
+    batches_per_checkpoint = max(1, math.ceil(checkpoint_every / batch_size))
     with recorder, _quiet_pipeline(pipe), torch.inference_mode():
-        bar = tqdm(total=len(prompts), desc="capture", unit="prompt", disable=not progress)
-        for batch in _batches(prompts, batch_size):
+        bar = tqdm(total=len(prompts), initial=done, desc="capture", unit="prompt", disable=not progress)
+        for index, batch in enumerate(_batches(prompts[done:], batch_size), 1):
             pipe(**sampler.pipe_kwargs(pipe, batch), output_type="latent")
+            done += len(batch)
             bar.update(len(batch))
+            if checkpoint is not None and index % batches_per_checkpoint == 0 and done < len(prompts):
+                partial = Capture(recorder.stats, {"checkpoint": {"fingerprint": fingerprint, "done": done,
+                                                                  "denoiser_calls": recorder.calls}})
+                partial.check_finite(f"capture after {done} prompts")
+                partial.save(checkpoint)
         bar.close()
     hashes = [prompt_hash(p) for p in prompts]
     metadata = {
         "model_id": model_id,
-        "model_hash": model_content_hash(denoiser),
+        "model_hash": model_hash,
         "denoiser_class": type(denoiser).__name__,
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": _jsonable(dict(pipe.scheduler.config))},
         "num_inference_steps": sampler.num_inference_steps,
@@ -401,8 +586,12 @@ def capture(
         "prompt_hashes": sorted(hashes),
         "prompts_digest": prompts_digest_from_hashes(hashes),
         "denoiser_calls": recorder.calls,
+        "dtype": fingerprint["dtype"],
+        "device_type": device.type,
     }
-    return Capture(recorder.stats, metadata)
+    result = Capture(recorder.stats, metadata)
+    result.check_finite()
+    return result
 
 
 def _jsonable(value):

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rank-step", type=int, default=1)
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--save-capture", default=None, help="also write the capture (safetensors) here")
+    c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the model's dtype during capture, gains and in the saved model")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
     i = sub.add_parser("info", help="parameter counts and widths of a compressed folder")
@@ -69,8 +72,11 @@ def _compress(args: argparse.Namespace) -> int:
     from slimdiff.allocate import Budget
     from slimdiff.capture import SamplerSettings
     from slimdiff.compress import SlimDiffConfig, compress_pipeline, load_pipeline, read_prompts
+    from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype
     from slimdiff.io import save
 
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    check_dtype_runs(device, dtype)
     config = SlimDiffConfig(budget=Budget.parse(args.budget).value, allocator=args.allocator, min_keep=args.min_keep,
                             reg=args.reg, num_buckets=args.buckets, ffn_step=args.ffn_step, rank_step=args.rank_step,
                             batch_size=args.batch_size)
@@ -79,7 +85,7 @@ def _compress(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     prompts = read_prompts(args.prompts)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device, dtype)
     result = compress_pipeline(pipe, prompts, config, sampler, model_id=args.model, progress=not args.quiet)
     if args.save_capture:
         result.capture.save(args.save_capture)

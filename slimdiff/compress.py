@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from slimdiff.allocate import ALLOCATORS, DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, WidthPlan, allocate, check_budget
 from slimdiff.capture import Capture, SamplerSettings, capture, denoiser_of
 from slimdiff.decompose import DEFAULT_REG
 from slimdiff.groups import compressible_groups
-from slimdiff.influence import Granularity, InfluenceScores, measure_gains, score, skeleton_scores
+from slimdiff.influence import Gains, Granularity, InfluenceScores, measure_gains, score, skeleton_scores
 from slimdiff.slim import GroupResult, decompose
 
 CONFIG_VERSION = 1
@@ -91,6 +93,7 @@ class CompressionResult:
     scores: InfluenceScores | None
     plan: WidthPlan
     groups: list[GroupResult] = field(default_factory=list)
+    gains: Gains | None = None
 
     def info(self, model_id: str = "") -> dict[str, Any]:
         """Provenance stored in the saved model's slimdiff config."""
@@ -99,7 +102,8 @@ class CompressionResult:
             "base_model": {"id": model_id or meta.get("model_id", ""), "hash": meta.get("model_hash")},
             "config": self.config.to_dict(),
             "capture": {k: meta.get(k) for k in ("prompts_digest", "num_prompts", "scheduler", "num_inference_steps",
-                                                 "guidance_scale", "height", "width", "seed", "bucket_edges")},
+                                                 "guidance_scale", "height", "width", "seed", "bucket_edges", "dtype",
+                                                 "device_type")},
             "plan": {"allocator": self.plan.allocator, "removed": self.plan.removed, "target_removed": self.plan.target_removed,
                      "compressible_before": self.plan.params_before, "compressible_after": self.plan.params_after,
                      "predicted_error": self.plan.predicted_error},
@@ -114,12 +118,12 @@ def compress_pipeline(pipe, prompts: Sequence[str], config: SlimDiffConfig = Sli
     check_budget(skeleton_scores(groups, config.granularity), Budget.parse(config.budget), config.min_keep)  # before any work
     stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
                     groups=groups, model_id=model_id, progress=progress)
-    measure_gains(pipe, list(prompts)[: config.gain_prompts], sampler, stats, config.gain_calls, config.rel_noise,
-                  seed=sampler.seed, progress=progress)
-    scores = score(denoiser, stats, config.granularity, config.reg, config.max_ffn_points, progress=progress)
+    gains = measure_gains(pipe, list(prompts)[: config.gain_prompts], sampler, config.gain_calls, config.rel_noise,
+                          seed=sampler.seed, progress=progress)
+    scores = score(denoiser, stats, gains, config.granularity, config.reg, config.max_ffn_points, progress=progress)
     plan = allocate(scores, Budget.parse(config.budget), config.allocator, config.min_keep, config.bucket_weights, config.temperature)
     results = decompose(denoiser, stats, plan.widths, config.reg, progress=progress)
-    return CompressionResult(config, stats, scores, plan, results)
+    return CompressionResult(config, stats, scores, plan, results, gains)
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -166,19 +170,29 @@ def _prompt_of(item: Any, path: Path) -> str:
     raise ValueError(f"prompt file {path}: entry {str(item)[:60]!r} is not a string nor has a prompt/text/caption field")
 
 
-def load_pipeline(model: str, **kwargs):
-    """A diffusers pipeline from a local folder or a hub id, with a clear error when neither works."""
+def load_pipeline(model: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, **kwargs):
+    """A diffusers pipeline from a local folder or a hub id, on ``device`` in ``dtype`` (default: as stored, on the CPU),
+    with a clear error when it cannot be loaded. Device and dtype are checked before any weight is read."""
     from diffusers import DiffusionPipeline
 
+    from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype
+
+    target = resolve_device(device) if device is not None else None
+    torch_dtype = resolve_dtype(dtype) if dtype is not None else None
+    if torch_dtype is not None:
+        check_dtype_runs(target or torch.device("cpu"), torch_dtype)
+        kwargs["torch_dtype"] = torch_dtype
     path = Path(model)
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        return DiffusionPipeline.from_pretrained(str(path), **kwargs)
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
+    elif model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise FileNotFoundError(f"model {model!r}: no such folder, and not a hub id of the form 'owner/name'")
-    try:
-        return DiffusionPipeline.from_pretrained(model, **kwargs)
-    except Exception as error:  # noqa: BLE001 - re-raised with the cause named
-        raise OSError(f"could not load model {model!r} from the hub ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                      "offline machines need a local diffusers folder") from error
+    else:
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+        except Exception as error:  # noqa: BLE001 - re-raised with the cause named
+            raise OSError(f"could not load model {model!r} from the hub ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                          "offline machines need a local diffusers folder") from error
+    return pipe.to(target) if target is not None else pipe

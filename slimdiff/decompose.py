@@ -31,7 +31,7 @@ def regularize(cov: Tensor, reg: float) -> Tensor:
         return cov.clone()
     scale = torch.diagonal(cov).sum() / d
     if scale <= 0:
-        scale = torch.tensor(1.0, dtype=torch.float64)
+        scale = cov.new_tensor(1.0)
     return cov + reg * scale * torch.eye(d, dtype=torch.float64, device=cov.device)
 
 
@@ -255,7 +255,7 @@ class FFNDecomposition:
 
     def tail(self, widths: Sequence[int]) -> Tensor:
         """Predicted output error at each of ``widths``."""
-        return torch.tensor([self.error(int(w)) for w in widths], dtype=torch.float64)
+        return torch.tensor([self.error(int(w)) for w in widths], dtype=torch.float64, device="cpu")
 
 
 def _check_width(width: int, full_width: int) -> None:

@@ -19,11 +19,16 @@ from torch import Tensor, nn
 
 from slimdiff.capture import Capture, SamplerSettings, denoiser_of, group_input_sites
 from slimdiff.decompose import DEFAULT_REG, FFNDecomposition, QKDecomposition, VODecomposition
+from slimdiff.device import linalg_device, module_device
 from slimdiff.groups import ModuleGroup, compressible_groups
 from slimdiff.slim import SlimAttnProcessor, decompose_group, original_attention_scale
 from slimdiff.utils import write_json
 
 SCORES_FORMAT = "slimdiff-scores/1"
+GAINS_FORMAT = "slimdiff-gains/1"
+# Largest logit-noise block drawn at once (elements): attention with injected logit noise runs in
+# query chunks of at most this many (batch x heads x queries x keys) logits, whatever the resolution.
+DEFAULT_NOISE_CHUNK = 2**26
 
 
 @dataclass(frozen=True)
@@ -72,9 +77,9 @@ class ModuleScore:
         total = sum(weights[b] for b in seen)
         if total <= 0:
             raise ValueError("bucket weights put no weight on any bucket that saw tokens")
-        curve = torch.zeros(len(self.widths), dtype=torch.float64)
+        curve = torch.zeros(len(self.widths), dtype=torch.float64, device="cpu")
         for b in seen:
-            curve += weights[b] / total * torch.tensor(self.errors[b], dtype=torch.float64)
+            curve += weights[b] / total * torch.tensor(self.errors[b], dtype=torch.float64, device="cpu")
         return curve
 
     def sis(self, bucket_weights: Sequence[float] | None = None) -> Tensor:
@@ -149,14 +154,16 @@ def vo_error_under(decomposition: VODecomposition, cov_y: Tensor) -> Tensor:
     return _diag_tail(gram_v * gram_o).clamp_min(0)
 
 
-def ffn_error_under(decomposition: FFNDecomposition, width: int, cov: Tensor) -> float:
-    """Output error of the pooled Nyström selection at ``width``, measured under another covariance."""
-    keep, w_new = decomposition.weights(width)
-    w = decomposition.w_down
-    total = torch.einsum("ic,ij,jc->", w, cov, w)
-    cross = torch.einsum("ic,ik,kc->", w, cov[:, keep], w_new)
+def ffn_error_under(w_down: Tensor, keep: Tensor, w_new: Tensor, cov: Tensor, total: Tensor | None = None) -> Tensor:
+    """Output error of a Nyström selection (``keep``, corrected down projection ``w_new``) under covariance ``cov``.
+
+    ``total`` = tr(W_d^T C W_d) may be passed in when one covariance is evaluated at many widths.
+    """
+    if total is None:
+        total = torch.einsum("ic,ij,jc->", w_down, cov, w_down)
+    cross = torch.einsum("ic,ik,kc->", w_down, cov[:, keep], w_new)
     kept = torch.einsum("kc,kl,lc->", w_new, cov[keep][:, keep], w_new)
-    return float((total - 2 * cross + kept).clamp_min(0))
+    return (total - 2 * cross + kept).clamp_min(0)
 
 
 def _interpolate(widths: list[int], known: dict[int, float]) -> list[float]:
@@ -174,71 +181,82 @@ def _interpolate(widths: list[int], known: dict[int, float]) -> list[float]:
 
 
 def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, granularity: Granularity,
-                 reg: float = DEFAULT_REG, max_ffn_points: int = 64) -> ModuleScore:
+                 reg: float = DEFAULT_REG, max_ffn_points: int = 64, gain: float | None = None) -> ModuleScore:
     """Per-bucket predicted error of ``group`` at every grid width, from the capture alone.
 
     FFN curves are exact at up to ``max_ffn_points`` grid widths (always including the ends) and
-    linearly interpolated in between; QK/VO curves are exact everywhere.
+    linearly interpolated in between, with one Nyström solve per width for all buckets; QK/VO curves
+    are exact everywhere. The math runs in float64 on ``linalg_device`` of the model.
     """
     widths = candidate_widths(group.width, granularity.step(group.kind))
+    where = linalg_device(module_device(denoiser))
     decomposition = decompose_group(denoiser, group, capture, reg)
     x_site, y_site = group_input_sites(group)
     module = denoiser.get_submodule(group.path)
-    errors: list[list[float] | None] = []
+    seen = [b for b in range(capture.num_buckets)
+            if int(capture.sites[x_site].count[b]) > 0 and int(capture.sites[y_site].count[b]) > 0]
+    errors: list[list[float] | None] = [None] * capture.num_buckets
     if group.kind == "ffn":
         if len(widths) > max_ffn_points:
             index = torch.linspace(0, len(widths) - 1, max_ffn_points).round().long().unique().tolist()
             exact = [widths[i] for i in index]
         else:
             exact = widths
-    for bucket in range(capture.num_buckets):
-        if int(capture.sites[x_site].count[bucket]) == 0 or int(capture.sites[y_site].count[bucket]) == 0:
-            errors.append(None)
-            continue
-        if group.kind == "ffn":
-            cov = capture.second_moment(x_site, [bucket])
-            known = {w: ffn_error_under(decomposition, w, cov) for w in exact}
-            errors.append(_interpolate(widths, known))
-        elif group.kind.startswith("qk"):
-            cov_x = capture.second_moment(x_site, [bucket], augment=module.to_q.bias is not None)
-            cov_y = capture.second_moment(y_site, [bucket], augment=module.to_k.bias is not None)
-            curve = qk_error_under(decomposition, cov_x, cov_y)
-            errors.append([float(curve[w]) for w in widths])
-        else:
-            cov_y = capture.second_moment(y_site, [bucket], augment=module.to_v.bias is not None)
-            curve = vo_error_under(decomposition, cov_y)
-            errors.append([float(curve[w]) for w in widths])
-    gain = capture.gains.get(group.name, 1.0)
-    return ModuleScore(group.name, group.kind, group.block, group.heads, group.width, group.unit_params, widths, errors, gain)
+        w_down = decomposition.w_down
+        covs = {b: capture.second_moment(x_site, [b]).to(where) for b in seen}
+        totals = {b: torch.einsum("ic,ij,jc->", w_down, cov, w_down) for b, cov in covs.items()}
+        known: dict[int, dict[int, float]] = {b: {} for b in seen}
+        for width in exact:
+            keep, w_new = decomposition.weights(width)
+            for b, cov in covs.items():
+                known[b][width] = float(ffn_error_under(w_down, keep, w_new, cov, totals[b]))
+        for b in seen:
+            errors[b] = _interpolate(widths, known[b])
+    elif group.kind.startswith("qk"):
+        for b in seen:
+            cov_x = capture.second_moment(x_site, [b], augment=module.to_q.bias is not None).to(where)
+            cov_y = capture.second_moment(y_site, [b], augment=module.to_k.bias is not None).to(where)
+            curve = qk_error_under(decomposition, cov_x, cov_y).cpu()
+            errors[b] = [float(curve[w]) for w in widths]
+    else:
+        for b in seen:
+            cov_y = capture.second_moment(y_site, [b], augment=module.to_v.bias is not None).to(where)
+            curve = vo_error_under(decomposition, cov_y).cpu()
+            errors[b] = [float(curve[w]) for w in widths]
+    return ModuleScore(group.name, group.kind, group.block, group.heads, group.width, group.unit_params, widths, errors,
+                       1.0 if gain is None else gain)
 
 
-def score(denoiser: nn.Module, capture: Capture, granularity: Granularity = Granularity(), reg: float = DEFAULT_REG,
-          max_ffn_points: int = 64, require_gains: bool = True, progress: bool = False) -> InfluenceScores:
+def score(denoiser: nn.Module, capture: Capture, gains: "Gains | None" = None, granularity: Granularity = Granularity(),
+          reg: float = DEFAULT_REG, max_ffn_points: int = 64, require_gains: bool = True, progress: bool = False) -> InfluenceScores:
     """Influence scores for every compressible group of ``denoiser`` (the uncompressed model of the capture).
 
-    Without measured gains in the capture this fails, unless ``require_gains=False`` asks for unit
-    gains (an ablation; recorded as ``gains_measured: false`` in the scores).
+    Without measured ``gains`` this fails, unless ``require_gains=False`` asks for unit gains (an
+    ablation; recorded as ``gains_measured: false`` in the scores).
     """
     from tqdm.auto import tqdm
 
     groups = compressible_groups(denoiser)
-    if not capture.gains and require_gains:
-        raise ValueError("capture has no propagation gains; run slimdiff.influence.measure_gains first "
+    if gains is None and require_gains:
+        raise ValueError("no propagation gains; run slimdiff.influence.measure_gains first "
                          "(or pass require_gains=False for unit gains)")
-    missing = [g.name for g in groups if g.name not in capture.gains]
-    if capture.gains and missing:
-        raise ValueError(f"capture has propagation gains but none for {missing[:3]}; re-measure gains")
-    modules = [module_score(denoiser, g, capture, granularity, reg, max_ffn_points)
+    if gains is not None:
+        gains.check_matches(capture)
+        missing = [g.name for g in groups if g.name not in gains.gains]
+        if missing:
+            raise ValueError(f"propagation gains hold none for {missing[:3]}; re-measure gains")
+    values = gains.gains if gains is not None else {}
+    modules = [module_score(denoiser, g, capture, granularity, reg, max_ffn_points, values.get(g.name))
                for g in tqdm(groups, desc="score", unit="module", disable=not progress)]
     metadata = {
         "reg": reg,
         "max_ffn_points": max_ffn_points,
-        "gains_measured": bool(capture.gains),
+        "gains_measured": gains is not None,
         "model_hash": capture.metadata.get("model_hash"),
         "prompts_digest": capture.metadata.get("prompts_digest"),
     }
-    return InfluenceScores(modules, granularity, list(capture.metadata.get("bucket_edges", [])),
-                           dict(capture.metadata.get("block_influence", {})), metadata)
+    block_influence = dict(gains.block_influence) if gains is not None else {}
+    return InfluenceScores(modules, granularity, list(capture.metadata.get("bucket_edges", [])), block_influence, metadata)
 
 
 # ---- propagation gains -------------------------------------------------------------------------
@@ -246,8 +264,42 @@ def score(denoiser: nn.Module, capture: Capture, granularity: Granularity = Gran
 DenoiserCall = tuple[tuple, dict]
 
 
+@dataclass
+class Gains:
+    """Propagation gain of every module and block influence, with what they were measured on.
+
+    Their own artifact (not part of the capture): a new gain setting re-measures gains, never the capture.
+    """
+
+    gains: dict[str, float]
+    block_influence: dict[str, float]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def check_matches(self, capture: Capture) -> None:
+        """Fail when the gains were measured on another model than the capture's."""
+        mine, theirs = self.metadata.get("model_hash"), capture.metadata.get("model_hash")
+        if mine and theirs and mine != theirs:
+            raise ValueError(f"propagation gains were measured on model {mine[:12]}, the capture on {theirs[:12]}; "
+                             "re-measure gains for this model")
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, {"format": GAINS_FORMAT, "gains": self.gains, "block_influence": self.block_influence,
+                                 "metadata": self.metadata})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Gains":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"propagation gains not found: {path}")
+        data = json.loads(path.read_text())
+        if data.get("format") != GAINS_FORMAT:
+            raise ValueError(f"{path}: unknown gains format {data.get('format')!r}, expected {GAINS_FORMAT!r}")
+        return cls({k: float(v) for k, v in data["gains"].items()}, {k: float(v) for k, v in data["block_influence"].items()},
+                   data.get("metadata", {}))
+
+
 def record_denoiser_calls(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int = 4) -> list[DenoiserCall]:
-    """Inputs of ``num_calls`` denoiser calls spread over the sampling schedule of ``prompts``."""
+    """Inputs of ``num_calls`` denoiser calls spread over the sampling schedule of ``prompts`` (kept on the model's device)."""
     _, denoiser = denoiser_of(pipe)
     calls: list[DenoiserCall] = []
 
@@ -282,20 +334,52 @@ def _output(denoiser: nn.Module, call: DenoiserCall) -> Tensor:
 
 
 def _noise_like(x: Tensor, rel_noise: float, generator: torch.Generator) -> tuple[Tensor, float]:
-    """Gaussian noise with per-element std rel_noise * rms(x); returns it and its per-token energy."""
+    """Gaussian noise on ``x``'s device with per-element std rel_noise * rms(x); returns it and its per-token energy."""
     sigma = rel_noise * float(x.detach().to(torch.float64).pow(2).mean().sqrt())
-    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.dtype) * sigma
-    return noise, sigma**2 * x.shape[-1]
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device) * sigma
+    return noise.to(x.dtype), sigma**2 * x.shape[-1]
+
+
+class LogitNoise:
+    """Gaussian noise on the unscaled attention logits (std ``rel_noise`` x their RMS), drawn on the logits'
+    device one query chunk at a time, so no (batch, heads, queries, keys) tensor is ever whole."""
+
+    def __init__(self, rel_noise: float, generator: torch.Generator, energy: list[float], chunk_elements: int = DEFAULT_NOISE_CHUNK):
+        if chunk_elements < 1:
+            raise ValueError(f"noise chunk must be >= 1 element, got {chunk_elements}")
+        self.rel_noise, self.generator, self.energy, self.chunk_elements = rel_noise, generator, energy, chunk_elements
+
+    def sigma(self, query: Tensor, key: Tensor) -> float:
+        """Noise std for this attention call; records the injected energy per query-key pair summed over heads."""
+        # mean square of the logits q.k over all pairs = tr(Q^T Q K^T K) / (Nq Nk), without the logits themselves
+        gram_q = query.double().transpose(-1, -2) @ query.double()
+        gram_k = key.double().transpose(-1, -2) @ key.double()
+        pairs = query.shape[-2] * key.shape[-2] * query.shape[0] * query.shape[1]
+        sigma = self.rel_noise * math.sqrt(float((gram_q * gram_k).sum()) / pairs)
+        self.energy.append(query.shape[1] * sigma**2)
+        return sigma
+
+    def query_chunk(self, query: Tensor, key: Tensor) -> int:
+        """Queries per chunk so that one chunk's noise holds at most ``chunk_elements`` logits."""
+        return max(1, self.chunk_elements // (query.shape[0] * query.shape[1] * key.shape[-2]))
+
+    def draw(self, query_rows: Tensor, key: Tensor, std: float) -> Tensor:
+        shape = (*query_rows.shape[:-1], key.shape[-2])
+        noise = torch.randn(shape, generator=self.generator, dtype=torch.float32, device=query_rows.device) * std
+        return noise.to(query_rows.dtype)
 
 
 def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups: Sequence[ModuleGroup] | None = None,
-                      rel_noise: float = 0.05, seed: int = 0, progress: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+                      rel_noise: float = 0.05, seed: int = 0, progress: bool = False, noise_chunk: int = DEFAULT_NOISE_CHUNK,
+                      known: dict[str, float] | None = None, after_each=None) -> tuple[dict[str, float], dict[str, float]]:
     """Gradient-free propagation gains and block influence.
 
     For each module, noise of known energy per token (per query-key pair and head for QK logits)
     is added at its output; the gain is the energy of the change in the denoiser output per sample
     divided by that injected energy, summed over ``calls``. Block influence (for the MoDeGPT
-    allocator) is mean(1 - cos(x_in, x_out)) of each transformer block on the clean passes.
+    allocator) is mean(1 - cos(x_in, x_out)) of each transformer block on the clean passes. Noise is
+    drawn on the model's device from a generator seeded per module, so modules already in ``known``
+    are skipped and the rest come out the same; ``after_each(gains)`` is called after every module.
     """
     from diffusers.models.attention import BasicTransformerBlock
     from tqdm.auto import tqdm
@@ -303,6 +387,7 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
     if not 0 < rel_noise < 1:
         raise ValueError(f"rel_noise must be in (0, 1), got {rel_noise}")
     groups = list(groups) if groups is not None else compressible_groups(denoiser)
+    device = module_device(denoiser)
     influence_sum: dict[str, float] = {}
     influence_count: dict[str, int] = {}
 
@@ -324,20 +409,29 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
         for h in handles:
             h.remove()
 
-    gains: dict[str, float] = {}
+    gains: dict[str, float] = {g.name: known[g.name] for g in groups if known and g.name in known}
     with torch.no_grad():
         for index, group in enumerate(tqdm(groups, desc="gains", unit="module", disable=not progress)):
-            generator = torch.Generator().manual_seed(seed * 100003 + index)
+            if group.name in gains:
+                continue
+            generator = torch.Generator(device=device).manual_seed(seed * 100003 + index)
             injected = 0.0
             change = 0.0
             for call, reference in zip(calls, clean):
                 energy: list[float] = []
-                with _perturbed(denoiser, group, rel_noise, generator, energy):
+                with _perturbed(denoiser, group, rel_noise, generator, energy, noise_chunk):
                     out = _output(denoiser, call)
+                if not energy:
+                    raise RuntimeError(f"no noise reached {group.name} during a denoiser call; its gain cannot be measured")
                 batch = out.shape[0]
                 change += float((out - reference).pow(2).sum()) / batch
-                injected += sum(energy) / max(len(energy), 1)
-            gains[group.name] = change / injected if injected > 0 else 0.0
+                injected += sum(energy) / len(energy)
+            if not injected > 0:
+                raise RuntimeError(f"{group.name}: the module's output is zero on the gain prompts, so no noise of known "
+                                   "energy could be injected; its gain cannot be measured")
+            gains[group.name] = change / injected
+            if after_each is not None:
+                after_each(dict(gains))
     block_influence = {n: influence_sum[n] / influence_count[n] for n in influence_sum}
     return gains, block_influence
 
@@ -345,9 +439,11 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
 class _perturbed:
     """Context: add noise at one group's output (FFN/VO: module output; QK: the attention logits)."""
 
-    def __init__(self, denoiser: nn.Module, group: ModuleGroup, rel_noise: float, generator: torch.Generator, energy: list[float]):
+    def __init__(self, denoiser: nn.Module, group: ModuleGroup, rel_noise: float, generator: torch.Generator, energy: list[float],
+                 noise_chunk: int = DEFAULT_NOISE_CHUNK):
         self.module = denoiser.get_submodule(group.path)
         self.group, self.rel_noise, self.generator, self.energy = group, rel_noise, generator, energy
+        self.noise_chunk = noise_chunk
         self.handle = None
         self.saved_processor = None
 
@@ -364,21 +460,8 @@ class _perturbed:
         else:
             attn = self.module
             self.saved_processor = attn.processor
-            heads = attn.heads
-
-            def logit_noise(query: Tensor, key: Tensor) -> Tensor:
-                # mean square of the logits q.k over all pairs = tr(Q^T Q K^T K) / (Nq Nk), without
-                # materialising the (B, H, Nq, Nk) logits in float64
-                gram_q = query.double().transpose(-1, -2) @ query.double()
-                gram_k = key.double().transpose(-1, -2) @ key.double()
-                pairs = query.shape[-2] * key.shape[-2] * query.shape[0] * query.shape[1]
-                sigma = self.rel_noise * math.sqrt(float((gram_q * gram_k).sum()) / pairs)
-                self.energy.append(heads * sigma**2)
-                shape = (*query.shape[:-1], key.shape[-2])
-                noise = torch.randn(shape, generator=self.generator, dtype=torch.float32) * sigma
-                return noise.to(query.dtype)
-
-            attn.set_processor(SlimAttnProcessor(original_attention_scale(attn), logit_noise=logit_noise))
+            noise = LogitNoise(self.rel_noise, self.generator, self.energy, self.noise_chunk)
+            attn.set_processor(SlimAttnProcessor(original_attention_scale(attn), logit_noise=noise))
         return self
 
     def __exit__(self, *exc):
@@ -388,16 +471,61 @@ class _perturbed:
             self.module.set_processor(self.saved_processor)
 
 
-def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, capture: Capture, num_calls: int = 4,
-                  rel_noise: float = 0.05, seed: int = 0, progress: bool = False) -> Capture:
-    """Measure propagation gains on a few prompts and timesteps and store them (and block influence) in ``capture``."""
+def gains_fingerprint(denoiser: nn.Module, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int, rel_noise: float,
+                      seed: int, noise_chunk: int, model_hash: str) -> dict[str, Any]:
+    """Everything that decides the gains (what resumed gains must match)."""
+    from slimdiff.capture import prompt_hash
+
+    parameter = next(denoiser.parameters())
+    return {
+        "model_hash": model_hash,
+        "prompts_in_order": [prompt_hash(p) for p in prompts],
+        "sampler": sampler.to_dict(),
+        "calls": num_calls,
+        "rel_noise": rel_noise,
+        "seed": seed,
+        "noise_chunk": noise_chunk,
+        "device_type": parameter.device.type,
+        "dtype": str(parameter.dtype),
+    }
+
+
+def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int = 4, rel_noise: float = 0.05,
+                  seed: int = 0, progress: bool = False, noise_chunk: int = DEFAULT_NOISE_CHUNK,
+                  checkpoint: str | Path | None = None) -> Gains:
+    """Measure propagation gains (and block influence) on a few prompts and timesteps, on the model's device.
+
+    With ``checkpoint``, the gains measured so far are written there after every module, and a
+    checkpoint with the same model and settings is resumed (modules already measured are skipped).
+    """
+    import sys
+
+    from slimdiff.capture import model_content_hash, prompts_digest
+
     _, denoiser = denoiser_of(pipe)
+    model_hash = model_content_hash(denoiser)
+    fingerprint = gains_fingerprint(denoiser, prompts, sampler, num_calls, rel_noise, seed, noise_chunk, model_hash)
+    known: dict[str, float] = {}
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.is_file():
+        partial = json.loads(checkpoint.read_text())
+        if partial.get("fingerprint") == fingerprint:
+            known = {k: float(v) for k, v in partial["gains"].items()}
+            print(f"gains: resuming {checkpoint} with {len(known)} modules measured", file=sys.stderr)
+        else:
+            print(f"gains: not resuming {checkpoint}: it was written with other settings; starting over", file=sys.stderr)
+
+    def save_partial(gains: dict[str, float]) -> None:
+        if checkpoint is not None:
+            write_json(checkpoint, {"fingerprint": fingerprint, "gains": gains})
+
     calls = record_denoiser_calls(pipe, prompts, sampler, num_calls)
-    gains, block_influence = propagation_gains(denoiser, calls, rel_noise=rel_noise, seed=seed, progress=progress)
-    capture.gains = gains
-    capture.metadata["block_influence"] = block_influence
-    capture.metadata["gains"] = {"prompts": len(prompts), "calls": len(calls), "rel_noise": rel_noise, "seed": seed}
-    return capture
+    gains, block_influence = propagation_gains(denoiser, calls, rel_noise=rel_noise, seed=seed, progress=progress,
+                                               noise_chunk=noise_chunk, known=known, after_each=save_partial)
+    metadata = {"model_hash": model_hash, "prompts": len(prompts), "prompts_digest": prompts_digest(prompts),
+                "calls": len(calls), "rel_noise": rel_noise, "seed": seed, "noise_chunk": noise_chunk,
+                "sampler": sampler.to_dict(), "dtype": fingerprint["dtype"], "device_type": fingerprint["device_type"]}
+    return Gains(gains, block_influence, metadata)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

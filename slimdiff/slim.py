@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from slimdiff.capture import Capture, group_input_sites
 from slimdiff.decompose import DEFAULT_REG, FFNDecomposition, QKDecomposition, VODecomposition, decompose_ffn, decompose_qk, decompose_vo
+from slimdiff.device import linalg_device, module_device
 from slimdiff.groups import ModuleGroup, find_groups
 
 
@@ -29,8 +30,8 @@ class SlimAttnProcessor:
 
     def __init__(self, scale: float, logit_noise=None):
         self.scale = float(scale)
-        # optional callable (query, key) -> additive noise on the unscaled logits; used only to
-        # measure propagation gains (slimdiff.influence), never in a compressed model
+        # optional slimdiff.influence.LogitNoise: additive noise on the unscaled logits, used only to
+        # measure propagation gains, never in a compressed model
         self.logit_noise = logit_noise
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
@@ -64,10 +65,10 @@ class SlimAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if self.logit_noise is not None:
-            noise = self.logit_noise(query, key) * self.scale
-            attention_mask = noise if attention_mask is None else attention_mask + noise
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                       is_causal=False, scale=self.scale)
+            hidden_states = self._attend_with_logit_noise(query, key, value, attention_mask)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                           is_causal=False, scale=self.scale)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * value.shape[-1])
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -79,16 +80,33 @@ class SlimAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+    def _attend_with_logit_noise(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Attention with noise on the logits, in query chunks (softmax is per query row, so chunks are exact)."""
+        noise = self.logit_noise
+        std = noise.sigma(query, key) * self.scale
+        rows = noise.query_chunk(query, key)
+        outputs = []
+        for start in range(0, query.shape[-2], rows):
+            chunk = query[:, :, start:start + rows]
+            bias = noise.draw(chunk, key, std)
+            if attention_mask is not None:
+                bias = bias + (attention_mask if attention_mask.shape[-2] == 1 else attention_mask[..., start:start + rows, :])
+            outputs.append(F.scaled_dot_product_attention(chunk, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False,
+                                                          scale=self.scale))
+        return torch.cat(outputs, dim=2)
+
+
 def _empty_linear(in_features: int, out_features: int, bias: bool, like: nn.Linear) -> nn.Linear:
     return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
 
 
 def original_attention_scale(attn: nn.Module) -> float:
-    """The softmax scale of the uncompressed attention: a slim processor's, else 1/sqrt(key head width)."""
+    """The softmax scale of the uncompressed attention: a slim processor's, else the attention's own
+    ``scale`` (1/sqrt(head dim), or 1 for ``scale_qk=False``), which diffusers' processors apply."""
     processor = getattr(attn, "processor", None)
     if isinstance(processor, SlimAttnProcessor):
         return processor.scale
-    return (attn.to_k.out_features // attn.heads) ** -0.5
+    return float(attn.scale)
 
 
 def resize_group(denoiser: nn.Module, group: ModuleGroup, width: int, attention_scale: float | None = None) -> None:
@@ -120,12 +138,13 @@ def resize_group(denoiser: nn.Module, group: ModuleGroup, width: int, attention_
     module.set_processor(SlimAttnProcessor(scale))
 
 
-def _x_w(linear: nn.Linear) -> Tensor:
-    """Weight in X W layout, with the bias as an extra input row when present."""
-    weight = linear.weight.detach().to(torch.float64).T
+def _x_w(linear: nn.Linear, device: torch.device | None = None) -> Tensor:
+    """Weight in X W layout (float64, on ``device``, default the weight's), with the bias as an extra input row when present."""
+    device = linear.weight.device if device is None else device
+    weight = linear.weight.detach().to(device, torch.float64).T
     if linear.bias is None:
         return weight
-    return torch.cat([weight, linear.bias.detach().to(torch.float64)[None]], dim=0)
+    return torch.cat([weight, linear.bias.detach().to(device, torch.float64)[None]], dim=0)
 
 
 def _assign(linear: nn.Linear, w_aug: Tensor) -> None:
@@ -142,21 +161,23 @@ Decomposition = QKDecomposition | VODecomposition | FFNDecomposition
 
 
 def decompose_group(denoiser: nn.Module, group: ModuleGroup, capture: Capture, reg: float = DEFAULT_REG) -> Decomposition:
-    """The closed-form decomposition of one group from the capture (all widths at once)."""
+    """The closed-form decomposition of one group from the capture (all widths at once), in float64 on
+    ``linalg_device`` of the model (its GPU when that has usable float64, else the CPU)."""
     if not group.compressible:
         raise ValueError(f"{group.name} is not compressible: {group.note}")
+    where = linalg_device(module_device(denoiser))
     module = denoiser.get_submodule(group.path)
     x_site, y_site = group_input_sites(group)
     if group.kind == "ffn":
-        return decompose_ffn(_x_w(module.net[2])[: group.width], capture.second_moment(x_site), reg)
+        return decompose_ffn(_x_w(module.net[2], where)[: group.width], capture.second_moment(x_site).to(where), reg)
     if group.kind.startswith("qk"):
         aug_q, aug_k = module.to_q.bias is not None, module.to_k.bias is not None
-        cov_x = capture.second_moment(x_site, augment=aug_q)
-        cov_y = cov_x if (y_site == x_site and aug_k == aug_q) else capture.second_moment(y_site, augment=aug_k)
-        return decompose_qk(_x_w(module.to_q), _x_w(module.to_k), cov_x, cov_y, group.heads, reg)
-    cov_y = capture.second_moment(y_site, augment=module.to_v.bias is not None)
-    w_out = module.to_out[0].weight.detach().to(torch.float64).T
-    return decompose_vo(_x_w(module.to_v), w_out, cov_y, group.heads, reg)
+        cov_x = capture.second_moment(x_site, augment=aug_q).to(where)
+        cov_y = cov_x if (y_site == x_site and aug_k == aug_q) else capture.second_moment(y_site, augment=aug_k).to(where)
+        return decompose_qk(_x_w(module.to_q, where), _x_w(module.to_k, where), cov_x, cov_y, group.heads, reg)
+    cov_y = capture.second_moment(y_site, augment=module.to_v.bias is not None).to(where)
+    w_out = module.to_out[0].weight.detach().to(where, torch.float64).T
+    return decompose_vo(_x_w(module.to_v, where), w_out, cov_y, group.heads, reg)
 
 
 @dataclass(frozen=True)
@@ -179,7 +200,7 @@ def apply_decomposition(denoiser: nn.Module, group: ModuleGroup, decomposition: 
         keep, w_down = decomposition.weights(width)
         up = module.net[0].proj
         rows = torch.cat([keep, keep + group.width]) if group.gated else keep
-        up_w = _x_w(up)[:, rows.to(up.weight.device)]
+        up_w = _x_w(up)[:, rows.to(up.weight.device)]  # a row selection: stays on the model's device
         bias_down = None if module.net[2].bias is None else module.net[2].bias.detach().clone()
         error = decomposition.error(width)
         resize_group(denoiser, group, width)

@@ -1,9 +1,11 @@
 """DVC stages: each a thin command that reads ``params.yaml`` and files, calls the library, writes files.
 
-    python -m slimdiff.stages {curate,capture,score,allocate,decompose,evaluate,report} [--params params.yaml]
+    python -m slimdiff.stages {curate,capture,gains,score,allocate,decompose,evaluate,report} [--params params.yaml]
 
 Paths in ``params.yaml`` are relative to the working directory (the DVC repository root). Every
-output is written atomically, so an interrupted stage leaves the previous output or none.
+output is written atomically, so an interrupted stage leaves the previous output or none. The two
+long stages checkpoint as they go (``outputs/.checkpoints/``, not a DVC output, so ``dvc repro``
+keeps it): a killed capture or gains stage, re-run, continues where it stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ OUT = Path("outputs")
 SLIMSET_DIR = OUT / "slimset"
 SLIMSET_FILE = SLIMSET_DIR / "slimset.jsonl"
 CAPTURE_FILE = OUT / "capture.safetensors"
+GAINS_FILE = OUT / "gains.json"
+CHECKPOINT_DIR = OUT / ".checkpoints"
+CAPTURE_CHECKPOINT = CHECKPOINT_DIR / "capture.safetensors"
+GAINS_CHECKPOINT = CHECKPOINT_DIR / "gains.json"
 SCORES_FILE = OUT / "scores.json"
 PLAN_DIR = OUT / "plan"
 PLAN_FILE = PLAN_DIR / "width_plan.json"
@@ -63,10 +69,21 @@ def config_from(params: dict[str, Any]):
     )
 
 
+def device_settings(params: dict[str, Any]):
+    """(torch.device, torch.dtype) of ``model.device`` / ``model.dtype``, checked to run here before any work."""
+    from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype
+
+    model = params["model"]
+    device, dtype = resolve_device(model.get("device", "auto")), resolve_dtype(model.get("dtype", "float32"))
+    check_dtype_runs(device, dtype)
+    return device, dtype
+
+
 def _pipeline(params: dict[str, Any]):
     from slimdiff.compress import load_pipeline
 
-    pipe = load_pipeline(str(params["model"]["path"]))
+    device, dtype = device_settings(params)
+    pipe = load_pipeline(str(params["model"]["path"]), device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -91,27 +108,41 @@ def stage_curate(params: dict[str, Any]) -> None:
 
 
 def stage_capture(params: dict[str, Any]) -> None:
+    """Statistics of the SlimSet under the deployment sampler, checkpointed every ``capture.checkpoint_every`` prompts."""
     from slimdiff.capture import capture
-    from slimdiff.influence import measure_gains
 
     config = config_from(params)
     sampler = sampler_settings(params)
     prompts = read_slimset()
     pipe = _pipeline(params)
     stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
-                    model_id=str(params["model"].get("id", params["model"]["path"])))
-    measure_gains(pipe, prompts[: config.gain_prompts], sampler, stats, config.gain_calls, config.rel_noise, seed=sampler.seed,
-                  progress=True)
+                    model_id=str(params["model"].get("id", params["model"]["path"])), checkpoint=CAPTURE_CHECKPOINT,
+                    checkpoint_every=int(params["capture"].get("checkpoint_every", 100)))
     stats.save(CAPTURE_FILE)
+    CAPTURE_CHECKPOINT.unlink(missing_ok=True)
+
+
+def stage_gains(params: dict[str, Any]) -> None:
+    """Propagation gains on the first ``score.gain_prompts`` SlimSet prompts, checkpointed after every module."""
+    from slimdiff.influence import measure_gains
+
+    config = config_from(params)
+    sampler = sampler_settings(params)
+    prompts = read_slimset()[: config.gain_prompts]
+    gains = measure_gains(_pipeline(params), prompts, sampler, config.gain_calls, config.rel_noise, seed=sampler.seed,
+                          progress=True, checkpoint=GAINS_CHECKPOINT)
+    gains.save(GAINS_FILE)
+    GAINS_CHECKPOINT.unlink(missing_ok=True)
 
 
 def stage_score(params: dict[str, Any]) -> None:
     from slimdiff.capture import Capture, denoiser_of
-    from slimdiff.influence import score
+    from slimdiff.influence import Gains, score
 
     config = config_from(params)
     _, denoiser = denoiser_of(_pipeline(params))
-    scores = score(denoiser, Capture.load(CAPTURE_FILE), config.granularity, config.reg, config.max_ffn_points, progress=True)
+    scores = score(denoiser, Capture.load(CAPTURE_FILE), Gains.load(GAINS_FILE), config.granularity, config.reg,
+                   config.max_ffn_points, progress=True)
     scores.save(SCORES_FILE)
 
 
@@ -194,6 +225,7 @@ def stage_report(params: dict[str, Any]) -> None:
 STAGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "curate": stage_curate,
     "capture": stage_capture,
+    "gains": stage_gains,
     "score": stage_score,
     "allocate": stage_allocate,
     "decompose": stage_decompose,

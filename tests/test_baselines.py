@@ -17,7 +17,7 @@ from slimdiff.baselines import (
 from slimdiff.capture import ActivationRecorder, Capture, SamplerSettings, capture, sites_for
 from slimdiff.evaluate import count_macs, count_params, sqnr_db
 from slimdiff.groups import compressible_groups, find_groups
-from slimdiff.influence import measure_gains, propagation_gains, record_denoiser_calls, score
+from slimdiff.influence import Gains, measure_gains, propagation_gains, record_denoiser_calls, score
 from slimdiff.testing import TINY_DENOISERS, TINY_PROMPTS, tiny_sd_pipeline
 
 SAMPLER = SamplerSettings(num_inference_steps=4, guidance_scale=4.0, seed=7)
@@ -31,8 +31,7 @@ def setup():
     """Tiny SD1 pipeline, its capture (with the baselines' extra sites), gains and scores, held-out calls."""
     pipe = tiny_sd_pipeline()
     stats = capture(pipe, CALIBRATION, SAMPLER, batch_size=8, extra_sites=baseline_sites(pipe.unet), progress=False)
-    measure_gains(pipe, CALIBRATION[:4], SAMPLER, stats)
-    scores = score(pipe.unet, stats)
+    scores = score(pipe.unet, stats, measure_gains(pipe, CALIBRATION[:4], SAMPLER))
     calls = record_denoiser_calls(pipe, HELD_OUT, SAMPLER, num_calls=SAMPLER.num_inference_steps)
     return pipe, stats, scores, calls
 
@@ -198,8 +197,7 @@ def test_every_method_on_other_denoisers(name):
         for i, t in enumerate((50, 300, 600, 900)):
             tiny.output(model, tiny.inputs(model, 4, t, i))
     stats = Capture(recorder.stats, {})
-    stats.gains, stats.metadata["block_influence"] = propagation_gains(model, [((), tiny.inputs(model, 2, 500, 9))])
-    scores = score(model, stats)
+    scores = score(model, stats, Gains(*propagation_gains(model, [((), tiny.inputs(model, 2, 500, 9))])))
     inputs = tiny.inputs(model, 2, 400, 11)
     with torch.no_grad():
         reference = tiny.output(model, inputs)

@@ -201,8 +201,9 @@ def test_whitening_svd_beats_plain_svd_on_denoiser_output():
     model = tiny.build(0).double()
     capture = record(model, tiny, timesteps=TIMESTEPS * 2)
     identity = Capture({
-        site: SiteStats(torch.eye(s.dim, dtype=torch.float64).expand_as(s.sum_outer) * s.count[:, None, None].double(),
-                        torch.zeros_like(s.sum), s.count)
+        site: SiteStats(torch.eye(s.dim, dtype=torch.float64) * s.count.sum().double(), torch.zeros_like(s.sum), s.count,
+                        None if s.bucket_sum_outer is None else torch.eye(s.dim, dtype=s.bucket_sum_outer.dtype) * s.count[:, None, None],
+                        None if s.bucket_sum is None else torch.zeros_like(s.bucket_sum))
         for site, s in capture.sites.items()
     })
     widths = {g.name: max(1, g.width // 4) for g in compressible_groups(model) if g.kind != "ffn"}

@@ -93,7 +93,7 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     version = client.get_model_version_by_alias(name, "candidate")
     lineage = {k[len("lineage."):]: v for k, v in version.tags.items() if k.startswith("lineage.")}
     assert lineage == stage_hashes(workspace / "dvc.lock")
-    assert set(lineage) == {"curate", "capture", "score", "allocate", "decompose", "evaluate", "report"}
+    assert set(lineage) == {"curate", "capture", "gains", "score", "allocate", "decompose", "evaluate", "report"}
     assert run.data.tags["lineage.capture"] == lineage["capture"]
     assert version.tags["gate.decision"] in ("champion", "candidate") and version.tags["gate.reason"]
 

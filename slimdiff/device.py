@@ -1,0 +1,100 @@
+"""Where the engine runs: the job's device and dtype, and where float64 linear algebra can run.
+
+Every tensor the engine makes follows the model: statistics accumulate on the model's device,
+gain noise is drawn there, and decompositions run in float64 on that device when it has usable
+float64 (CUDA data-centre parts: P100, V100, A100, H100/H200, B200), otherwise on the CPU.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+# compute capabilities whose float64 rate is a usable fraction (1/2) of float32; the others run float64 at 1/32-1/64
+_FULL_FLOAT64_CAPABILITIES = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+
+
+class DeviceError(ValueError):
+    """A device or dtype that this machine cannot run; the message names it and what would be valid."""
+
+
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; fails naming the spec when it cannot run here."""
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise DeviceError(f"unknown device {str(spec)!r}; valid: {', '.join(DEVICE_CHOICES)}")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build, no usable GPU"
+        raise DeviceError(f"device {text!r} requested but CUDA is not available here (torch {torch.__version__}, {build}); "
+                          "use --device cpu or auto")
+    count = torch.cuda.device_count()
+    index = int(match.group(1)) if match.group(1) is not None else torch.cuda.current_device()
+    if index >= count:
+        raise DeviceError(f"device {text!r} requested but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``float32``, ``float16`` or ``bfloat16`` (the model's weights and activations)."""
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+        raise DeviceError(f"unsupported dtype {name}; valid: {', '.join(DTYPES)}")
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise DeviceError(f"unknown dtype {str(name)!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def check_dtype_runs(device: torch.device, dtype: torch.dtype) -> None:
+    """Fail before any work when ``device`` cannot run ``dtype``: a tiny convolution, norm, linear and attention."""
+    name = next((k for k, v in DTYPES.items() if v == dtype), str(dtype))
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"dtype bfloat16 is not supported on {torch.cuda.get_device_name(device)} ({device}); use float16 or float32")
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(1, 4, 8, 8, generator=generator, device=device).to(dtype)
+        kernel = torch.randn(4, 4, 3, 3, generator=generator, device=device).to(dtype)
+        hidden = F.group_norm(F.conv2d(x, kernel, padding=1), 2).flatten(2).transpose(1, 2)
+        tokens = F.linear(hidden, torch.randn(8, 4, generator=generator, device=device).to(dtype))[:, None]
+        out = F.scaled_dot_product_attention(tokens, tokens, tokens)
+        if not bool(torch.isfinite(out).all()):
+            raise RuntimeError("non-finite result")
+    except (RuntimeError, NotImplementedError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DeviceError(f"dtype {name} does not run on {device} ({reason}); use another --dtype") from None
+
+
+def linalg_device(device: torch.device) -> torch.device:
+    """Where float64 decompositions run for a model on ``device``: that GPU if its float64 is usable, else the CPU."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) in _FULL_FLOAT64_CAPABILITIES:
+        return device
+    return torch.device("cpu")
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (the CPU for a module without parameters)."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    parameter = next(module.parameters(), None)
+    return parameter.dtype if parameter is not None else torch.float32
+
+
+def describe_device(device: torch.device) -> str:
+    """A human name: 'NVIDIA H100 80GB HBM3 (cuda:0)' or 'cpu'."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return str(device)
