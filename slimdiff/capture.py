@@ -39,31 +39,57 @@ def gram_dtype(activation_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if activation_dtype == torch.float64 else torch.float32
 
 
+# Gram matrices wider than this are formed block by block, upper triangle only (a symmetric rank-k
+# update: ~55 % of the multiply-adds at 5120 wide), then mirrored.
+GRAM_BLOCK = 512
+
+
 def gram(rows: Tensor) -> tuple[Tensor, Tensor]:
     """(x^T x, sum of x) of row tokens ``rows`` (n, d), accumulated in ``gram_dtype`` on ``rows``' device.
 
     Half-precision inputs on CUDA go to the tensor cores with float32 accumulation (their products are
-    exact in float32); TF32 is never used for float32 inputs.
+    exact in float32); TF32 is never used for float32 inputs. Wide matrices compute only the blocks on
+    and above the diagonal.
     """
     out_dtype = gram_dtype(rows.dtype)
-    if rows.dtype in (torch.float16, torch.bfloat16) and rows.is_cuda:
-        outer = _half_gram_cuda(rows)
-    elif rows.is_cuda and rows.dtype == torch.float32:
-        with _no_tf32():
-            outer = rows.T @ rows
-    else:
+    if not (rows.is_cuda and rows.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         rows = rows.to(out_dtype)
-        outer = rows.T @ rows
+    dim = rows.shape[1]
+    if dim <= GRAM_BLOCK:
+        outer = _product(rows, rows, out_dtype)
+    else:
+        outer = torch.empty(dim, dim, dtype=out_dtype, device=rows.device)
+        edges = list(range(0, dim, GRAM_BLOCK)) + [dim]
+        for i in range(len(edges) - 1):
+            left = rows[:, edges[i]:edges[i + 1]]
+            right = rows[:, edges[i]:]
+            block = _product(left, right, out_dtype)  # row block i, columns i.. (upper triangle)
+            outer[edges[i]:edges[i + 1], edges[i]:] = block
+            outer[edges[i + 1]:, edges[i]:edges[i + 1]] = block[:, edges[i + 1] - edges[i]:].T
     return outer, rows.sum(0, dtype=out_dtype)
 
 
-def _half_gram_cuda(rows: Tensor) -> Tensor:
-    try:
-        return torch.mm(rows.T, rows, out_dtype=torch.float32)
-    except TypeError:  # torch < 2.8 has no out_dtype: the same products, upcast first (slower, same result)
-        upcast = rows.float()
-        with _no_tf32():
-            return upcast.T @ upcast
+_MIXED_MM = {"available": True}
+
+
+def _product(left: Tensor, right: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """left^T right with ``out_dtype`` accumulation and output."""
+    if left.dtype == out_dtype:
+        if left.is_cuda and out_dtype == torch.float32:
+            with _no_tf32():
+                return left.T @ right
+        return left.T @ right
+    if _MIXED_MM["available"]:
+        try:
+            return torch.mm(left.T, right, out_dtype=out_dtype)
+        except (TypeError, RuntimeError) as error:
+            # torch without a mixed-precision mm for these inputs: the same products after an upcast
+            # (exact for half inputs, only slower); said once, never silently
+            _MIXED_MM["available"] = False
+            print(f"slimdiff: torch.mm(out_dtype=float32) unavailable ({str(error).splitlines()[0][:120]}); "
+                  "Gram matrices upcast half-precision activations first", file=sys.stderr)
+    with _no_tf32():
+        return left.T.to(out_dtype) @ right.to(out_dtype)
 
 
 @contextmanager
@@ -366,7 +392,7 @@ class ActivationRecorder:
             raise ValueError(f"{type(module).__name__}.forward was called without a timestep; cannot bucket statistics")
         sample = next(iter(bound.values()))
         batch = sample.shape[0]
-        timestep = torch.as_tensor(bound["timestep"]).reshape(-1)
+        timestep = torch.as_tensor(bound["timestep"], device="cpu").reshape(-1)  # bucket ids live on the CPU
         if timestep.numel() == 1:
             timestep = timestep.expand(batch)
         self._bucket_ids = self.bucket_of(timestep)
@@ -486,7 +512,7 @@ def capture_fingerprint(denoiser: nn.Module, prompts: Sequence[str], sampler: Sa
         "model_hash": model_hash,
         "denoiser_class": type(denoiser).__name__,
         "sampler": sampler.to_dict(),
-        "scheduler": _jsonable({"class": type(scheduler).__name__, **dict(scheduler.config)}),
+        "scheduler": _jsonable({"class": type(scheduler).__name__, **_scheduler_config(scheduler)}),
         "sites": hashlib.sha256("\n".join(sites).encode()).hexdigest(),
         "num_buckets": num_buckets,
         "batch_size": batch_size,
@@ -575,7 +601,7 @@ def capture(
         "model_id": model_id,
         "model_hash": model_hash,
         "denoiser_class": type(denoiser).__name__,
-        "scheduler": {"class": type(pipe.scheduler).__name__, "config": _jsonable(dict(pipe.scheduler.config))},
+        "scheduler": {"class": type(pipe.scheduler).__name__, "config": _jsonable(_scheduler_config(pipe.scheduler))},
         "num_inference_steps": sampler.num_inference_steps,
         "guidance_scale": sampler.guidance_scale,
         "height": sampler.height,
@@ -592,6 +618,12 @@ def capture(
     result = Capture(recorder.stats, metadata)
     result.check_finite()
     return result
+
+
+def _scheduler_config(scheduler) -> dict:
+    """The scheduler's settings; diffusers' ``_use_default_values`` is dropped: it lists a set, in an order that
+    changes from process to process, so a checkpoint or shard written by another process would never match."""
+    return {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
 
 
 def _jsonable(value):

@@ -51,7 +51,7 @@ def whitening(cov: Tensor) -> Whitening:
     """
     cov = cov.to(torch.float64)
     factor, info = torch.linalg.cholesky_ex(cov)
-    if int(info) == 0:
+    if int(info) == 0 and bool(torch.isfinite(factor).all()):  # CUDA can report success on a singular matrix, with NaNs
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         inv_t = torch.linalg.solve_triangular(factor.T, eye, upper=True)
         return Whitening(factor, inv_t, "cholesky")
@@ -65,7 +65,7 @@ def whitening(cov: Tensor) -> Whitening:
 def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
     """Solve matrix @ x = rhs for symmetric PSD ``matrix``: Cholesky, else clamped-eigenvalue pseudo-inverse."""
     chol, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) == 0:
+    if int(info) == 0 and bool(torch.isfinite(chol).all()):  # CUDA can report success on a singular matrix, with NaNs
         return torch.cholesky_solve(rhs, chol)
     eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     keep = eigenvalues > eigenvalues.abs().max() * matrix.shape[-1] * torch.finfo(torch.float64).eps

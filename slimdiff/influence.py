@@ -198,7 +198,7 @@ def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, gran
     errors: list[list[float] | None] = [None] * capture.num_buckets
     if group.kind == "ffn":
         if len(widths) > max_ffn_points:
-            index = torch.linspace(0, len(widths) - 1, max_ffn_points).round().long().unique().tolist()
+            index = torch.linspace(0, len(widths) - 1, max_ffn_points, device="cpu").round().long().unique().tolist()
             exact = [widths[i] for i in index]
         else:
             exact = widths
@@ -315,7 +315,7 @@ def record_denoiser_calls(pipe, prompts: Sequence[str], sampler: SamplerSettings
         handle.remove()
     if not calls:
         raise RuntimeError("the pipeline never called its denoiser")
-    index = torch.linspace(0, len(calls) - 1, min(num_calls, len(calls))).round().long().unique().tolist()
+    index = torch.linspace(0, len(calls) - 1, min(num_calls, len(calls)), device="cpu").round().long().unique().tolist()
     return [calls[i] for i in index]
 
 
@@ -360,7 +360,8 @@ class LogitNoise:
         return sigma
 
     def query_chunk(self, query: Tensor, key: Tensor) -> int:
-        """Queries per chunk so that one chunk's noise holds at most ``chunk_elements`` logits."""
+        """Queries per chunk so that one chunk's noise holds at most ``chunk_elements`` logits (one query row,
+        batch x heads x keys, is the smallest chunk)."""
         return max(1, self.chunk_elements // (query.shape[0] * query.shape[1] * key.shape[-2]))
 
     def draw(self, query_rows: Tensor, key: Tensor, std: float) -> Tensor:

@@ -222,6 +222,8 @@ def stage_report(params: dict[str, Any]) -> None:
     write_report(params, REPORT_DIR)
 
 
+MODEL_STAGES = ("curate", "capture", "gains", "score", "decompose", "evaluate", "report")
+
 STAGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "curate": stage_curate,
     "capture": stage_capture,
@@ -244,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     start = time.perf_counter()
     try:
-        STAGES[args.stage](load_params(args.params))
+        params = load_params(args.params)
+        if args.stage in MODEL_STAGES:
+            device_settings(params)  # a device or dtype this machine cannot run fails before any work
+        STAGES[args.stage](params)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"stage {args.stage}: error: {message}", file=sys.stderr)

@@ -1,4 +1,8 @@
-"""Compression engine on tiny seeded denoisers: one mixin, every architecture (issue 2)."""
+"""Compression engine on tiny seeded denoisers: one mixin, every architecture (issue 2), on every device.
+
+The mixin's tests take the ``device`` fixture (tests/conftest.py): they run on the CPU, and on CUDA where
+present, with the same assertions and tolerances; float64 tests stay float64 on CUDA.
+"""
 
 from __future__ import annotations
 
@@ -15,17 +19,33 @@ from slimdiff.testing import TINY_DENOISERS
 TIMESTEPS = (5, 180, 420, 610, 820, 990)
 
 
+@pytest.fixture(autouse=True)
+def no_tf32_convolutions():
+    """CUDA convolutions default to TF32 (a 10-bit mantissa) in float32; the tolerances here are for the engine's own
+    float32/float64 math, which never uses TF32, so the model's convolutions run in full float32 too."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
 def record(model, tiny, timesteps=TIMESTEPS, batch=4, seed=0, num_buckets=4) -> Capture:
+    """Capture of the tiny inputs at ``timesteps``, run in the model's own dtype on its own device."""
     groups = compressible_groups(model)
-    dtype = next(model.parameters()).dtype
+    parameter = next(model.parameters())
     with ActivationRecorder(model, sites_for(groups), num_buckets, 1000) as recorder, torch.no_grad():
         for i, t in enumerate(timesteps):
-            tiny.output(model, cast(tiny.inputs(model, batch, t, seed + i), dtype))
+            tiny.output(model, cast(tiny.inputs(model, batch, t, seed + i), parameter.dtype, parameter.device))
     return Capture(recorder.stats, {})
 
 
-def cast(inputs: dict, dtype: torch.dtype) -> dict:
-    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+def cast(inputs, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """Inputs (nested dicts of tensors) on ``device``, floating-point tensors in ``dtype``."""
+    if isinstance(inputs, dict):
+        return {k: cast(v, dtype, device) for k, v in inputs.items()}
+    if torch.is_tensor(inputs):
+        return inputs.to(device, dtype) if inputs.is_floating_point() else inputs.to(device)
+    return inputs
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,11 +66,11 @@ class CompressionTesterMixin:
     def tiny(self):
         return TINY_DENOISERS[self.tiny_name]
 
-    def built(self, dtype=torch.float64):
-        return self.tiny.build(0).to(dtype)
+    def built(self, dtype=torch.float64, device: torch.device | str = "cpu"):
+        return self.tiny.build(0).to(device, dtype)
 
-    def test_groups_cover_every_block(self):
-        groups = find_groups(self.built())
+    def test_groups_cover_every_block(self, device):
+        groups = find_groups(self.built(device=device))
         blocks = {g.block for g in groups}
         for block in blocks:
             kinds = sorted(g.kind for g in groups if g.block == block)
@@ -58,18 +78,19 @@ class CompressionTesterMixin:
         assert all(g.compressible for g in groups)
 
     @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
-    def test_full_width_reproduces_output(self, dtype, tol):
-        model = self.built(dtype)
+    def test_full_width_reproduces_output(self, dtype, tol, device):
+        model = self.built(dtype, device)
         capture = record(model, self.tiny)
         reference = copy.deepcopy(model)
         decompose(model, capture, {g.name: g.width for g in compressible_groups(model)})
-        inputs = cast(self.tiny.inputs(model, 2, 333, 99), dtype)
+        assert all(p.device.type == device.type and p.dtype == dtype for p in model.parameters())
+        inputs = cast(self.tiny.inputs(model, 2, 333, 99), dtype, device)
         with torch.no_grad():
             err = rel_err(self.tiny.output(reference, inputs), self.tiny.output(model, inputs))
         assert err < tol, f"full-width relative error {err:.2e} >= {tol:.0e}"
 
-    def test_measured_error_equals_predicted_tail(self):
-        model = self.built()
+    def test_measured_error_equals_predicted_tail(self, device):
+        model = self.built(device=device)
         capture = record(model, self.tiny, timesteps=TIMESTEPS * 3)
         reference = copy.deepcopy(model)
         groups = compressible_groups(model)
@@ -103,7 +124,7 @@ class CompressionTesterMixin:
                 tail = float(predicted[group.name].tail[width])
             else:
                 cov = capture.second_moment(x_site)
-                keep = predicted[group.name].channels(width)
+                keep = predicted[group.name].channels(width).to(cov.device)
                 w_down, w_new = old.net[2].weight.detach().double().T, new.net[2].weight.detach().double().T
                 # the slim module's error, from its actual weights
                 measured = float(torch.trace(w_down.T @ cov @ w_down) - 2 * torch.trace(w_down.T @ cov[:, keep] @ w_new)
@@ -115,25 +136,26 @@ class CompressionTesterMixin:
                 assert torch.equal(new.net[0].proj.weight, old.net[0].proj.weight[rows])
             assert measured == pytest.approx(tail, rel=1e-8, abs=1e-12 * max(1.0, abs(tail))), group.name
 
-    def test_shard_merge_equals_full_capture(self):
-        model = self.built()
+    def test_shard_merge_equals_full_capture(self, device):
+        model = self.built(device=device)
         full = record(model, self.tiny, TIMESTEPS)
         shard_a = record(model, self.tiny, TIMESTEPS[:3], seed=0)
         shard_b = record(model, self.tiny, TIMESTEPS[3:], seed=3)
         merged = merge_captures([shard_a, shard_b])
         for site, stats in full.sites.items():
             other = merged.sites[site]
+            assert stats.sum_outer.device.type == device.type and stats.sum_outer.dtype == torch.float64
             assert torch.equal(stats.count, other.count)
             assert rel_err(stats.sum_outer, other.sum_outer) < 1e-10
             assert rel_err(stats.sum, other.sum) < 1e-10
 
-    def test_buckets_split_timesteps(self):
-        capture = record(self.built(), self.tiny, timesteps=(10, 20), num_buckets=4)
+    def test_buckets_split_timesteps(self, device):
+        capture = record(self.built(device=device), self.tiny, timesteps=(10, 20), num_buckets=4)
         counts = next(iter(capture.sites.values())).count
         assert counts[0] > 0 and int(counts[1:].sum()) == 0
 
-    def test_hooks_removed_on_error(self):
-        model = self.built()
+    def test_hooks_removed_on_error(self, device):
+        model = self.built(device=device)
         sites = sites_for(compressible_groups(model))
         with pytest.raises(RuntimeError, match="boom"):
             with ActivationRecorder(model, sites):
@@ -141,15 +163,15 @@ class CompressionTesterMixin:
         assert all(not m._forward_pre_hooks for m in model.modules())
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-    def test_half_precision_runs(self, dtype):
-        model = self.built(torch.float32)
+    def test_half_precision_runs(self, dtype, device):
+        model = self.built(torch.float32, device)
         capture = record(model, self.tiny)
         decompose(model, capture, {g.name: max(1, g.width // 2) for g in compressible_groups(model)})
         model = model.to(dtype)
-        assert all(p.dtype == dtype for p in model.parameters())
+        assert all(p.dtype == dtype and p.device.type == device.type for p in model.parameters())
         with torch.no_grad():
-            out = self.tiny.output(model, cast(self.tiny.inputs(model, 2, 500, 1), dtype))
-        assert out.dtype == dtype and torch.isfinite(out).all()
+            out = self.tiny.output(model, cast(self.tiny.inputs(model, 2, 500, 1), dtype, device))
+        assert out.dtype == dtype and out.device.type == device.type and torch.isfinite(out).all()
 
 
 class TestUNetSD1(CompressionTesterMixin):

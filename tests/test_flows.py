@@ -27,7 +27,7 @@ def make_workspace(root: Path) -> Path:
     (root / "data" / "prompts.txt").write_text("\n".join(prompts) + "\n")
     (root / "data" / "eval.txt").write_text("\n".join(TINY_PROMPTS[:4]) + "\n")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"] = {"path": "data/model", "id": "tiny-sd"}
+    params["model"].update({"path": "data/model", "id": "tiny-sd", "device": "cpu"})
     params["curate"].update({"sources": ["data/prompts.txt"], "n": 12})
     params["sampler"].update({"steps": 2, "guidance": 4.0})
     params["capture"].update({"batch_size": 6})
@@ -104,12 +104,13 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     assert not any(again["stages_run"].values()) and again["reused"], again
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
-    # a new budget re-runs allocate onwards, never capture
+    # a new budget re-runs allocate onwards and a new gain setting gains onwards, never capture
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["allocate"]["budget"] = 0.3
+    params["score"]["rel_noise"] = 0.04
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = compress(str(workspace))
-    assert [s for s, r in third["stages_run"].items() if r] == ["allocate", "decompose", "evaluate", "report"]
+    assert [s for s, r in third["stages_run"].items() if r] == ["gains", "score", "allocate", "decompose", "evaluate", "report"]
     assert len(client.search_model_versions(f"name='{name}'")) == 2
 
     # a changed checkpoint: recompress registers a new version with the new hash
@@ -132,6 +133,9 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     (lambda p: p["model"].update(path="data/missing"), "not a diffusers pipeline folder"),
     (lambda p: p["allocate"].update(budget=1.5), "budget 1.5"),
     (lambda p: p["curate"].update(sources=["data/empty.txt"]), "is empty"),
+    (lambda p: p["model"].update(dtype="int8"), "unknown dtype 'int8'"),
+    pytest.param(lambda p: p["model"].update(device="cuda"), "CUDA is not available",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_input_one_line_error_and_no_outputs(tmp_path, change, message):
     workspace = make_workspace(tmp_path / "ws")

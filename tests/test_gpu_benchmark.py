@@ -1,0 +1,29 @@
+"""The GPU benchmark script in its --smoke mode: the same code path on whatever device there is (CI: the CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_smoke_runs_every_step(tmp_path):
+    spec = importlib.util.spec_from_file_location("sd15_bench", ROOT / "benchmarks" / "gpu" / "sd15.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, doc = tmp_path / "gpu.json", tmp_path / "page.md"
+    assert bench.main(["--smoke", "--device", "cpu", "--out", str(out), "--doc", str(doc)]) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] is True and result["mode"] == "smoke"
+    for step in ("capture", "gains", "score", "allocate", "decompose", "save", "reload"):
+        assert result["steps"][step]["seconds"] >= 0, step
+    assert result["reload_bit_exact"] is True
+    # the plan removes what it says, and the compressed UNet is that much smaller
+    assert result["unet_params"] - result["compressed_unet_params"] == result["params_removed"]
+    assert 0.35 < result["params_removed_fraction_of_compressible"] < 0.45
+    assert result["gram_precision"]["max"] < 1e-6  # float32 Gram matrices of float32 activations on the CPU
+    # the page renders from the JSON alone
+    assert bench.main(["--from-json", str(out), "--doc", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == doc.read_text()

@@ -1,0 +1,37 @@
+"""The documented statistics-memory formula (docs/memory.md) is the storage a real capture allocates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimdiff.capture import ActivationRecorder, sites_for, statistics_bytes
+from slimdiff.groups import compressible_groups
+from slimdiff.testing import TINY_DENOISERS, tiny_unet_sd1
+
+
+@pytest.mark.parametrize("dtype,bucket_bytes", [(torch.float32, 4), (torch.float64, 8)])
+@pytest.mark.parametrize("num_buckets", [1, 4])
+def test_statistics_bytes_equals_recorded_storage(num_buckets, dtype, bucket_bytes):
+    model = tiny_unet_sd1(0).to(dtype)
+    tiny = TINY_DENOISERS["unet_sd1"]
+    sites = sites_for(compressible_groups(model))
+    with ActivationRecorder(model, sites, num_buckets, 1000) as recorder, torch.no_grad():
+        for i, t in enumerate((120, 870)):  # two calls, two different buckets when num_buckets > 1
+            inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                      for k, v in tiny.inputs(model, 2, t, i).items()}
+            tiny.output(model, inputs)
+    assert recorder.calls == 2
+    stats = recorder.stats
+    assert all(int(s.count.sum()) > 0 for s in stats.values())  # the hooks really ran
+    dims = [model.get_submodule(site).in_features for site in sites]
+    recorded = sum(s.nbytes() for s in stats.values())
+    assert statistics_bytes(dims, num_buckets, bucket_bytes) == recorded
+    # and the parts are where and in the precision the page says
+    for s in stats.values():
+        assert s.sum_outer.dtype == s.sum.dtype == torch.float64
+        assert s.count.dtype == torch.int64 and s.count.device.type == "cpu"
+        if num_buckets == 1:
+            assert s.bucket_sum_outer is None and s.bucket_sum is None
+        else:
+            assert s.bucket_sum_outer.element_size() == s.bucket_sum.element_size() == bucket_bytes
