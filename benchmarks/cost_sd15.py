@@ -30,13 +30,8 @@ from slimdiff.capture import ActivationRecorder, Capture, sites_for  # noqa: E40
 from slimdiff.groups import compressible_groups  # noqa: E402
 from slimdiff.influence import Granularity, propagation_gains, score  # noqa: E402
 from slimdiff.slim import decompose  # noqa: E402
+from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
 
 
 def peak_rss_gib() -> float:
@@ -76,7 +71,7 @@ def main() -> None:
                      "torch": torch.__version__, "args": vars(args)}
     torch.manual_seed(0)
     build = time.perf_counter()
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
     results["build_s"] = time.perf_counter() - build
     results["unet_params"] = sum(p.numel() for p in unet.parameters())
     groups = compressible_groups(unet)
@@ -124,7 +119,7 @@ def main() -> None:
     print(f"decompose {results['decompose_s']:.0f} s; peak RSS {results['peak_rss_gib']:.1f} GiB", flush=True)
     del stats, scores_holder
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
 
     latency = {"original": [], "compressed": []}
     with torch.inference_mode():

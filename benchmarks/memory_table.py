@@ -9,7 +9,7 @@ docs/memory.md and prints the table.
     .venv/bin/python benchmarks/memory_table.py [--buckets 4] [--capacity-gb 80]
 
 Configs (hard-coded below; the keys not named keep diffusers' defaults, which equal the published values):
-- SD 1.5: the ``unet/config.json`` of stable-diffusion-v1-5 (same dict as benchmarks/cost_sd15.py).
+- SD 1.5: the ``unet/config.json`` of stable-diffusion-v1-5 (`slimdiff.testing.SD15_UNET_CONFIG`, shared by every benchmark).
 - SDXL base 1.0: the ``unet/config.json`` of stabilityai/stable-diffusion-xl-base-1.0.
 - PixArt-Sigma XL-2 1024-MS: the ``transformer/config.json`` of PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, i.e.
   diffusers' scripts/convert_pixart_sigma_to_diffusers.py at image size 1024 (interpolation_scale 2,
@@ -31,18 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 from slimdiff.capture import sites_for, statistics_bytes  # noqa: E402
 from slimdiff.groups import compressible_groups, find_groups  # noqa: E402
+from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
 
 GIB = 2**30
 RESULTS = ROOT / "benchmarks" / "results" / "memory.json"
 DOC = ROOT / "docs" / "memory.md"
 COMMAND = ".venv/bin/python benchmarks/memory_table.py --buckets {buckets} --capacity-gb {capacity_gb:g}"
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
 
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -60,7 +55,7 @@ PIXART_SIGMA_XL_1024 = dict(
 )
 
 MODELS = {
-    "SD 1.5 UNet": ("UNet2DConditionModel", SD15_UNET),
+    "SD 1.5 UNet": ("UNet2DConditionModel", SD15_UNET_CONFIG),
     "SDXL base UNet": ("UNet2DConditionModel", SDXL_UNET),
     "PixArt-Sigma XL 1024": ("PixArtTransformer2DModel", PIXART_SIGMA_XL_1024),
 }
@@ -176,7 +171,7 @@ of the tensors a real `ActivationRecorder` allocates. Command (seconds, CPU only
 ```
 
 Configs, hard-coded in the script; the keys not given keep diffusers' defaults:
-SD 1.5 from the `unet/config.json` of stable-diffusion-v1-5 (the dict of `benchmarks/cost_sd15.py`);
+SD 1.5 from the `unet/config.json` of stable-diffusion-v1-5 (`slimdiff.testing.SD15_UNET_CONFIG`, shared by every benchmark);
 SDXL base 1.0 from the `unet/config.json` of stabilityai/stable-diffusion-xl-base-1.0; PixArt-Sigma
 XL-2 1024-MS from the `transformer/config.json` of PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, which is
 what diffusers' `scripts/convert_pixart_sigma_to_diffusers.py` builds at image size 1024. The

@@ -12,7 +12,6 @@ predicted to cause.
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from slimdiff.influence import InfluenceScores, ModuleScore
-from slimdiff.utils import atomic_path, write_json
+from slimdiff.utils import atomic_path, read_json_artifact, write_json
 
 PLAN_FORMAT = "slimdiff-plan/1"
 ALLOCATORS = ("slimdiff", "uniform", "modegpt")
@@ -141,12 +140,7 @@ class WidthPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "WidthPlan":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"width plan not found: {path}")
-        data = json.loads(path.read_text())
-        if data.get("format") != PLAN_FORMAT:
-            raise ValueError(f"{path}: unknown plan format {data.get('format')!r}, expected {PLAN_FORMAT!r}")
+        data = read_json_artifact(path, PLAN_FORMAT, "width plan")
         keys = PlanEntry.__dataclass_fields__
         entries = [PlanEntry(**{k: v for k, v in m.items() if k in keys}) for m in data["modules"]]
         return cls(data["allocator"], entries, data["params"]["target_removed"], data["settings"])

@@ -526,7 +526,14 @@ def _resume_point(checkpoint: Path, fingerprint: dict, device: torch.device) -> 
     """(statistics, prompts done, denoiser calls) of a checkpoint written with the same fingerprint, else (None, 0, 0)."""
     if not checkpoint.is_file():
         return None, 0, 0
-    partial = Capture.load(checkpoint, device)
+    from safetensors import SafetensorError
+
+    try:
+        partial = Capture.load(checkpoint, device)
+    except (ValueError, OSError, SafetensorError) as error:  # written atomically: only a foreign or damaged file
+        print(f"capture: not resuming {checkpoint}: unreadable ({str(error).splitlines()[0][:120]}); starting over",
+              file=sys.stderr)
+        return None, 0, 0
     info = partial.metadata.get("checkpoint", {})
     written = info.get("fingerprint", {})
     if written != fingerprint:

@@ -22,7 +22,7 @@ from slimdiff.decompose import DEFAULT_REG, FFNDecomposition, QKDecomposition, V
 from slimdiff.device import linalg_device, module_device
 from slimdiff.groups import ModuleGroup, compressible_groups
 from slimdiff.slim import SlimAttnProcessor, decompose_group, original_attention_scale
-from slimdiff.utils import write_json
+from slimdiff.utils import read_json_artifact, write_json
 
 SCORES_FORMAT = "slimdiff-scores/1"
 GAINS_FORMAT = "slimdiff-gains/1"
@@ -114,12 +114,7 @@ class InfluenceScores:
 
     @classmethod
     def load(cls, path: str | Path) -> "InfluenceScores":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"influence scores not found: {path}")
-        data = json.loads(path.read_text())
-        if data.get("format") != SCORES_FORMAT:
-            raise ValueError(f"{path}: unknown scores format {data.get('format')!r}, expected {SCORES_FORMAT!r}")
+        data = read_json_artifact(path, SCORES_FORMAT, "influence scores")
         return cls(
             [ModuleScore(**m) for m in data["modules"]], Granularity(**data["granularity"]),
             data["bucket_edges"], data["block_influence"], data["metadata"],
@@ -288,12 +283,7 @@ class Gains:
 
     @classmethod
     def load(cls, path: str | Path) -> "Gains":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"propagation gains not found: {path}")
-        data = json.loads(path.read_text())
-        if data.get("format") != GAINS_FORMAT:
-            raise ValueError(f"{path}: unknown gains format {data.get('format')!r}, expected {GAINS_FORMAT!r}")
+        data = read_json_artifact(path, GAINS_FORMAT, "propagation gains")
         return cls({k: float(v) for k, v in data["gains"].items()}, {k: float(v) for k, v in data["block_influence"].items()},
                    data.get("metadata", {}))
 
@@ -509,11 +499,15 @@ def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_ca
     known: dict[str, float] = {}
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.is_file():
-        partial = json.loads(checkpoint.read_text())
+        try:
+            partial = json.loads(checkpoint.read_text())
+        except json.JSONDecodeError:  # written atomically, so only a foreign or damaged file gets here: say so, start over
+            partial = {}
+            print(f"gains: not resuming {checkpoint}: not a readable gains checkpoint; starting over", file=sys.stderr)
         if partial.get("fingerprint") == fingerprint:
             known = {k: float(v) for k, v in partial["gains"].items()}
             print(f"gains: resuming {checkpoint} with {len(known)} modules measured", file=sys.stderr)
-        else:
+        elif partial:
             print(f"gains: not resuming {checkpoint}: it was written with other settings; starting over", file=sys.stderr)
 
     def save_partial(gains: dict[str, float]) -> None:

@@ -12,6 +12,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+# Stable Diffusion 1.5's exact UNet configuration (benchmarks build it with seeded random weights).
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+
 TINY_CROSS_DIM = 32
 TINY_TEXT_LEN = 16
 TINY_PROMPT_TOKENS = 48
@@ -68,6 +76,15 @@ def tiny_pixart(seed: int = 0):
         out_channels=4, patch_size=2, cross_attention_dim=24, caption_channels=TINY_CROSS_DIM,
         norm_type="ada_norm_single", norm_num_groups=8,
     ).eval()
+
+
+def cast(inputs, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """Inputs (nested dicts of tensors) on ``device``, floating-point tensors in ``dtype``."""
+    if isinstance(inputs, dict):
+        return {k: cast(v, dtype, device) for k, v in inputs.items()}
+    if torch.is_tensor(inputs):
+        return inputs.to(device, dtype) if inputs.is_floating_point() else inputs.to(device)
+    return inputs
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,21 @@ def write_json(path: str | Path, data) -> Path:
     return path
 
 
+def read_json_artifact(path: str | Path, expected_format: str, what: str) -> dict[str, Any]:
+    """A JSON artifact written by slimdiff; fails naming the file when it is missing, not JSON, or of another format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); the {what} file is damaged, re-run the step that writes it") from None
+    if not isinstance(data, dict) or data.get("format") != expected_format:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: unknown {what} format {found!r}, expected {expected_format!r}")
+    return data
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     out: dict[str, Any] = {}

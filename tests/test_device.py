@@ -23,21 +23,12 @@ from slimdiff.groups import compressible_groups
 from slimdiff.influence import (LogitNoise, _noise_like, ffn_error_under, propagation_gains, qk_error_under, score,
                                 vo_error_under)
 from slimdiff.slim import SlimAttnProcessor, decompose
-from slimdiff.testing import TINY_DENOISERS, TINY_PROMPTS, tiny_sd_pipeline
+from slimdiff.testing import TINY_DENOISERS, TINY_PROMPTS, cast, tiny_sd_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 SAMPLER = SamplerSettings(num_inference_steps=2, guidance_scale=4.0, seed=7)
 PROMPTS = TINY_PROMPTS[:8]
-
-
-def cast(inputs, dtype: torch.dtype, device: torch.device | str = "cpu"):
-    """Inputs (nested dicts of tensors) on ``device``, floating-point tensors in ``dtype``."""
-    if isinstance(inputs, dict):
-        return {k: cast(v, dtype, device) for k, v in inputs.items()}
-    if torch.is_tensor(inputs):
-        return inputs.to(device, dtype) if inputs.is_floating_point() else inputs.to(device)
-    return inputs
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,7 +14,7 @@ import torch
 from slimdiff.capture import ActivationRecorder, Capture, SiteStats, group_input_sites, merge_captures, sites_for
 from slimdiff.groups import UnsupportedModelError, compressible_groups, find_groups
 from slimdiff.slim import decompose, decompose_group
-from slimdiff.testing import TINY_DENOISERS
+from slimdiff.testing import TINY_DENOISERS, cast
 
 TIMESTEPS = (5, 180, 420, 610, 820, 990)
 
@@ -37,15 +37,6 @@ def record(model, tiny, timesteps=TIMESTEPS, batch=4, seed=0, num_buckets=4) -> 
         for i, t in enumerate(timesteps):
             tiny.output(model, cast(tiny.inputs(model, batch, t, seed + i), parameter.dtype, parameter.device))
     return Capture(recorder.stats, {})
-
-
-def cast(inputs, dtype: torch.dtype, device: torch.device | str = "cpu"):
-    """Inputs (nested dicts of tensors) on ``device``, floating-point tensors in ``dtype``."""
-    if isinstance(inputs, dict):
-        return {k: cast(v, dtype, device) for k, v in inputs.items()}
-    if torch.is_tensor(inputs):
-        return inputs.to(device, dtype) if inputs.is_floating_point() else inputs.to(device)
-    return inputs
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

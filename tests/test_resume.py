@@ -197,3 +197,21 @@ def test_checkpoint_of_other_settings_is_not_resumed(helper, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"gains: not resuming {gains_checkpoint}: it was written with other settings; starting over" in err, err
     assert gains.gains == measure_gains(pipe, prompts[:2], sampler, num_calls=2, seed=0).gains
+
+
+def test_damaged_checkpoints_are_reported_and_not_resumed(tmp_path, capsys):
+    """A foreign or truncated checkpoint file is said and ignored; the run equals a fresh one."""
+    pipe = tiny_sd_pipeline()
+    sampler = SamplerSettings(num_inference_steps=2, guidance_scale=4.0, seed=3)
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+    capture_ckpt, gains_ckpt = tmp_path / "capture.ckpt", tmp_path / "gains.ckpt"
+    capture_ckpt.write_bytes(b"\x00" * 40)
+    gains_ckpt.write_text('{"fingerprint": ')
+    resumed = capture(pipe, prompts, sampler, batch_size=2, checkpoint=capture_ckpt, checkpoint_every=100, progress=False)
+    gains = measure_gains(pipe, prompts[:2], sampler, num_calls=2, checkpoint=gains_ckpt)
+    err = capsys.readouterr().err
+    assert f"not resuming {capture_ckpt}: unreadable" in err and f"not resuming {gains_ckpt}: not a readable" in err
+    fresh = capture(pipe, prompts, sampler, batch_size=2, progress=False)
+    for site, stats in fresh.sites.items():
+        assert torch.equal(stats.sum_outer, resumed.sites[site].sum_outer), site
+    assert gains.gains == measure_gains(pipe, prompts[:2], sampler, num_calls=2).gains

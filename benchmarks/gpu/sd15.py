@@ -40,15 +40,10 @@ from slimdiff.groups import compressible_groups  # noqa: E402
 from slimdiff.influence import measure_gains, score  # noqa: E402
 from slimdiff.io import load, save  # noqa: E402
 from slimdiff.slim import SlimAttnProcessor, decompose  # noqa: E402
+from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks-gpu.md"
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
 SD_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
@@ -79,7 +74,7 @@ def sd15_pipeline(device: torch.device, dtype: torch.dtype, seed: int = 0):
     tokenizer = char_tokenizer(77)
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU: seconds instead of a minute on the host
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
         vae = AutoencoderKL(**SD_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, bos_token_id=tokenizer.bos_token_id,
                                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
