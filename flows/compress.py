@@ -18,8 +18,7 @@ from flows.tracking import TrackingError, check_tracking_uri, folder_hash, track
 
 def preflight(workspace: Path) -> dict[str, Any]:
     """Everything that can be checked before any stage runs: params, model folder, prompts, budget, tracking."""
-    from slimdiff.allocate import Budget
-    from slimdiff.stages import device_settings, load_params
+    from slimdiff.stages import config_from, device_settings, load_params
 
     if not (workspace / "dvc.yaml").is_file():
         raise FileNotFoundError(f"{workspace / 'dvc.yaml'} not found: not a slimdiff workspace")
@@ -35,7 +34,7 @@ def preflight(workspace: Path) -> dict[str, Any]:
             raise FileNotFoundError(f"prompt source {source!r} not found")
         if path.stat().st_size == 0:
             raise ValueError(f"prompt source {source!r} is empty")
-    Budget.parse(params["allocate"]["budget"])
+    config_from(params)  # budget, budget kind, granularity: the one mapping of params.yaml to settings
     for key in ("device", "dtype"):
         if key not in params["model"]:
             raise ValueError(f"params.yaml has no model.{key} (the DVC stages read it); e.g. model.device: auto, model.dtype: float32")

@@ -76,6 +76,7 @@ class PlanEntry:
     width: int
     unit_params: int
     predicted_sis: float
+    unit_macs: int = 0  # MACs per unit of width for one sample and one denoiser call (0: unknown)
 
     @property
     def params_before(self) -> int:
@@ -119,6 +120,15 @@ class WidthPlan:
     def predicted_error(self) -> float:
         return sum(m.predicted_sis for m in self.modules)
 
+    @property
+    def macs_before(self) -> int:
+        """Compressible MACs per sample and denoiser call at full width (0 when the scores held no token counts)."""
+        return sum(m.unit_macs * m.full_width for m in self.modules)
+
+    @property
+    def macs_after(self) -> int:
+        return sum(m.unit_macs * m.width for m in self.modules)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
@@ -130,6 +140,11 @@ class WidthPlan:
                 "removed": self.removed,
                 "target_removed": self.target_removed,
                 "removed_fraction": self.removed / self.params_before,
+            },
+            "macs": {
+                "compressible_before": self.macs_before,
+                "compressible_after": self.macs_after,
+                "kept_fraction": self.macs_after / self.macs_before if self.macs_before else None,
             },
             "predicted_error": self.predicted_error,
             "modules": [{**asdict(m), "params_before": m.params_before, "params_after": m.params_after} for m in self.modules],
@@ -153,7 +168,8 @@ class WidthPlan:
                         f"{m.params_before - m.params_after:>12,} {m.predicted_sis:>10.3g}")
         rows.append(f"allocator {self.allocator}: compressible {self.params_before:,} -> {self.params_after:,} "
                     f"(removed {self.removed:,} = {self.removed / self.params_before:.1%}, target {self.target_removed:,}); "
-                    f"predicted error {self.predicted_error:.4g}")
+                    f"predicted error {self.predicted_error:.4g}"
+                    + (f"; MACs kept {self.macs_after / self.macs_before:.1%}" if self.macs_before else ""))
         return "\n".join(rows)
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
@@ -190,6 +206,9 @@ def _short_block(block: str) -> str:
             .replace(".attentions", "").replace(".transformer_blocks", ".tb").replace("transformer_blocks", "tb"))
 
 
+BUDGET_KINDS = ("params", "macs")
+
+
 def allowed_widths(module: ModuleScore, min_keep: float) -> list[int]:
     """Grid widths that keep at least ``min_keep`` of the module (the full width is always allowed)."""
     floor = min_keep * module.full_width
@@ -200,35 +219,103 @@ def removable_params(scores: InfluenceScores, min_keep: float) -> int:
     return sum(m.unit_params * (m.full_width - allowed_widths(m, min_keep)[0]) for m in scores.modules)
 
 
-def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFAULT_MIN_KEEP) -> int:
-    """Parameters to remove; raises ``BudgetError`` naming the valid range when the budget cannot be met."""
+def unit_cost(module: ModuleScore, budget_kind: str) -> int:
+    """What one unit of ``module``'s width costs in the budget's currency: parameters or MACs."""
+    return module.unit_params if budget_kind == "params" else module.unit_macs
+
+
+def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFAULT_MIN_KEEP, budget_kind: str = "params") -> int:
+    """Cost to remove (parameters, or MACs per sample and call); raises ``BudgetError`` naming the valid range
+    when the budget cannot be met.
+
+    ``params``: the budget is the parameters to remove (a fraction of the compressible ones, or a count).
+    ``macs``: the budget is the fraction F of the compressible MACs (at the capture's resolution) to keep.
+    """
     if not 0 <= min_keep < 1 or min_keep != min_keep:
         raise BudgetError(f"min_keep must be in [0, 1), got {min_keep}")
-    compressible = scores.compressible_params
-    max_removable = removable_params(scores, min_keep)
-    target = budget.params(compressible)
+    if budget_kind not in BUDGET_KINDS:
+        raise BudgetError(f"unknown budget kind {budget_kind!r}; valid: {', '.join(BUDGET_KINDS)}")
+    if budget_kind == "params":
+        compressible = scores.compressible_params
+        max_removable = removable_params(scores, min_keep)
+        target = budget.params(compressible)
+        if target < 1 or target > max_removable:
+            raise BudgetError(
+                f"budget {budget.value} asks to remove {target:,} of {compressible:,} compressible parameters; with "
+                f"min_keep={min_keep} at most {max_removable:,} can be removed: valid budgets are fractions in "
+                f"(0, {max_removable / compressible:.4f}] or whole numbers in [1, {max_removable:,}]")
+        return target
+    unknown = [m.name for m in scores.modules if m.unit_macs <= 0]
+    if unknown:
+        raise BudgetError(f"the scores hold no MAC counts for {unknown[0]} (and {len(unknown) - 1} more): they predate MAC "
+                          "counting or their capture saw no single resolution; re-run the capture and score stages")
+    keep = budget.value
+    if not 0 < keep < 1:
+        raise BudgetError(f"a MACs budget is the fraction of compressible MACs to keep, 0 < F < 1; got {keep}")
+    total = sum(m.unit_macs * m.full_width for m in scores.modules)
+    max_removable = sum(m.unit_macs * (m.full_width - allowed_widths(m, min_keep)[0]) for m in scores.modules)
+    target = int(round((1 - keep) * total))
     if target < 1 or target > max_removable:
-        raise BudgetError(
-            f"budget {budget.value} asks to remove {target:,} of {compressible:,} compressible parameters; with "
-            f"min_keep={min_keep} at most {max_removable:,} can be removed: valid budgets are fractions in "
-            f"(0, {max_removable / compressible:.4f}] or whole numbers in [1, {max_removable:,}]")
+        raise BudgetError(f"--macs {keep} asks to keep {keep:.1%} of the compressible MACs; with min_keep={min_keep} at least "
+                          f"{1 - max_removable / total:.4f} must be kept: valid F are in [{1 - max_removable / total:.4f}, 1)")
     return target
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What an allocator moves: one module, or a QK and a VO module held at one width (``tie_qk_vo``)."""
+
+    names: tuple[str, ...]
+    widths: list[int]  # allowed widths, ascending (last = full)
+    cost: int  # budget cost of one unit of width
+    sis: list[float]  # SIS at each allowed width (summed over the tied modules)
+    weight_key: str  # module whose proportional weight applies (uniform/modegpt)
+
+
+def _units(modules: Sequence[ModuleScore], sis: dict, min_keep: float, budget_kind: str, tie_qk_vo: bool) -> list[_Unit]:
+    by_name = {m.name: m for m in modules}
+    partner: dict[str, str] = {}
+    if tie_qk_vo:
+        for m in modules:
+            if m.kind.startswith("qk"):
+                vo = m.name[: -len(".qk")] + ".vo"
+                if vo in by_name and by_name[vo].full_width == m.full_width:
+                    partner[m.name], partner[vo] = vo, m.name
+    units, seen = [], set()
+    for m in modules:
+        if m.name in seen:
+            continue
+        group = [m] + ([by_name[partner[m.name]]] if m.name in partner else [])
+        seen.update(g.name for g in group)
+        allowed = sorted(set.intersection(*(set(allowed_widths(g, min_keep)) for g in group)))
+        curve = [sum(float(sis[g.name][g.widths.index(w)]) for g in group) for w in allowed]
+        units.append(_Unit(tuple(g.name for g in group), allowed, sum(unit_cost(g, budget_kind) for g in group), curve, m.name))
+    return units
 
 
 def allocate(scores: InfluenceScores, budget: Budget | float, allocator: str = "slimdiff",
              min_keep: float = DEFAULT_MIN_KEEP, bucket_weights: Sequence[float] | None = None,
-             temperature: float = DEFAULT_TEMPERATURE) -> WidthPlan:
-    """Choose every module's width so that the budget is met (to within one width step)."""
+             temperature: float = DEFAULT_TEMPERATURE, budget_kind: str = "params", tie_qk_vo: bool = False) -> WidthPlan:
+    """Choose every module's width so that the budget is met (to within one width step).
+
+    ``budget_kind``: ``params`` (remove a fraction or count of the compressible parameters) or ``macs``
+    (keep at most a fraction of the compressible MACs at the capture's resolution). ``tie_qk_vo`` gives
+    the query-key and value-output groups of an attention one per-head width, so fused attention kernels
+    that need equal head widths (flash attention) apply.
+    """
     if allocator not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
-    target = check_budget(scores, budget, min_keep)
+    target = check_budget(scores, budget, min_keep, budget_kind)
     sis = {m.name: m.sis(bucket_weights) for m in scores.modules}
-    allowed = {m.name: allowed_widths(m, min_keep) for m in scores.modules}
+    units = _units(scores.modules, sis, min_keep, budget_kind, tie_qk_vo)
+    if tie_qk_vo and sum(u.cost * (u.widths[-1] - u.widths[0]) for u in units) < target:
+        raise BudgetError(f"with QK and VO tied to one width, at most {sum(u.cost * (u.widths[-1] - u.widths[0]) for u in units):,} "
+                          f"of the {target:,} to remove can go (their common widths are fewer); lower the budget or untie them")
     if allocator == "slimdiff":
-        widths = _greedy(scores.modules, sis, allowed, target)
+        unit_widths = _greedy(units, target)
     elif allocator == "uniform":
-        widths = _proportional(scores.modules, {m.name: 1.0 for m in scores.modules}, allowed, target)
+        unit_widths = _proportional(units, {u.weight_key: 1.0 for u in units}, target)
     else:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -239,62 +326,62 @@ def allocate(scores: InfluenceScores, budget: Budget | float, allocator: str = "
         influence = torch.tensor([scores.block_influence[b] for b in blocks], dtype=torch.float64)
         share = len(blocks) * torch.softmax(-influence / temperature, dim=0)
         weight = {b: float(s) for b, s in zip(blocks, share)}
-        widths = _proportional(scores.modules, {m.name: weight[m.block] for m in scores.modules}, allowed, target)
+        block_of = {m.name: m.block for m in scores.modules}
+        unit_widths = _proportional(units, {u.weight_key: weight[block_of[u.weight_key]] for u in units}, target)
+    widths = {name: unit_widths[u.weight_key] for u in units for name in u.names}
     entries = []
     for m in scores.modules:
         index = m.widths.index(widths[m.name])
-        entries.append(PlanEntry(m.name, m.kind, m.block, m.full_width, widths[m.name], m.unit_params, float(sis[m.name][index])))
+        entries.append(PlanEntry(m.name, m.kind, m.block, m.full_width, widths[m.name], m.unit_params,
+                                 float(sis[m.name][index]), m.unit_macs))
     settings = {
-        "budget": budget.value, "min_keep": min_keep, "bucket_weights": list(bucket_weights) if bucket_weights else None,
+        "budget": budget.value, "budget_kind": budget_kind, "tie_qk_vo": tie_qk_vo, "min_keep": min_keep,
+        "bucket_weights": list(bucket_weights) if bucket_weights else None,
         "granularity": asdict(scores.granularity), "temperature": temperature if allocator == "modegpt" else None,
         "gains_measured": scores.metadata.get("gains_measured"),
     }
     return WidthPlan(allocator, entries, target, settings)
 
 
-def _greedy(modules: Sequence[ModuleScore], sis: dict, allowed: dict, target: int) -> dict[str, int]:
-    """Remove the step with the least SIS increase per parameter until ``target`` parameters are gone."""
-    by_name = {m.name: m for m in modules}
-    position = {m.name: len(allowed[m.name]) - 1 for m in modules}  # index into allowed widths (last = full)
-    widths = {m.name: m.full_width for m in modules}
+def _greedy(units: Sequence[_Unit], target: int) -> dict[str, int]:
+    """Remove the step with the least SIS increase per unit of cost until ``target`` cost is gone."""
+    position = {u.weight_key: len(u.widths) - 1 for u in units}  # index into allowed widths (last = full)
+    by_key = {u.weight_key: u for u in units}
     heap: list[tuple[float, int, str]] = []
 
-    def push(name: str, order: int) -> None:
-        pos = position[name]
+    def push(key: str, order: int) -> None:
+        pos = position[key]
         if pos == 0:
             return
-        module = by_name[name]
-        current, smaller = allowed[name][pos], allowed[name][pos - 1]
-        curve = sis[name]
-        increase = float(curve[module.widths.index(smaller)] - curve[module.widths.index(current)])
-        heapq.heappush(heap, (increase / (module.unit_params * (current - smaller)), order, name))
+        unit = by_key[key]
+        increase = unit.sis[pos - 1] - unit.sis[pos]
+        heapq.heappush(heap, (increase / (unit.cost * (unit.widths[pos] - unit.widths[pos - 1])), order, key))
 
-    for order, m in enumerate(modules):
-        push(m.name, order)
+    for order, u in enumerate(units):
+        push(u.weight_key, order)
     removed = 0
     while removed < target:
-        _, order, name = heapq.heappop(heap)
-        module = by_name[name]
-        pos = position[name]
-        removed += module.unit_params * (allowed[name][pos] - allowed[name][pos - 1])
-        position[name] = pos - 1
-        widths[name] = allowed[name][pos - 1]
-        push(name, order)
-    return widths
+        _, order, key = heapq.heappop(heap)
+        unit = by_key[key]
+        pos = position[key]
+        removed += unit.cost * (unit.widths[pos] - unit.widths[pos - 1])
+        position[key] = pos - 1
+        push(key, order)
+    return {key: by_key[key].widths[pos] for key, pos in position.items()}
 
 
-def _proportional(modules: Sequence[ModuleScore], weight: dict[str, float], allowed: dict, target: int) -> dict[str, int]:
-    """Remove fraction t * weight_m of every module, t found by bisection, then single steps to meet the target."""
+def _proportional(units: Sequence[_Unit], weight: dict[str, float], target: int) -> dict[str, int]:
+    """Remove fraction t * weight of every unit, t found by bisection, then single steps to meet the target."""
 
     def widths_at(t: float) -> dict[str, int]:
         out = {}
-        for m in modules:
-            want = m.full_width * (1 - min(1.0, t * weight[m.name]))
-            out[m.name] = next((w for w in allowed[m.name] if w >= want - 1e-9), m.full_width)
+        for u in units:
+            want = u.widths[-1] * (1 - min(1.0, t * weight[u.weight_key]))
+            out[u.weight_key] = next((w for w in u.widths if w >= want - 1e-9), u.widths[-1])
         return out
 
     def removed(widths: dict[str, int]) -> int:
-        return sum(m.unit_params * (m.full_width - widths[m.name]) for m in modules)
+        return sum(u.cost * (u.widths[-1] - widths[u.weight_key]) for u in units)
 
     lo, hi = 0.0, 1.0 / max(min(weight.values()), 1e-12)
     for _ in range(100):
@@ -305,11 +392,12 @@ def _proportional(modules: Sequence[ModuleScore], weight: dict[str, float], allo
             hi = mid
     widths = widths_at(lo)
     total = removed(widths)
+    order = {u.weight_key: i for i, u in enumerate(units)}
     while total < target:
-        # the module furthest behind its desired removal fraction takes the next step
-        candidates = [m for m in modules if widths[m.name] > allowed[m.name][0]]
-        m = max(candidates, key=lambda m: (weight[m.name] * hi - (1 - widths[m.name] / m.full_width), -modules.index(m)))
-        smaller = max(w for w in allowed[m.name] if w < widths[m.name])
-        total += m.unit_params * (widths[m.name] - smaller)
-        widths[m.name] = smaller
+        # the unit furthest behind its desired removal fraction takes the next step
+        candidates = [u for u in units if widths[u.weight_key] > u.widths[0]]
+        u = max(candidates, key=lambda u: (weight[u.weight_key] * hi - (1 - widths[u.weight_key] / u.widths[-1]), -order[u.weight_key]))
+        smaller = max(w for w in u.widths if w < widths[u.weight_key])
+        total += u.cost * (widths[u.weight_key] - smaller)
+        widths[u.weight_key] = smaller
     return widths

@@ -295,7 +295,7 @@ class Capture:
 # Metadata keys that must agree between shards (everything that defines the sampling distribution).
 _SHARD_INVARIANT_KEYS = (
     "model_id", "model_hash", "denoiser_class", "scheduler", "num_inference_steps", "guidance_scale",
-    "height", "width", "seed", "bucket_edges",
+    "height", "width", "seed", "bucket_edges", "site_tokens",
 )
 
 
@@ -375,6 +375,8 @@ class ActivationRecorder:
         elif set(stats) != set(self.site_names):
             raise ValueError("statistics to continue hold other sites than the ones to hook")
         self.stats = stats
+        # tokens per sample each site saw (-1: several resolutions): what a MACs budget counts
+        self.site_tokens: dict[str, int] = {}
         self._bucket_ids: Tensor | None = None
         self._handles: list = []
         self._signature = inspect.signature(denoiser.forward)
@@ -405,6 +407,9 @@ class ActivationRecorder:
                 raise RuntimeError(f"{site} ran outside a denoiser call; cannot assign a timestep bucket")
             ids = self._bucket_ids
             stats = self.stats[site]
+            tokens = x.shape[-2] if x.dim() >= 3 else 1
+            if self.site_tokens.setdefault(site, tokens) != tokens:
+                self.site_tokens[site] = -1
             if bool((ids == ids[0]).all()):
                 groups = [(int(ids[0]), None)]
             elif x.shape[0] == ids.shape[0]:
@@ -619,6 +624,7 @@ def capture(
         "prompt_hashes": sorted(hashes),
         "prompts_digest": prompts_digest_from_hashes(hashes),
         "denoiser_calls": recorder.calls,
+        "site_tokens": dict(recorder.site_tokens),
         "dtype": fingerprint["dtype"],
         "device_type": device.type,
     }

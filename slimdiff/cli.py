@@ -33,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="capture, score, allocate and decompose; save the compressed pipeline")
     c.add_argument("model", help="local diffusers pipeline folder or hub id")
     c.add_argument("--prompts", required=True, help="calibration prompts: .txt (one per line), .json or .jsonl")
-    c.add_argument("--budget", required=True, help="fraction of compressible parameters to remove (0<b<1) or a whole count")
+    c.add_argument("--budget", default=None, help="fraction of compressible parameters to remove (0<b<1) or a whole count")
+    c.add_argument("--macs", default=None, help="instead of --budget: keep at most this fraction F of the compressible MACs "
+                   "at the capture's resolution (0<F<1)")
+    c.add_argument("--tie-qk-vo", action="store_true", help="one per-head width for QK and VO of each attention "
+                   "(flash attention needs equal head widths)")
     c.add_argument("--out", required=True, help="output folder (diffusers layout)")
     c.add_argument("--allocator", default="slimdiff", choices=["slimdiff", "uniform", "modegpt"])
     c.add_argument("--min-keep", type=float, default=0.1, help="minimum kept fraction per module")
@@ -46,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--buckets", type=int, default=4, help="timestep buckets")
     c.add_argument("--reg", type=float, default=1e-3, help="covariance regularisation lambda")
     c.add_argument("--ffn-step", type=int, default=8)
-    c.add_argument("--rank-step", type=int, default=1)
+    c.add_argument("--rank-step", default="auto", help="per-head width step: a whole number, or auto = 8 on CUDA, 1 elsewhere")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--save-capture", default=None, help="also write the capture (safetensors) here")
     c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -60,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("allocate", help="a width plan from saved influence scores (no model needed)")
     a.add_argument("scores", help="scores JSON written by the score stage")
-    a.add_argument("--budget", required=True)
+    a.add_argument("--budget", default=None, help="fraction of compressible parameters to remove, or a whole count")
+    a.add_argument("--macs", default=None, help="instead of --budget: fraction of compressible MACs to keep")
+    a.add_argument("--tie-qk-vo", action="store_true", help="one per-head width for QK and VO of each attention")
     a.add_argument("--allocator", default="slimdiff", choices=["slimdiff", "uniform", "modegpt"])
     a.add_argument("--min-keep", type=float, default=0.1)
     a.add_argument("--out", required=True, help="plan JSON")
@@ -68,17 +74,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _budget_of(args: argparse.Namespace):
+    """(Budget, kind) from exactly one of --budget (parameters removed) and --macs (MACs kept)."""
+    from slimdiff.allocate import Budget, BudgetError
+
+    if (args.budget is None) == (args.macs is None):
+        raise BudgetError("give exactly one budget: --budget B (parameters to remove) or --macs F (fraction of MACs to keep)")
+    if args.macs is not None:
+        try:
+            keep = float(args.macs)
+        except ValueError:
+            keep = float("nan")
+        if not 0 < keep < 1:
+            raise BudgetError(f"--macs is the fraction of compressible MACs to keep, 0 < F < 1; got {args.macs}")
+        return Budget(keep), "macs"
+    return Budget.parse(args.budget), "params"
+
+
 def _compress(args: argparse.Namespace) -> int:
-    from slimdiff.allocate import Budget
     from slimdiff.capture import SamplerSettings
     from slimdiff.compress import SlimDiffConfig, compress_pipeline, load_pipeline, read_prompts
-    from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype
+    from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype, resolve_rank_step
     from slimdiff.io import save
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     check_dtype_runs(device, dtype)
-    config = SlimDiffConfig(budget=Budget.parse(args.budget).value, allocator=args.allocator, min_keep=args.min_keep,
-                            reg=args.reg, num_buckets=args.buckets, ffn_step=args.ffn_step, rank_step=args.rank_step,
+    budget, budget_kind = _budget_of(args)
+    config = SlimDiffConfig(budget=budget.value, budget_kind=budget_kind, tie_qk_vo=args.tie_qk_vo, allocator=args.allocator,
+                            min_keep=args.min_keep, reg=args.reg, num_buckets=args.buckets, ffn_step=args.ffn_step,
+                            rank_step=resolve_rank_step(args.rank_step, device),
                             batch_size=args.batch_size)
     sampler = SamplerSettings(args.steps, args.guidance, args.height, args.width, args.seed)
     out = Path(args.out)
@@ -114,11 +138,12 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _allocate(args: argparse.Namespace) -> int:
-    from slimdiff.allocate import Budget, allocate
+    from slimdiff.allocate import allocate
     from slimdiff.influence import InfluenceScores
 
-    budget = Budget.parse(args.budget)
-    plan = allocate(InfluenceScores.load(args.scores), budget, args.allocator, args.min_keep)
+    budget, budget_kind = _budget_of(args)
+    plan = allocate(InfluenceScores.load(args.scores), budget, args.allocator, args.min_keep, budget_kind=budget_kind,
+                    tie_qk_vo=args.tie_qk_vo)
     plan.save(args.out)
     if args.plot:
         plan.plot(args.plot)

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
-from slimdiff.allocate import ALLOCATORS, DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, WidthPlan, allocate, check_budget
+from slimdiff.allocate import (ALLOCATORS, BUDGET_KINDS, DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, BudgetError, WidthPlan,
+                               allocate, check_budget)
 from slimdiff.capture import Capture, SamplerSettings, capture, denoiser_of
 from slimdiff.decompose import DEFAULT_REG
 from slimdiff.groups import compressible_groups
@@ -29,6 +30,8 @@ class SlimDiffConfig:
     """Every setting of a compression, versioned; round-trips through JSON and is saved beside the weights."""
 
     budget: float = 0.4
+    budget_kind: str = "params"  # params: remove this fraction (or count) of parameters; macs: keep this fraction of MACs
+    tie_qk_vo: bool = False
     allocator: str = "slimdiff"
     min_keep: float = DEFAULT_MIN_KEEP
     ffn_step: int = 8
@@ -46,6 +49,10 @@ class SlimDiffConfig:
 
     def __post_init__(self) -> None:
         Budget.parse(self.budget)
+        if self.budget_kind not in BUDGET_KINDS:
+            raise ValueError(f"unknown budget kind {self.budget_kind!r}; valid: {', '.join(BUDGET_KINDS)}")
+        if self.budget_kind == "macs" and not 0 < self.budget < 1:
+            raise BudgetError(f"a MACs budget is the fraction of compressible MACs to keep, 0 < F < 1; got {self.budget}")
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"unknown allocator {self.allocator!r}; choose one of {', '.join(ALLOCATORS)}")
         if not 0 <= self.min_keep < 1:
@@ -115,13 +122,15 @@ def compress_pipeline(pipe, prompts: Sequence[str], config: SlimDiffConfig = Sli
     """Compress ``pipe``'s denoiser in place with the full SlimDiff method; returns the artifacts."""
     _, denoiser = denoiser_of(pipe)
     groups = compressible_groups(denoiser)
-    check_budget(skeleton_scores(groups, config.granularity), Budget.parse(config.budget), config.min_keep)  # before any work
+    if config.budget_kind == "params":  # a MACs budget needs the capture's token counts; its range is checked after it
+        check_budget(skeleton_scores(groups, config.granularity), Budget.parse(config.budget), config.min_keep)  # before any work
     stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
                     groups=groups, model_id=model_id, progress=progress)
     gains = measure_gains(pipe, list(prompts)[: config.gain_prompts], sampler, config.gain_calls, config.rel_noise,
                           seed=sampler.seed, progress=progress)
     scores = score(denoiser, stats, gains, config.granularity, config.reg, config.max_ffn_points, progress=progress)
-    plan = allocate(scores, Budget.parse(config.budget), config.allocator, config.min_keep, config.bucket_weights, config.temperature)
+    plan = allocate(scores, Budget.parse(config.budget), config.allocator, config.min_keep, config.bucket_weights, config.temperature,
+                    config.budget_kind, config.tie_qk_vo)
     results = decompose(denoiser, stats, plan.widths, config.reg, progress=progress)
     return CompressionResult(config, stats, scores, plan, results, gains)
 

@@ -82,6 +82,25 @@ def linalg_device(device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
+def width_multiple(device: torch.device) -> int:
+    """Per-head width multiple the device's fast kernels like: 8 on CUDA (fused attention and tensor cores
+    want head widths in multiples of 8), 1 elsewhere."""
+    return 8 if device.type == "cuda" else 1
+
+
+def resolve_rank_step(value: int | str, device: torch.device) -> int:
+    """``score.rank_step`` / ``--rank-step``: a whole number >= 1, or ``auto`` = ``width_multiple(device)``."""
+    if str(value).strip().lower() == "auto":
+        return width_multiple(device)
+    try:
+        step = int(value)
+    except (TypeError, ValueError):
+        raise DeviceError(f"rank step must be a whole number >= 1 or 'auto', got {value!r}") from None
+    if step < 1 or str(step) != str(value).strip():
+        raise DeviceError(f"rank step must be a whole number >= 1 or 'auto', got {value!r}")
+    return step
+
+
 def module_device(module: nn.Module) -> torch.device:
     """The device of a module's first parameter (the CPU for a module without parameters)."""
     parameter = next(module.parameters(), None)

@@ -57,6 +57,17 @@ class ModuleGroup:
         up_rows = 2 if self.gated else 1
         return up_rows * (self.in_features + int(self.bias_in)) + self.out_features
 
+    def unit_macs(self, query_tokens: int, key_tokens: int) -> int:
+        """Multiply-accumulates that one unit of width costs per sample and call, with ``query_tokens`` rows
+        (FFN: its tokens) and ``key_tokens`` key/value rows: the projections, and for attention the logits
+        (QK) or the probability-weighted values (VO). Biases and softmax are not counted."""
+        if self.kind.startswith("qk"):
+            return self.heads * (query_tokens * self.in_features + key_tokens * self.out_features + query_tokens * key_tokens)
+        if self.kind.startswith("vo"):
+            return self.heads * (key_tokens * self.in_features + query_tokens * self.out_features + query_tokens * key_tokens)
+        up_rows = 2 if self.gated else 1
+        return query_tokens * (up_rows * self.in_features + self.out_features)
+
     def params_at(self, width: int) -> int:
         """Parameters of this group at ``width``, not counting width-independent biases."""
         return self.unit_params * width

@@ -67,6 +67,7 @@ class ModuleScore:
     widths: list[int]
     errors: list[list[float] | None]  # [bucket][width index]; None where a bucket saw no tokens
     gain: float = 1.0
+    unit_macs: int = 0  # MACs of one unit of width per sample and call at the capture's resolution (0: unknown)
 
     def error(self, bucket_weights: Sequence[float] | None = None) -> Tensor:
         """Bucket-weighted predicted error at each grid width (weights renormalised over seen buckets)."""
@@ -219,7 +220,19 @@ def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, gran
             curve = vo_error_under(decomposition, cov_y).cpu()
             errors[b] = [float(curve[w]) for w in widths]
     return ModuleScore(group.name, group.kind, group.block, group.heads, group.width, group.unit_params, widths, errors,
-                       1.0 if gain is None else gain)
+                       1.0 if gain is None else gain, unit_macs_of(group, capture.metadata.get("site_tokens", {})))
+
+
+def unit_macs_of(group: ModuleGroup, site_tokens: dict[str, int]) -> int:
+    """``group.unit_macs`` at the token counts the capture saw (0 when it saw none or several resolutions)."""
+    if group.kind == "ffn":
+        query_site = key_site = f"{group.path}.net.2"
+    else:
+        query_site, key_site = f"{group.path}.to_q", group_input_sites(group)[1]
+    query_tokens, key_tokens = site_tokens.get(query_site, 0), site_tokens.get(key_site, 0)
+    if query_tokens <= 0 or key_tokens <= 0:
+        return 0
+    return group.unit_macs(query_tokens, key_tokens)
 
 
 def score(denoiser: nn.Module, capture: Capture, gains: "Gains | None" = None, granularity: Granularity = Granularity(),

@@ -59,11 +59,15 @@ def config_from(params: dict[str, Any]):
     """The SlimDiffConfig these params describe (one place that maps params.yaml keys to settings)."""
     from slimdiff.compress import SlimDiffConfig
 
+    from slimdiff.device import resolve_device, resolve_rank_step
+
     a, s, c = params["allocate"], params["score"], params["capture"]
+    rank_step = resolve_rank_step(s["rank_step"], resolve_device(params["model"].get("device", "auto")))
     return SlimDiffConfig(
-        budget=float(a["budget"]), allocator=a["allocator"], min_keep=float(a["min_keep"]),
+        budget=float(a["budget"]), budget_kind=str(a.get("budget_kind", "params")), tie_qk_vo=bool(a.get("tie_qk_vo", False)),
+        allocator=a["allocator"], min_keep=float(a["min_keep"]),
         temperature=float(a.get("temperature", 0.1)), bucket_weights=tuple(a["bucket_weights"]) if a.get("bucket_weights") else None,
-        reg=float(s["reg"]), ffn_step=int(s["ffn_step"]), rank_step=int(s["rank_step"]), max_ffn_points=int(s["max_ffn_points"]),
+        reg=float(s["reg"]), ffn_step=int(s["ffn_step"]), rank_step=rank_step, max_ffn_points=int(s["max_ffn_points"]),
         gain_prompts=int(s["gain_prompts"]), gain_calls=int(s["gain_calls"]), rel_noise=float(s["rel_noise"]),
         num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]),
     )
@@ -153,12 +157,13 @@ def stage_allocate(params: dict[str, Any]) -> None:
 
     config = config_from(params)
     plan = allocate(InfluenceScores.load(SCORES_FILE), Budget.parse(config.budget), config.allocator, config.min_keep,
-                    config.bucket_weights, config.temperature)
+                    config.bucket_weights, config.temperature, config.budget_kind, config.tie_qk_vo)
     plan.save(PLAN_FILE)
     plan.plot(PLAN_PLOT)
     write_json(PLAN_METRICS, {"compressible_before": plan.params_before, "compressible_after": plan.params_after,
                               "removed": plan.removed, "removed_fraction": plan.removed / plan.params_before,
-                              "predicted_error": plan.predicted_error})
+                              "predicted_error": plan.predicted_error,
+                              "macs_kept_fraction": plan.macs_after / plan.macs_before if plan.macs_before else None})
     print(plan.table().splitlines()[-1])
 
 

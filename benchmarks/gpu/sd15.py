@@ -37,7 +37,7 @@ from slimdiff.allocate import allocate  # noqa: E402
 from slimdiff.capture import _MIXED_MM, ActivationRecorder, SamplerSettings, capture, gram, model_content_hash, sites_for  # noqa: E402
 from slimdiff.device import describe_device, linalg_device, resolve_device, resolve_dtype  # noqa: E402
 from slimdiff.groups import compressible_groups  # noqa: E402
-from slimdiff.influence import measure_gains, score  # noqa: E402
+from slimdiff.influence import Granularity, measure_gains, score  # noqa: E402
 from slimdiff.io import load, save  # noqa: E402
 from slimdiff.slim import SlimAttnProcessor, decompose  # noqa: E402
 from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
@@ -302,6 +302,13 @@ def run(args: argparse.Namespace) -> dict:
         original = copy.deepcopy(unet)
         with Step(results, "decompose", device):
             decompose(unet, stats, plan.widths, progress=True)
+        # the same budget with hardware-friendly widths: per-head widths in multiples of 8, QK and VO tied
+        friendly_scores = score(original, stats, gains, Granularity(8, 8), max_ffn_points=args.ffn_points)
+        friendly_plan = allocate(friendly_scores, args.budget, tie_qk_vo=True)
+        friendly = copy.deepcopy(original)
+        decompose(friendly, stats, friendly_plan.widths)
+        results["friendly_plan"] = {"rank_step": 8, "tie_qk_vo": True, "params_removed": friendly_plan.removed,
+                                    "predicted_error": friendly_plan.predicted_error, "default_predicted_error": plan.predicted_error}
         del stats
         results["compressed_unet_params"] = sum(p.numel() for p in unet.parameters())
         latents = 64 if not args.smoke else 8
@@ -310,8 +317,10 @@ def run(args: argparse.Namespace) -> dict:
         inputs = {"sample": torch.randn(2, 4, latents, latents, generator=generator).to(device, dtype),
                   "timestep": torch.tensor(500, device=device),
                   "encoder_hidden_states": torch.randn(2, 77, cross_dim, generator=generator).to(device, dtype)}
-        results["latency_ms"] = denoiser_latency({"original": original, "compressed": unet}, inputs, device, args.latency_repeats)
+        results["latency_ms"] = denoiser_latency({"original": original, "compressed": unet, "compressed_rank8_tied": friendly},
+                                                 inputs, device, args.latency_repeats)
         results["denoiser_speedup"] = results["latency_ms"]["original"] / results["latency_ms"]["compressed"]
+        results["denoiser_speedup_rank8_tied"] = results["latency_ms"]["original"] / results["latency_ms"]["compressed_rank8_tied"]
         if device.type == "cuda":
             tokens_of = {}
             side = latents
@@ -324,6 +333,7 @@ def run(args: argparse.Namespace) -> dict:
                 tokens_of[f"up_blocks.{i}"] = side * side
                 side *= 2
             results["sdpa_compressed"] = sdpa_backends(unet, device, dtype, tokens_of, 77)
+            results["sdpa_compressed_rank8_tied"] = sdpa_backends(friendly, device, dtype, tokens_of, 77)
             results["peak_gpu_gib_job"] = max(s.get("peak_gpu_gib", 0.0) for s in results["steps"].values())
         dump_partial(results)
         with Step(results, "save", device):
@@ -398,10 +408,22 @@ def render(r: dict) -> str:
         f"{r['latency_ms']['compressed']:.1f} ms: x{r['denoiser_speedup']:.2f} |",
         f"| reloaded model bit-exact | {r.get('reload_bit_exact', 'not measured')} |",
     ]
+    friendly = r.get("friendly_plan")
+    if friendly:
+        lines += [
+            f"| same budget, per-head widths in multiples of 8 and QK = VO width: latency | "
+            f"{r['latency_ms']['compressed_rank8_tied']:.1f} ms: x{r['denoiser_speedup_rank8_tied']:.2f} "
+            f"(predicted error {friendly['predicted_error']:.4g} vs {friendly['default_predicted_error']:.4g}) |",
+        ]
     sdpa = r.get("sdpa_compressed")
     if sdpa:
         usable = ", ".join(f"{k} {v}/{sdpa['attention_modules']}" for k, v in sdpa["usable_count"].items())
-        lines += [f"| SDPA backends usable by the compressed attention | {usable} |", ""]
+        lines += [f"| SDPA backends usable by the compressed attention | {usable} |"]
+        if r.get("sdpa_compressed_rank8_tied"):
+            tied = r["sdpa_compressed_rank8_tied"]
+            lines.append("| SDPA backends usable, multiples of 8 and tied | "
+                         + ", ".join(f"{k} {v}/{tied['attention_modules']}" for k, v in tied["usable_count"].items()) + " |")
+        lines.append("")
         lines += ["A backend is usable when `torch.nn.attention.sdpa_kernel([backend])` accepts the compressed module's",
                   "query, key and value shapes (batch 2, its level's tokens). Flash attention needs equal query-key and value",
                   "head widths; the fused kernels want head widths that are multiples of 8. The plan gives QK and VO their",
