@@ -306,6 +306,9 @@ def allocate(scores: InfluenceScores, budget: Budget | float, allocator: str = "
     if allocator not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    if bucket_weights is not None and (any(not math.isfinite(float(w)) or w < 0 for w in bucket_weights)
+                                       or not sum(bucket_weights) > 0):
+        raise ValueError(f"bucket_weights must be finite numbers >= 0 with a positive sum, got {list(bucket_weights)}")
     target = check_budget(scores, budget, min_keep, budget_kind)
     sis = {m.name: m.sis(bucket_weights) for m in scores.modules}
     units = _units(scores.modules, sis, min_keep, budget_kind, tie_qk_vo)

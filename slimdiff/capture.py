@@ -242,10 +242,11 @@ class Capture:
 
     def check_finite(self, where: str = "capture") -> None:
         """Fail naming the first site whose sums hold NaN or Inf (e.g. half-precision activations that overflowed)."""
-        for site, stats in self.sites.items():
-            if not bool(torch.isfinite(stats.sum_outer).all()):
-                raise ValueError(f"{where}: the statistics of {site} hold NaN/Inf: its activations overflowed or were "
-                                 "not finite; capture with --dtype float32 or bfloat16")
+        bad = [site for site, stats in self.sites.items() if not bool(torch.isfinite(stats.sum_outer).all())]
+        if bad:
+            more = f" (and {len(bad) - 1} more sites)" if len(bad) > 1 else ""
+            raise ValueError(f"{where}: the statistics of {bad[0]}{more} hold NaN/Inf: activations overflowed or were "
+                             "not finite; capture with --dtype float32 or bfloat16")
 
     def save(self, path: str | Path) -> Path:
         """Write to a safetensors file (tensors on the CPU + JSON metadata), atomically."""
@@ -265,31 +266,66 @@ class Capture:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "Capture":
-        """Read a capture written by ``save`` onto ``device``; fails with the file name on a wrong format."""
-        from safetensors import safe_open
+        """Read a capture written by ``save`` onto ``device``; a missing, truncated, corrupt, foreign or inconsistent
+        file fails with one line naming it and what is wrong."""
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"capture file not found: {path}")
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            raw = (handle.metadata() or {}).get("slimdiff")
-            if raw is None:
-                raise ValueError(f"{path} is not a slimdiff capture (no 'slimdiff' metadata)")
-            header = json.loads(raw)
-            if header.get("format") != CAPTURE_FORMAT:
-                raise ValueError(f"{path}: capture format {header.get('format')!r}, this slimdiff reads {CAPTURE_FORMAT!r}; "
-                                 "re-run the capture")
-            parts: dict[str, dict[str, Tensor]] = {}
-            for key in handle.keys():
-                site, part = key.rsplit("|", 1)
-                parts.setdefault(site, {})[part] = handle.get_tensor(key)
-        sites = {}
-        for site, p in parts.items():
-            missing = [part for part in ("sum_outer", "sum", "count") if part not in p]
-            if missing:
-                raise ValueError(f"{path}: site {site} lacks {', '.join(missing)}; the file is incomplete")
-            sites[site] = SiteStats(p["sum_outer"], p["sum"], p["count"].cpu(), p.get("bucket_sum_outer"), p.get("bucket_sum"))
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                raw = (handle.metadata() or {}).get("slimdiff")
+                if raw is None:
+                    raise ValueError(f"{path} is not a slimdiff capture (no 'slimdiff' metadata)")
+                header = json.loads(raw)
+                if header.get("format") != CAPTURE_FORMAT:
+                    raise ValueError(f"{path}: capture format {header.get('format')!r}, this slimdiff reads {CAPTURE_FORMAT!r}; "
+                                     "re-run the capture")
+                parts: dict[str, dict[str, Tensor]] = {}
+                for key in handle.keys():
+                    site, part = key.rsplit("|", 1)
+                    parts.setdefault(site, {})[part] = handle.get_tensor(key)
+        except (SafetensorError, json.JSONDecodeError, OSError) as error:
+            # not re-raised as is: a raw parser traceback would not say which artifact to re-create
+            raise ValueError(f"{path}: unreadable capture ({str(error).splitlines()[0][:160]}); the file is truncated or "
+                             "corrupt, re-run the capture") from None
+        if not parts:
+            raise ValueError(f"{path}: the capture holds no statistics")
+        sites = {site: _site_stats(path, site, p) for site, p in parts.items()}
+        buckets = {s.num_buckets for s in sites.values()}
+        if len(buckets) != 1:
+            raise ValueError(f"{path}: sites disagree on the number of timestep buckets ({sorted(buckets)}); the file is corrupt")
         return cls(sites, header.get("metadata", {}))
+
+
+def _site_stats(path: Path, site: str, parts: dict[str, Tensor]) -> SiteStats:
+    """One site's sums, after checking that every part is there with consistent shapes and dtypes."""
+    missing = [part for part in ("sum_outer", "sum", "count") if part not in parts]
+    if missing:
+        raise ValueError(f"{path}: site {site} lacks {', '.join(missing)}; the file is incomplete")
+    outer, first, count = parts["sum_outer"], parts["sum"], parts["count"]
+    dim = first.shape[0] if first.dim() == 1 else -1
+    problems = []
+    if first.dim() != 1 or tuple(outer.shape) != (dim, dim):
+        problems.append(f"sum_outer {tuple(outer.shape)} and sum {tuple(first.shape)} are not (d, d) and (d,)")
+    if outer.dtype != torch.float64 or first.dtype != torch.float64:
+        problems.append(f"pooled sums are {outer.dtype}/{first.dtype}, expected float64")
+    if count.dim() != 1 or count.dtype != torch.int64:
+        problems.append(f"count is {count.dtype} {tuple(count.shape)}, expected int64 (buckets,)")
+    bucket_outer, bucket_first = parts.get("bucket_sum_outer"), parts.get("bucket_sum")
+    if (bucket_outer is None) != (bucket_first is None):
+        problems.append("only one of bucket_sum_outer and bucket_sum is present")
+    elif bucket_outer is not None:
+        buckets = count.shape[0]
+        if tuple(bucket_outer.shape) != (buckets, dim, dim) or tuple(bucket_first.shape) != (buckets, dim):
+            problems.append(f"bucket sums {tuple(bucket_outer.shape)}/{tuple(bucket_first.shape)} do not match "
+                            f"{buckets} buckets of width {dim}")
+    elif count.shape[0] > 1:
+        problems.append(f"{count.shape[0]} buckets but no per-bucket sums")
+    if problems:
+        raise ValueError(f"{path}: site {site}: {problems[0]}; the file is corrupt, re-run the capture")
+    return SiteStats(outer, first, count.cpu(), bucket_outer, bucket_first)
 
 
 # Metadata keys that must agree between shards (everything that defines the sampling distribution).
@@ -346,6 +382,17 @@ def model_content_hash(module: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_model(capture: Capture, denoiser: nn.Module, source: str = "the capture") -> None:
+    """Fail when ``capture`` was taken on another checkpoint than ``denoiser`` (same shapes or not)."""
+    recorded = capture.metadata.get("model_hash")
+    if not recorded:
+        raise ValueError(f"{source} records no model hash; re-run the capture with this slimdiff")
+    actual = model_content_hash(denoiser)
+    if actual != recorded:
+        raise ValueError(f"{source} was taken on model {recorded[:12]}, but this model is {actual[:12]}; "
+                         "re-run the capture for this checkpoint")
 
 
 class ActivationRecorder:

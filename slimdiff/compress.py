@@ -8,6 +8,7 @@ those one at a time so each result is a versioned file.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,8 +63,12 @@ class SlimDiffConfig:
             raise ValueError(f"reg must be >= 0, got {self.reg}")
         if self.num_buckets < 1:
             raise ValueError(f"num_buckets must be >= 1, got {self.num_buckets}")
-        if self.bucket_weights is not None and len(self.bucket_weights) != self.num_buckets:
-            raise ValueError(f"{len(self.bucket_weights)} bucket_weights for num_buckets={self.num_buckets}")
+        if self.bucket_weights is not None:
+            if len(self.bucket_weights) != self.num_buckets:
+                raise ValueError(f"{len(self.bucket_weights)} bucket_weights for num_buckets={self.num_buckets}")
+            bad = [w for w in self.bucket_weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)]
+            if bad or not sum(self.bucket_weights) > 0:
+                raise ValueError(f"bucket_weights must be finite numbers >= 0 with a positive sum, got {list(self.bucket_weights)}")
         for name in ("gain_prompts", "gain_calls", "batch_size", "max_ffn_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -140,13 +140,14 @@ def stage_gains(params: dict[str, Any]) -> None:
 
 
 def stage_score(params: dict[str, Any]) -> None:
-    from slimdiff.capture import Capture, denoiser_of
+    from slimdiff.capture import Capture, check_model, denoiser_of
     from slimdiff.influence import Gains, score
 
     config = config_from(params)
     _, denoiser = denoiser_of(_pipeline(params))
-    scores = score(denoiser, Capture.load(CAPTURE_FILE), Gains.load(GAINS_FILE), config.granularity, config.reg,
-                   config.max_ffn_points, progress=True)
+    stats = Capture.load(CAPTURE_FILE)
+    check_model(stats, denoiser, str(CAPTURE_FILE))
+    scores = score(denoiser, stats, Gains.load(GAINS_FILE), config.granularity, config.reg, config.max_ffn_points, progress=True)
     scores.save(SCORES_FILE)
 
 
@@ -169,7 +170,7 @@ def stage_allocate(params: dict[str, Any]) -> None:
 
 def stage_decompose(params: dict[str, Any]) -> None:
     from slimdiff.allocate import WidthPlan
-    from slimdiff.capture import Capture, denoiser_of
+    from slimdiff.capture import Capture, check_model, denoiser_of
     from slimdiff.compress import CompressionResult
     from slimdiff.io import save
     from slimdiff.slim import decompose
@@ -178,6 +179,7 @@ def stage_decompose(params: dict[str, Any]) -> None:
     pipe = _pipeline(params)
     _, denoiser = denoiser_of(pipe)
     stats = Capture.load(CAPTURE_FILE)
+    check_model(stats, denoiser, str(CAPTURE_FILE))
     plan = WidthPlan.load(PLAN_FILE)
     groups = decompose(denoiser, stats, plan.widths, config.reg, progress=True)
     result = CompressionResult(config, stats, None, plan, groups)

@@ -1,0 +1,166 @@
+"""Bad files and bad values fail with one line naming the file or value (issue 14, first cases)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from slimdiff.allocate import allocate
+from slimdiff.capture import Capture, SamplerSettings, capture, check_model
+from slimdiff.compress import SlimDiffConfig
+from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+
+SAMPLER = SamplerSettings(num_inference_steps=2, guidance_scale=4.0, seed=5)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    pipe = tiny_sd_pipeline()
+    stats = capture(pipe, TINY_PROMPTS[:4], SAMPLER, batch_size=4, progress=False)
+    path = stats.save(tmp_path_factory.mktemp("faults") / "capture.safetensors")
+    return pipe, stats, path
+
+
+def rewrite(stats: Capture, path, change) -> None:
+    """Write ``stats`` to ``path`` with ``change(tensors)`` applied to the raw tensor dict (header kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    stats.save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def first_site(stats: Capture) -> str:
+    return next(iter(stats.sites))
+
+
+def test_truncated_and_flipped_captures_name_the_file(saved, tmp_path):
+    _, _, path = saved
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated\.safetensors: unreadable capture .*re-run the capture"):
+        Capture.load(truncated)
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(data[:3] + bytes([data[3] ^ 0xFF]) + data[4:])  # the header length
+    with pytest.raises(ValueError, match=r"flipped\.safetensors: unreadable capture"):
+        Capture.load(flipped)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t, s: t.pop(f"{s}|count"), "lacks count"),
+    (lambda t, s: t.__setitem__(f"{s}|sum", t[f"{s}|sum"][:-1].clone()), "are not \\(d, d\\) and \\(d,\\)"),
+    (lambda t, s: t.__setitem__(f"{s}|sum_outer", t[f"{s}|sum_outer"].float()), "expected float64"),
+    (lambda t, s: t.__setitem__(f"{s}|bucket_sum", t[f"{s}|bucket_sum"][:2].clone()), "do not match 4 buckets"),
+    (lambda t, s: t.pop(f"{s}|bucket_sum_outer"), "only one of bucket_sum_outer and bucket_sum"),
+])
+def test_inconsistent_parts_are_refused(saved, tmp_path, change, message):
+    _, stats, _ = saved
+    path = tmp_path / "bad.safetensors"
+    rewrite(stats, path, lambda tensors: change(tensors, first_site(stats)))
+    with pytest.raises(ValueError, match=message):
+        Capture.load(path)
+
+
+def test_capture_of_another_checkpoint_is_refused(saved):
+    pipe, stats, path = saved
+    other = tiny_sd_pipeline(seed=1)  # same shapes, other weights
+    check_model(Capture.load(path), pipe.unet, str(path))  # its own model passes
+    with pytest.raises(ValueError, match=r"capture\.safetensors was taken on model [0-9a-f]{12}, but this model is [0-9a-f]{12}"):
+        check_model(Capture.load(path), other.unet, str(path))
+
+
+def test_score_stage_refuses_a_capture_from_another_checkpoint(saved, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from slimdiff.stages import main
+
+    _, _, path = saved
+    repo = Path(__file__).resolve().parents[1]
+    tiny_sd_pipeline(seed=1).save_pretrained(tmp_path / "model")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update({"path": "model", "device": "cpu"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "capture.safetensors").write_bytes(path.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["score"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "outputs/capture.safetensors was taken on model" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "outputs" / "scores.json").exists()
+
+
+def test_overflowing_activations_stop_the_capture_naming_the_site():
+    pipe = tiny_sd_pipeline()
+    block = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    with torch.no_grad():
+        block.ff.net[0].proj.weight.fill_(1e38)  # the gated hidden activation overflows to inf / nan
+    # the first non-finite sum stops the capture; later denoising steps carry the NaN to other sites, all counted
+    with pytest.raises(ValueError, match=r"statistics of \S+ \(and \d+ more sites\) hold NaN/Inf"):
+        capture(pipe, TINY_PROMPTS[:2], SAMPLER, batch_size=2, progress=False)
+
+
+@pytest.mark.parametrize("weights", [(1.0, math.nan, 1.0, 1.0), (1.0, -1.0, 1.0, 1.0), (0.0, 0.0, 0.0, 0.0)])
+def test_bad_bucket_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="bucket_weights must be finite numbers >= 0 with a positive sum"):
+        SlimDiffConfig(bucket_weights=weights)
+
+
+def test_allocate_refuses_bad_bucket_weights(saved):
+    from slimdiff.influence import score
+
+    pipe, stats, _ = saved
+    scores = score(pipe.unet, stats, require_gains=False)
+    with pytest.raises(ValueError, match="bucket_weights must be finite"):
+        allocate(scores, 0.3, bucket_weights=[1.0, math.inf, 1.0, 1.0])
+    json.dumps(allocate(scores, 0.3, bucket_weights=[0.0, 1.0, 1.0, 0.0]).to_dict())  # a valid weighting still allocates
+
+
+def test_custom_attention_scale_is_kept():
+    """``scale_qk=False`` attention (scale 1): the slim processor keeps the attention's own scale, not 1/sqrt(d)."""
+    from diffusers.models.attention_processor import Attention
+
+    from slimdiff.slim import SlimAttnProcessor, original_attention_scale
+
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2, dim_head=8, scale_qk=False).eval()
+    assert original_attention_scale(attn) == attn.scale == 1.0
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        reference = attn(x)
+        attn.set_processor(SlimAttnProcessor(original_attention_scale(attn)))
+        assert float((attn(x) - reference).abs().max()) < 1e-5
+
+
+def test_gains_of_another_model_are_refused(saved):
+    from slimdiff.influence import Gains, score
+
+    pipe, stats, _ = saved
+    foreign = Gains({}, {}, {"model_hash": "0" * 64})
+    with pytest.raises(ValueError, match=r"propagation gains were measured on model 000000000000, the capture on [0-9a-f]{12}"):
+        score(pipe.unet, stats, foreign)
+
+
+def test_a_gain_that_cannot_be_measured_is_an_error_not_zero():
+    from slimdiff.groups import compressible_groups
+    from slimdiff.influence import propagation_gains
+    from slimdiff.testing import TINY_DENOISERS
+
+    tiny = TINY_DENOISERS["unet_sd1"]
+    model = tiny.build(0)
+    ffn = next(g for g in compressible_groups(model) if g.kind == "ffn")
+    with torch.no_grad():
+        down = model.get_submodule(ffn.path).net[2]
+        down.weight.zero_()
+        down.bias.zero_()  # the module's output is exactly zero: no noise of known energy can be injected
+    with pytest.raises(RuntimeError, match=f"{ffn.name}: the module's output is zero"):
+        propagation_gains(model, [((), tiny.inputs(model, 2, 500, 0))], [ffn])
