@@ -215,13 +215,14 @@ def allowed_widths(module: ModuleScore, min_keep: float) -> list[int]:
     return [w for w in module.widths if w >= floor - 1e-9] or [module.full_width]
 
 
-def removable_params(scores: InfluenceScores, min_keep: float) -> int:
-    return sum(m.unit_params * (m.full_width - allowed_widths(m, min_keep)[0]) for m in scores.modules)
-
-
 def unit_cost(module: ModuleScore, budget_kind: str) -> int:
     """What one unit of ``module``'s width costs in the budget's currency: parameters or MACs."""
     return module.unit_params if budget_kind == "params" else module.unit_macs
+
+
+def removable(scores: InfluenceScores, min_keep: float, budget_kind: str = "params") -> int:
+    """The most cost (parameters or MACs) that can go without breaking ``min_keep``."""
+    return sum(unit_cost(m, budget_kind) * (m.full_width - allowed_widths(m, min_keep)[0]) for m in scores.modules)
 
 
 def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFAULT_MIN_KEEP, budget_kind: str = "params") -> int:
@@ -237,7 +238,7 @@ def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFA
         raise BudgetError(f"unknown budget kind {budget_kind!r}; valid: {', '.join(BUDGET_KINDS)}")
     if budget_kind == "params":
         compressible = scores.compressible_params
-        max_removable = removable_params(scores, min_keep)
+        max_removable = removable(scores, min_keep)
         target = budget.params(compressible)
         if target < 1 or target > max_removable:
             raise BudgetError(
@@ -253,7 +254,7 @@ def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFA
     if not 0 < keep < 1:
         raise BudgetError(f"a MACs budget is the fraction of compressible MACs to keep, 0 < F < 1; got {keep}")
     total = sum(m.unit_macs * m.full_width for m in scores.modules)
-    max_removable = sum(m.unit_macs * (m.full_width - allowed_widths(m, min_keep)[0]) for m in scores.modules)
+    max_removable = removable(scores, min_keep, "macs")
     target = int(round((1 - keep) * total))
     if target < 1 or target > max_removable:
         raise BudgetError(f"--macs {keep} asks to keep {keep:.1%} of the compressible MACs; with min_keep={min_keep} at least "

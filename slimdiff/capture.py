@@ -75,10 +75,8 @@ _MIXED_MM = {"available": True}
 def _product(left: Tensor, right: Tensor, out_dtype: torch.dtype) -> Tensor:
     """left^T right with ``out_dtype`` accumulation and output."""
     if left.dtype == out_dtype:
-        if left.is_cuda and out_dtype == torch.float32:
-            with _no_tf32():
-                return left.T @ right
-        return left.T @ right
+        with _no_tf32():
+            return left.T @ right
     if _MIXED_MM["available"]:
         try:
             return torch.mm(left.T, right, out_dtype=out_dtype)
@@ -157,6 +155,7 @@ class SiteStats:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def to(self, device: torch.device | str) -> "SiteStats":
+        """The same sums on ``device`` (the token counts stay on the host)."""
         move = (lambda t: None if t is None else t.to(device))
         return SiteStats(move(self.sum_outer), move(self.sum), self.count.clone(), move(self.bucket_sum_outer), move(self.bucket_sum))
 

@@ -107,11 +107,6 @@ def module_device(module: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def module_dtype(module: nn.Module) -> torch.dtype:
-    parameter = next(module.parameters(), None)
-    return parameter.dtype if parameter is not None else torch.float32
-
-
 def describe_device(device: torch.device) -> str:
     """A human name: 'NVIDIA H100 80GB HBM3 (cuda:0)' or 'cpu'."""
     if device.type == "cuda":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +18,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from slimdiff.capture import Capture, SamplerSettings, denoiser_of, group_input_sites
+from slimdiff.capture import (Capture, SamplerSettings, denoiser_of, group_input_sites, model_content_hash,
+                              prompt_hash, prompts_digest)
 from slimdiff.decompose import DEFAULT_REG, FFNDecomposition, QKDecomposition, VODecomposition
 from slimdiff.device import linalg_device, module_device
 from slimdiff.groups import ModuleGroup, compressible_groups
@@ -478,8 +480,6 @@ class _perturbed:
 def gains_fingerprint(denoiser: nn.Module, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int, rel_noise: float,
                       seed: int, noise_chunk: int, model_hash: str) -> dict[str, Any]:
     """Everything that decides the gains (what resumed gains must match)."""
-    from slimdiff.capture import prompt_hash
-
     parameter = next(denoiser.parameters())
     return {
         "model_hash": model_hash,
@@ -502,10 +502,6 @@ def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_ca
     With ``checkpoint``, the gains measured so far are written there after every module, and a
     checkpoint with the same model and settings is resumed (modules already measured are skipped).
     """
-    import sys
-
-    from slimdiff.capture import model_content_hash, prompts_digest
-
     _, denoiser = denoiser_of(pipe)
     model_hash = model_content_hash(denoiser)
     fingerprint = gains_fingerprint(denoiser, prompts, sampler, num_calls, rel_noise, seed, noise_chunk, model_hash)
