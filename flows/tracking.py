@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -72,13 +73,22 @@ def stage_hashes(lock_path: Path) -> dict[str, str]:
 
 
 def git_commit(workspace: Path) -> str:
+    """The workspace's commit (``-dirty`` with uncommitted changes to tracked files), or ``unknown (<why>)``.
+
+    Not an error: a workspace outside git (a release archive, a container) is a legitimate place to run,
+    and the ``lineage.*`` tags (dvc.lock hashes, which cover the code each stage ran) still pin the code.
+    An auditor sees why the commit is missing instead of a bare "unknown".
+    """
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=workspace,
                                capture_output=True, text=True, check=True).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
+    except FileNotFoundError:  # no git executable
+        return "unknown (git is not installed)"
+    except subprocess.CalledProcessError as error:  # not a repository, or a repository without a commit yet
+        reason = (error.stderr or "").strip().splitlines()
+        return f"unknown ({' '.join(map(str, error.cmd))} failed in {workspace}: {reason[0] if reason else f'exit {error.returncode}'})"
 
 
 def folder_hash(folder: Path) -> str:
@@ -101,8 +111,20 @@ class GateDecision:
     reason: str
 
 
+def _finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else None (evaluate writes a NaN metric as null)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def quality_gate(metrics: dict[str, Any], gate: dict[str, Any]) -> GateDecision:
-    """Compare metrics with the thresholds in ``params.yaml: gate``; every threshold must hold."""
+    """Compare metrics with the thresholds in ``params.yaml: gate``; every threshold must hold.
+
+    A metric that is missing, null (NaN when measured) or not a number fails its threshold, naming the
+    metric: the gate cannot pass on it, and the version stays a candidate. A threshold that is not a
+    finite number is a settings error.
+    """
     flat = flatten(metrics)
     checks = {
         "min_alignment_ratio": ("alignment.ratio_to_original", lambda v, t: v >= t),
@@ -114,11 +136,14 @@ def quality_gate(metrics: dict[str, Any], gate: dict[str, Any]) -> GateDecision:
         if key not in checks:
             raise KeyError(f"unknown gate threshold {key!r}; known: {sorted(checks)}")
         metric, holds = checks[key]
-        if metric not in flat:
-            failures.append(f"{metric} missing from metrics")
+        limit = _finite_number(threshold)
+        if limit is None:
+            raise ValueError(f"params.yaml gate.{key} must be a finite number, got {threshold!r}")
+        value = _finite_number(flat.get(metric))
+        if value is None:
+            failures.append(f"metric {metric} is NaN/missing ({flat.get(metric, 'absent')!r}): the gate cannot pass")
             continue
-        value = float(flat[metric])
-        (passes if holds(value, float(threshold)) else failures).append(f"{metric}={value:.4g} vs {key}={threshold}")
+        (passes if holds(value, limit) else failures).append(f"{metric}={value:.4g} vs {key}={threshold}")
     if failures:
         return GateDecision(False, "failed: " + "; ".join(failures))
     return GateDecision(True, "passed: " + "; ".join(passes) if passes else "passed: no thresholds set")
@@ -153,7 +178,11 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
     mlflow.set_experiment(experiment)
     metrics = json.loads((outputs / "metrics.json").read_text())
     plan = json.loads((outputs / "plan" / "width_plan.json").read_text())
-    slimset_stats = json.loads((outputs / "slimset" / "slimset_stats.json").read_text())
+    stats_path = outputs / "slimset" / "slimset_stats.json"
+    slimset_stats = json.loads(stats_path.read_text())
+    if not slimset_stats.get("digest"):  # the dataset input's digest is the calibration set's lineage: never blank
+        raise ValueError(f"{stats_path} has no digest of the SlimSet; re-run the curate stage")
+    # no gate section: the version is promoted with the recorded reason "passed: no thresholds set"
     decision = quality_gate(metrics, params.get("gate", {}))
     tags = {f"lineage.{stage}": value for stage, value in lineage.items()}
     tags.update({
@@ -169,7 +198,7 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
         mlflow.log_metrics({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k): v for k, v in flatten_metrics(metrics).items()})
         slimset = pd.read_json(outputs / "slimset" / "slimset.jsonl", lines=True)
         dataset = mlflow.data.from_pandas(slimset, source=str((outputs / "slimset" / "slimset.jsonl").resolve()), name="slimset",
-                                          digest=str(slimset_stats.get("digest", ""))[:36])
+                                          digest=str(slimset_stats["digest"])[:36])
         mlflow.log_input(dataset, context="calibration")
         mlflow.set_tags(tags)
         mlflow.log_dict(plan, "width_plan.json")
@@ -193,16 +222,27 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
             "reason": decision.reason, "tracking_uri": uri}
 
 
-def _version_with_lineage(name: str, lineage: dict[str, str], checkpoint_hash: str):
-    """A registered version whose stage hashes and checkpoint hash all equal these, if any."""
+def registered_versions(name: str) -> list:
+    """Every registered version of ``name`` at the current tracking URI; none only when the model is not
+    registered yet. Any other registry error (server down, permission, bad answer) is a one-line
+    ``TrackingError``: "no versions" would register a duplicate or recompress a known checkpoint."""
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = MlflowClient().search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return None
-    for version in versions:
+        return list(MlflowClient().search_model_versions(f"name='{name}'"))
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":  # the one answer that means "no versions"
+            return []
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise TrackingError(f"tracking server {mlflow.get_tracking_uri()}: cannot list the versions of {name!r} "
+                            f"({error.error_code}: {message})") from None
+
+
+def _version_with_lineage(name: str, lineage: dict[str, str], checkpoint_hash: str):
+    """A registered version whose stage hashes and checkpoint hash all equal these, if any."""
+    for version in registered_versions(name):
         tags = version.tags
         if tags.get("checkpoint_hash") == checkpoint_hash and all(tags.get(f"lineage.{k}") == v for k, v in lineage.items()):
             return version
@@ -212,12 +252,7 @@ def _version_with_lineage(name: str, lineage: dict[str, str], checkpoint_hash: s
 def registered_checkpoint_hashes(workspace: Path, params: dict[str, Any]) -> set[str]:
     """Checkpoint hashes already recorded on registered versions of this model."""
     import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(tracking_uri(workspace))
-    try:
-        versions = MlflowClient().search_model_versions(f"name='{registered_name(params)}'")
-    except MlflowException:
-        return set()
+    versions = registered_versions(registered_name(params))
     return {v.tags.get("checkpoint_hash") for v in versions if v.tags.get("checkpoint_hash")}

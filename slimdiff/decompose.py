@@ -22,55 +22,92 @@ DEFAULT_REG = 1e-3
 
 
 def regularize(cov: Tensor, reg: float) -> Tensor:
-    """C + reg * (trace(C)/d) * I, in float64."""
+    """C + reg * (trace(C)/d) * I, in float64.
+
+    An all-zero C (an input never active) has trace 0 and stays zero: the formula adds nothing, and
+    ``whitening`` reports it as a zero covariance. A negative or non-finite trace is not a second moment.
+    """
     if reg < 0 or reg != reg:
         raise ValueError(f"regularisation must be a number >= 0, got {reg}")
     cov = cov.to(torch.float64)
     d = cov.shape[-1]
+    trace = torch.diagonal(cov).sum()
+    if not bool(torch.isfinite(trace)) or trace < 0:
+        raise ValueError(f"covariance of width {d} has trace {float(trace)}; a second moment has a finite trace >= 0 "
+                         "(the statistics are corrupt: re-run the capture)")
     if reg == 0:
         return cov.clone()
-    scale = torch.diagonal(cov).sum() / d
-    if scale <= 0:
-        scale = cov.new_tensor(1.0)
-    return cov + reg * scale * torch.eye(d, dtype=torch.float64, device=cov.device)
+    return cov + reg * (trace / d) * torch.eye(d, dtype=torch.float64, device=cov.device)
 
 
 @dataclass(frozen=True)
 class Whitening:
-    """A factor S with S S^T = C, its inverse transpose S^-T, and how it was obtained."""
+    """A factor S with S S^T = C, its inverse transpose S^-T, and how it was obtained.
+
+    ``method`` is "cholesky"; "eigh" (Cholesky failed: eigendecomposition, ``clamped`` eigenvalues raised
+    to the floor, exact for a semi-definite C on its range); or "zero" (C = 0, an input never active: no
+    invertible S exists, S = S^-T = I, and every truncation is exact on the data).
+    """
 
     factor: Tensor
     inv_t: Tensor
-    method: str  # "cholesky" or "eigh" (fallback, eigenvalues clamped)
+    method: str
+    clamped: int = 0
+
+    @property
+    def description(self) -> str:
+        """How the factor was obtained, for the record: "cholesky", "eigh (k of d eigenvalues clamped)", "zero covariance"."""
+        if self.method == "eigh":
+            return f"eigh ({self.clamped} of {self.factor.shape[-1]} eigenvalues clamped)"
+        if self.method == "zero":
+            return "zero covariance (input never active: identity whitening, every width exact)"
+        return self.method
 
 
 def whitening(cov: Tensor) -> Whitening:
     """Cholesky factor of ``cov``; if Cholesky fails, an eigendecomposition with clamped eigenvalues.
 
-    Any valid S gives the same truncated product (method.md §2).
+    Any valid S gives the same truncated product (method.md §2). An all-zero ``cov`` has no invertible
+    factor: the identity is returned with method "zero" (its callers predict error 0 at every width).
     """
     cov = cov.to(torch.float64)
+    d = cov.shape[-1]
+    if not bool(cov.any()):
+        # the input is zero on every calibration token, so every truncation reproduces the data exactly; the
+        # identity keeps the plain SVD's weights, the best choice for inputs the calibration never saw
+        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+        return Whitening(eye, eye, "zero")
     factor, info = torch.linalg.cholesky_ex(cov)
     if int(info) == 0 and bool(torch.isfinite(factor).all()):  # CUDA can report success on a singular matrix, with NaNs
-        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
         inv_t = torch.linalg.solve_triangular(factor.T, eye, upper=True)
         return Whitening(factor, inv_t, "cholesky")
+    # sound fallback for a semi-definite C (e.g. LayerNorm outputs have an exact null vector): S = V diag(sqrt(l)),
+    # eigenvalues below round-off raised to a floor; the count is recorded in the decomposition's method
     eigenvalues, eigenvectors = torch.linalg.eigh((cov + cov.T) / 2)
-    floor = eigenvalues.abs().max().clamp_min(1e-300) * cov.shape[-1] * torch.finfo(torch.float64).eps
+    floor = eigenvalues.abs().max().clamp_min(1e-300) * d * torch.finfo(torch.float64).eps
+    clamped = int((eigenvalues < floor).sum())
     eigenvalues = eigenvalues.clamp_min(floor)
     root = eigenvalues.sqrt()
-    return Whitening(eigenvectors * root, eigenvectors / root, "eigh")
+    return Whitening(eigenvectors * root, eigenvectors / root, "eigh", clamped)
 
 
-def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
-    """Solve matrix @ x = rhs for symmetric PSD ``matrix``: Cholesky, else clamped-eigenvalue pseudo-inverse."""
+def _spd_solve(matrix: Tensor, rhs: Tensor) -> tuple[Tensor, str]:
+    """(x, how) solving matrix @ x = rhs for symmetric PSD ``matrix``: Cholesky ("cholesky"), else the
+    minimum-norm least-squares solution by a pseudo-inverse on the eigenvalues above round-off
+    ("pinv (k of n eigenvalues dropped)"), which still satisfies the Nyström normal equations. A Cholesky
+    that "succeeds" with a pivot at round-off level (a singular matrix) goes to the pseudo-inverse too."""
     chol, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) == 0 and bool(torch.isfinite(chol).all()):  # CUDA can report success on a singular matrix, with NaNs
-        return torch.cholesky_solve(rhs, chol)
+    # CUDA can report success on a singular matrix, with NaNs; the CPU with a round-off pivot
+    if int(info) == 0 and bool(torch.isfinite(chol).all()):
+        pivots = torch.diagonal(chol) ** 2
+        if bool(pivots.min() > _round_off(torch.diagonal(matrix).max(), matrix.shape[-1])):
+            return torch.cholesky_solve(rhs, chol), "cholesky"
     eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     keep = eigenvalues > eigenvalues.abs().max() * matrix.shape[-1] * torch.finfo(torch.float64).eps
     inv = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), torch.zeros_like(eigenvalues))
-    return eigenvectors @ (inv[:, None] * (eigenvectors.T @ rhs))
+    how = f"pinv ({matrix.shape[-1] - int(keep.sum())} of {matrix.shape[-1]} eigenvalues dropped)"
+    return eigenvectors @ (inv[:, None] * (eigenvectors.T @ rhs)), how
 
 
 def _split_heads(weight: Tensor, heads: int) -> Tensor:
@@ -100,9 +137,13 @@ def _tail_from_singular_values(singular_values: Tensor) -> Tensor:
 
 
 class _PerHeadSpectrum:
-    """Shared by the per-head SVDs: singular values (heads, head_dim) and their tail energy."""
+    """Shared by the per-head SVDs: singular values (heads, head_dim), their tail energy, and how the
+    inputs were whitened (``method``). ``exact`` marks a group whose input was never active (zero
+    covariance): every width reproduces the calibration outputs, so the predicted error is 0."""
 
     singular_values: Tensor
+    method: str
+    exact: bool
 
     @property
     def head_dim(self) -> int:
@@ -111,7 +152,13 @@ class _PerHeadSpectrum:
     @property
     def tail(self) -> Tensor:
         """Predicted whitened error at every rank 0..head_dim (summed over heads)."""
-        return _tail_from_singular_values(self.singular_values)
+        tail = _tail_from_singular_values(self.singular_values)
+        return torch.zeros_like(tail) if self.exact else tail
+
+    def method_at(self, rank: int) -> str:
+        """How the decomposition was obtained, for the record (the same at every rank)."""
+        _check_rank(rank, self.head_dim)
+        return self.method
 
 
 @dataclass(frozen=True)
@@ -125,6 +172,8 @@ class QKDecomposition(_PerHeadSpectrum):
     q_factors: Tensor  # (heads, d_x, head_dim)
     k_factors: Tensor  # (heads, d_y, head_dim)
     singular_values: Tensor  # (heads, head_dim)
+    method: str  # e.g. "cholesky", or "query input cholesky; key input eigh (3 of 768 eigenvalues clamped)"
+    exact: bool = False
 
     def weights(self, rank: int) -> tuple[Tensor, Tensor]:
         """(W_q', W_k') with ``rank`` columns per head: (d_x, heads*rank), (d_y, heads*rank)."""
@@ -142,6 +191,8 @@ class VODecomposition(_PerHeadSpectrum):
     v_factors: Tensor  # (heads, d_y, head_dim)
     o_factors: Tensor  # (heads, head_dim, d_out)
     singular_values: Tensor  # (heads, head_dim)
+    method: str  # the value input's whitening, e.g. "cholesky"
+    exact: bool = False
 
     def weights(self, rank: int) -> tuple[Tensor, Tensor]:
         """(W_v', W_o') with ``rank`` per head: (d_y, heads*rank), (heads*rank, d_out)."""
@@ -179,7 +230,13 @@ def decompose_qk(w_q: Tensor, w_k: Tensor, cov_x: Tensor, cov_y: Tensor, heads: 
     root = singular_values.sqrt()
     q_factors = white_x.inv_t @ (basis_q @ u_core) * root[:, None, :]
     k_factors = white_y.inv_t @ (basis_k @ vh_core.transpose(1, 2)) * root[:, None, :]
-    return QKDecomposition(_pad_last(q_factors, head_dim), _pad_last(k_factors, head_dim), _pad_last(singular_values, head_dim))
+    if white_y is white_x or white_x.description == white_y.description:
+        method = white_x.description
+    else:
+        method = f"query input {white_x.description}; key input {white_y.description}"
+    exact = "zero" in (white_x.method, white_y.method)  # logits are 0 on every calibration token whatever the weights
+    return QKDecomposition(_pad_last(q_factors, head_dim), _pad_last(k_factors, head_dim), _pad_last(singular_values, head_dim),
+                           method, exact)
 
 
 def decompose_vo(w_v: Tensor, w_o: Tensor, cov_y: Tensor, heads: int, reg: float = DEFAULT_REG) -> VODecomposition:
@@ -201,7 +258,8 @@ def decompose_vo(w_v: Tensor, w_o: Tensor, cov_y: Tensor, heads: int, reg: float
     m = singular_values.shape[1]
     if m < head_dim:
         o_factors = torch.cat([o_factors, o_factors.new_zeros(heads, head_dim - m, o_factors.shape[2])], dim=1)
-    return VODecomposition(_pad_last(v_factors, head_dim), o_factors, _pad_last(singular_values, head_dim))
+    return VODecomposition(_pad_last(v_factors, head_dim), o_factors, _pad_last(singular_values, head_dim),
+                           white_y.description, white_y.method == "zero")
 
 
 @dataclass(frozen=True)
@@ -209,42 +267,84 @@ class FFNDecomposition:
     """Nyström channel selection of an FFN hidden layer by ridge leverage (method.md §3).
 
     ``cov_hidden`` is the regularised second moment of the down projection's input, ``w_down``
-    (f, d_out) in X W layout.
+    (f, d_out) in X W layout, ``rank`` the number of its eigenvalues above round-off. Below that rank
+    channels are chosen by ridge leverage; from it on (only a rank-deficient covariance, e.g. ``reg=0``)
+    the ridge is 0 and the leverage undefined, and a pivoted Cholesky picks channels whose columns span
+    the covariance's range, an exact selection (Nyström residual 0).
     """
 
     cov_hidden: Tensor
     w_down: Tensor
     eigenvalues: Tensor  # descending
     eigenvectors_sq: Tensor  # (f, f): squared eigenvector entries, rows = channels
+    rank: int
 
     @property
     def full_width(self) -> int:
         return self.cov_hidden.shape[0]
 
-    def ridge_leverage(self, width: int) -> Tensor:
-        """l_j = [C (C + lam I)^-1]_jj with lam = (sum of eigenvalues beyond ``width``) / ``width``."""
+    @property
+    def method(self) -> str:
+        """How channels are selected, for the record."""
+        if self.rank == 0:
+            return "zero covariance (input never active: any selection is exact)"
+        if self.rank == self.full_width:
+            return "ridge leverage"
+        return f"ridge leverage below width {self.rank}, pivoted Cholesky (exact) from width {self.rank} = the covariance's rank"
+
+    def method_at(self, width: int) -> str:
+        """How the selection and the down-projection solve at ``width`` were obtained, e.g. "ridge leverage, cholesky solve"."""
         _check_width(width, self.full_width)
-        lam = self.eigenvalues[width:].clamp_min(0).sum() / width
+        if width == self.full_width:
+            selection = "all channels"
+        elif self.rank == 0:
+            selection = "zero covariance (input never active: any selection is exact)"
+        elif width >= self.rank:
+            selection = f"pivoted Cholesky (covariance rank {self.rank} <= width: exact)"
+        else:
+            selection = "ridge leverage"
+        return f"{selection}, {self._solve(width)[2]} solve"
+
+    def _positive_eigenvalues(self) -> Tensor:
+        """The eigenvalues with those at round-off level (beyond ``rank``) set to 0."""
+        values = self.eigenvalues.clone()
+        values[self.rank:] = 0
+        return values
+
+    def ridge_leverage(self, width: int) -> Tensor:
+        """l_j = [C (C + lam I)^-1]_jj with lam = (sum of eigenvalues beyond ``width``) / ``width``.
+
+        For ``width`` >= rank, lam = 0: the limit lam -> 0+, the leverage of C's range, [V_r V_r^T]_jj.
+        """
+        _check_width(width, self.full_width)
+        values = self._positive_eigenvalues()
+        lam = values[width:].sum() / width
         if lam <= 0:
-            return torch.ones(self.full_width, dtype=torch.float64, device=self.cov_hidden.device)
-        ratio = self.eigenvalues.clamp_min(0) / (self.eigenvalues.clamp_min(0) + lam)
-        return self.eigenvectors_sq @ ratio
+            return self.eigenvectors_sq @ (values > 0).to(values.dtype)
+        return self.eigenvectors_sq @ (values / (values + lam))
 
     def channels(self, width: int) -> Tensor:
         """Indices of the ``width`` kept channels, ascending."""
+        _check_width(width, self.full_width)
         if width == self.full_width:
             return torch.arange(width, device=self.cov_hidden.device)
+        if width >= self.rank:
+            return _spanning_channels(self.cov_hidden, width, self.rank)
         leverage = self.ridge_leverage(width)
         # stable tie-break by channel index keeps the choice deterministic
         order = torch.argsort(-leverage, stable=True)
         return torch.sort(order[:width]).values
 
-    def weights(self, width: int) -> tuple[Tensor, Tensor]:
-        """(kept channel indices, W_d' = C[S,S]^-1 C[S,:] W_d of shape (width, d_out))."""
+    def _solve(self, width: int) -> tuple[Tensor, Tensor, str]:
         keep = self.channels(width)
         cov_kept = self.cov_hidden[keep][:, keep]
         rhs = self.cov_hidden[keep] @ self.w_down
-        return keep, _spd_solve(cov_kept, rhs)
+        return (keep, *_spd_solve(cov_kept, rhs))
+
+    def weights(self, width: int) -> tuple[Tensor, Tensor]:
+        """(kept channel indices, W_d' = C[S,S]^-1 C[S,:] W_d of shape (width, d_out))."""
+        keep, w_new, _ = self._solve(width)
+        return keep, w_new
 
     def error(self, width: int) -> float:
         """Nyström residual trace(W_d^T (C - C[:,S] C[S,S]^-1 C[S,:]) W_d) for the selection at ``width``."""
@@ -256,6 +356,38 @@ class FFNDecomposition:
     def tail(self, widths: Sequence[int]) -> Tensor:
         """Predicted output error at each of ``widths``."""
         return torch.tensor([self.error(int(w)) for w in widths], dtype=torch.float64, device="cpu")
+
+
+def _round_off(matrix_max: Tensor, size: int) -> Tensor:
+    """The level below which an eigenvalue (or a residual variance) of a size x size PSD matrix is round-off."""
+    return matrix_max * size * torch.finfo(torch.float64).eps
+
+
+def _spanning_channels(cov: Tensor, width: int, rank: int) -> Tensor:
+    """``width`` channels, ascending, whose columns span the range of ``cov`` (rank <= width): greedy pivoted
+    Cholesky, the channel of largest residual variance first, for up to ``rank`` pivots; the rest by variance
+    (they add nothing). C[:,S] C[S,S]^+ C[S,:] = C for such S, so the Nyström residual is 0."""
+    size = cov.shape[0]
+    variance = torch.diagonal(cov)
+    residual = variance.clone()
+    tolerance = _round_off(residual.max(), size)
+    columns = cov.new_zeros(size, rank)
+    chosen: list[int] = []
+    for i in range(rank):
+        pivot = int(torch.argmax(residual))  # the first of equal maxima: deterministic
+        if not residual[pivot] > tolerance:
+            break
+        column = (cov[:, pivot] - columns[:, :i] @ columns[pivot, :i]) / residual[pivot].sqrt()
+        columns[:, i] = column
+        residual = residual - column**2
+        residual[pivot] = -torch.inf
+        chosen.append(pivot)
+    rest = torch.ones(size, dtype=torch.bool, device=cov.device)
+    rest[chosen] = False
+    rest = torch.nonzero(rest).flatten()
+    fill = rest[torch.argsort(-variance[rest], stable=True)][: width - len(chosen)]
+    keep = torch.cat([torch.tensor(chosen, dtype=torch.long, device=cov.device), fill])
+    return torch.sort(keep).values
 
 
 def _check_width(width: int, full_width: int) -> None:
@@ -270,4 +402,5 @@ def decompose_ffn(w_down: Tensor, cov_hidden: Tensor, reg: float = DEFAULT_REG) 
     cov = regularize(cov_hidden, reg)
     eigenvalues, eigenvectors = torch.linalg.eigh((cov + cov.T) / 2)
     eigenvalues, eigenvectors = torch.flip(eigenvalues, [0]), torch.flip(eigenvectors, [1])
-    return FFNDecomposition(cov, w_down.to(torch.float64), eigenvalues, eigenvectors**2)
+    rank = int((eigenvalues > _round_off(eigenvalues.abs().max(), eigenvalues.shape[0])).sum())
+    return FFNDecomposition(cov, w_down.to(torch.float64), eigenvalues, eigenvectors**2, rank)

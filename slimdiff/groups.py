@@ -15,6 +15,10 @@ GROUP_KINDS = ("qk_self", "vo_self", "qk_cross", "vo_cross", "ffn")
 SUPPORTED_DENOISERS = ("UNet2DConditionModel", "Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel")
 GATED_ACTIVATIONS = ("GEGLU", "SwiGLU")
 ELEMENTWISE_ACTIVATIONS = ("GELU", "ApproximateGELU", "LinearActivation")
+# class-name markers of video denoisers and their temporal layers (UNet3DConditionModel, TransformerTemporalModel,
+# UNetSpatioTemporalConditionModel, TemporalBasicTransformerBlock, UNetMotionModel, LatteTransformer3DModel, ...):
+# their spatial blocks look like image blocks, but frames fold into the batch and temporal attention mixes them
+VIDEO_CLASS_MARKERS = ("Temporal", "Motion", "3D", "Video")
 
 
 class UnsupportedModelError(ValueError):
@@ -119,13 +123,29 @@ def _ffn_group(block_path: str, ff: nn.Module) -> ModuleGroup:
     )
 
 
-def find_groups(denoiser: nn.Module) -> list[ModuleGroup]:
-    """Enumerate every transformer block's QK/VO (self and cross) and FFN groups, in module order.
+def _check_not_video(denoiser: nn.Module) -> None:
+    """Refuse a video denoiser by class name, before any hook could meet its temporal layers."""
+    video = [(path, type(m).__name__) for path, m in denoiser.named_modules()
+             if any(marker in type(m).__name__ for marker in VIDEO_CLASS_MARKERS)]
+    if video:
+        layer = next(((path, name) for path, name in video if path), None)
+        where = f" (temporal layer {layer[1]} at {layer[0]})" if layer else ""
+        raise UnsupportedModelError(
+            f"{type(denoiser).__name__} is a video denoiser{where}; slimdiff compresses image denoisers: "
+            f"{', '.join(SUPPORTED_DENOISERS)}"
+        )
 
-    Raises ``UnsupportedModelError`` when the denoiser holds no ``BasicTransformerBlock``.
+
+def find_groups(denoiser: nn.Module) -> list[ModuleGroup]:
+    """Enumerate every transformer block's QK/VO (self and cross) and FFN groups, in module order, the
+    ones left intact included (``compressible=False``, the reason in ``note``).
+
+    Raises ``UnsupportedModelError`` when the denoiser holds no ``BasicTransformerBlock`` or is a video
+    denoiser (temporal layers).
     """
     from diffusers.models.attention import BasicTransformerBlock
 
+    _check_not_video(denoiser)
     groups: list[ModuleGroup] = []
     for block_path, block in denoiser.named_modules():
         if not isinstance(block, BasicTransformerBlock):
@@ -147,3 +167,8 @@ def find_groups(denoiser: nn.Module) -> list[ModuleGroup]:
 def compressible_groups(denoiser: nn.Module) -> list[ModuleGroup]:
     """Only the groups slimdiff will cut."""
     return [g for g in find_groups(denoiser) if g.compressible]
+
+
+def left_intact(groups: list[ModuleGroup]) -> dict[str, dict[str, str]]:
+    """The groups slimdiff reports but does not cut, for every listing: ``{name: {"kind": ..., "note": why}}``."""
+    return {g.name: {"kind": g.kind, "note": g.note} for g in groups if not g.compressible}

@@ -1,7 +1,8 @@
 """Save and load compressed pipelines: diffusers layout, safetensors only, no pickle.
 
 A saved folder is the whole pipeline as ``save_pretrained`` writes it, plus
-``<denoiser>/slimdiff_config.json`` holding every compressed module's width and the attention scales.
+``<denoiser>/slimdiff_config.json`` holding every compressed module's width, the attention scales, how
+each module was decomposed (``methods``) and the groups left intact with the reason (``left_intact``).
 ``load`` rebuilds the narrower structure from that file before any weight is read, then loads the
 weights strictly, so a mismatch fails loudly instead of leaving random weights.
 """
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from slimdiff.capture import denoiser_of
-from slimdiff.groups import find_groups
+from slimdiff.groups import find_groups, left_intact
 from slimdiff.slim import SlimAttnProcessor, resize_group
 from slimdiff.utils import atomic_dir
 
@@ -32,25 +33,32 @@ class CompressedModelError(ValueError):
 
 
 def structure_of(denoiser: nn.Module) -> dict[str, Any]:
-    """The structural record of a (possibly compressed) denoiser: widths per group and slim attention scales."""
-    widths = {g.name: g.width for g in find_groups(denoiser) if g.compressible}
+    """The structural record of a (possibly compressed) denoiser: widths per group, slim attention scales,
+    and the groups left intact with the reason."""
+    groups = find_groups(denoiser)
+    widths = {g.name: g.width for g in groups if g.compressible}
     scales = {
         name: module.processor.scale
         for name, module in denoiser.named_modules()
         if isinstance(getattr(module, "processor", None), SlimAttnProcessor)
     }
-    return {"widths": widths, "attention_scales": scales}
+    return {"widths": widths, "attention_scales": scales, "left_intact": left_intact(groups)}
 
 
 def save(pipe, folder: str | Path, info: dict[str, Any] | None = None, full_widths: dict[str, int] | None = None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, methods: Mapping[str, str] | None = None) -> Path:
     """Write ``pipe`` (with its compressed denoiser) to ``folder`` atomically, in diffusers layout.
 
     ``full_widths`` are the uncompressed widths (default: the current ones); ``info`` (budget,
-    allocator, base model, capture provenance, predicted errors, ...) is stored beside them.
+    allocator, base model, capture provenance, predicted errors, ...) is stored beside them;
+    ``methods`` records how each decomposed group was obtained (group name -> the decomposition's
+    ``method_at(width)``, e.g. "cholesky" or "eigh (3 of 320 eigenvalues clamped)").
     """
     key, denoiser = denoiser_of(pipe)
     structure = structure_of(denoiser)
+    unknown = sorted(set(methods or {}) - set(structure["widths"]))
+    if unknown:
+        raise ValueError(f"methods name groups that {type(denoiser).__name__} cannot compress or does not have: {unknown[:3]}")
     full = dict(structure["widths"])
     full.update(full_widths or {})
     config = {
@@ -60,6 +68,7 @@ def save(pipe, folder: str | Path, info: dict[str, Any] | None = None, full_widt
         "denoiser_class": type(denoiser).__name__,
         **structure,
         "full_widths": full,
+        "methods": dict(methods or {}),
         "info": info or {},
     }
     folder = Path(folder)
@@ -162,11 +171,13 @@ def load(folder: str | Path, **from_pretrained_kwargs):
 
 
 def describe(folder: str | Path) -> dict[str, Any]:
-    """Parameter counts (total; compressible before and after) and per-module widths of a saved model."""
+    """Parameter counts (total; compressible before and after), per-module widths and decomposition methods,
+    and the groups left intact (with the reason) of a saved model."""
     folder = Path(folder)
     key, config = read_config(folder)
     denoiser = build_denoiser(folder / key, config)
     groups = {g.name: g for g in find_groups(denoiser)}
+    methods = config.get("methods", {})
     modules = {}
     before = after = 0
     for name, width in config["widths"].items():
@@ -174,7 +185,9 @@ def describe(folder: str | Path) -> dict[str, Any]:
         full = int(config.get("full_widths", {}).get(name, width))
         before += group.unit_params * full
         after += group.unit_params * width
-        modules[name] = {"kind": group.kind, "width": width, "full_width": full, "heads": group.heads}
+        # a model saved without methods (before they were recorded, or by a caller that passed none) says so
+        modules[name] = {"kind": group.kind, "width": width, "full_width": full, "heads": group.heads,
+                         "method": methods.get(name, "not recorded")}
     return {
         "model": str(folder),
         "denoiser": config["denoiser_class"],
@@ -186,5 +199,6 @@ def describe(folder: str | Path) -> dict[str, Any]:
             "removed_fraction": (before - after) / before if before else 0.0,
         },
         "modules": modules,
+        "left_intact": left_intact(list(groups.values())),
         "info": config.get("info", {}),
     }

@@ -151,15 +151,15 @@ def test_bucket_errors_are_token_weighted_parts_of_pooled_error(scored):
             assert mixed == pytest.approx(expected, rel=1e-5, abs=1e-12)
 
 
-def test_reallocation_from_saved_scores_takes_seconds(scored, tmp_path):
+def test_reallocation_from_saved_scores(scored, tmp_path):
+    """Saved scores re-allocate to the plans of the scores in memory (timing: benchmarks/timing_checks.py)."""
     scores = scored["unet_sd2"][3]
     path = scores.save(tmp_path / "scores.json")
-    start = time.perf_counter()
     loaded = InfluenceScores.load(path)
     plans = [allocate(loaded, b) for b in (0.2, 0.4, 0.6)]
-    elapsed = time.perf_counter() - start
-    assert elapsed < 5.0
+    assert [p.widths for p in plans] == [allocate(scores, b).widths for b in (0.2, 0.4, 0.6)]
     assert [p.removed for p in plans] == sorted(p.removed for p in plans)
+    assert plans[0].removed < plans[-1].removed
 
 
 def test_plan_artifact_round_trip_table_and_plot(scored, tmp_path):

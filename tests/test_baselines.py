@@ -246,4 +246,5 @@ def test_errors_name_the_problem(setup):
         compress_with("svd", copy.deepcopy(pipe.unet), stats, None, BUDGET, ratio_of="flops")
     with pytest.raises(ValueError, match="unknown factorisation 'qr'"):
         factorize(nn.Linear(4, 4), 2, "qr")
-    assert math.isfinite(Budget(BUDGET).value)
+    with pytest.raises(BudgetError, match="budget must be"):
+        Budget(float("nan"))

@@ -127,6 +127,23 @@ class CompressionTesterMixin:
                 assert torch.equal(new.net[0].proj.weight, old.net[0].proj.weight[rows])
             assert measured == pytest.approx(tail, rel=1e-8, abs=1e-12 * max(1.0, abs(tail))), group.name
 
+    def test_decompositions_record_their_method(self, device):
+        """Regularised statistics factor by Cholesky and select by ridge leverage; with reg=0 the LayerNorm'd attention
+        inputs (an exact null vector) need the eigh fallback, and every decomposition says which it took."""
+        import re
+
+        model = self.built(device=device)
+        capture = record(model, self.tiny)
+        groups = compressible_groups(model)
+        regularised = {g.name: decompose_group(model, g, capture).method for g in groups}
+        assert set(regularised.values()) == {"cholesky", "ridge leverage"}, regularised
+        whitening = r"(cholesky|eigh \(\d+ of \d+ eigenvalues clamped\))"
+        known = re.compile(rf"{whitening}|query input {whitening}; key input {whitening}|ridge leverage"
+                           r"|ridge leverage below width \d+, pivoted Cholesky \(exact\) from width \d+ = the covariance's rank")
+        for group in groups:
+            method = decompose_group(model, group, capture, reg=0.0).method
+            assert known.fullmatch(method), (group.name, method)
+
     def test_shard_merge_equals_full_capture(self, device):
         model = self.built(device=device)
         full = record(model, self.tiny, TIMESTEPS)
@@ -199,9 +216,10 @@ def test_whitening_fallback_when_cholesky_fails():
     x = torch.randn(50, 3, dtype=torch.float64) @ torch.randn(3, 6, dtype=torch.float64)  # rank 3 in 6 dims
     cov = x.T @ x / 50
     white = whitening(cov)
-    assert white.method == "eigh"
+    assert white.method == "eigh" and white.clamped == 3
     w_q, w_k = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
     dec = decompose_qk(w_q, w_k, cov, cov, heads=2, reg=0.0)
+    assert dec.method == "eigh (3 of 6 eigenvalues clamped)"  # the fallback is recorded, not silent
     q, k = dec.weights(4)
     # on the data's own subspace the full-rank factors still reproduce the logits
     full, cut = x @ w_q[:, :4] @ (x @ w_k[:, :4]).T, x @ q[:, :4] @ (x @ k[:, :4]).T
