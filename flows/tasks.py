@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import task
 
-STAGES = ("curate", "capture", "gains", "score", "allocate", "decompose", "evaluate", "report")
+STAGES = ("curate", "capture", "gains", "latency", "score", "allocate", "decompose", "evaluate", "report")
 
 
 class StageError(RuntimeError):

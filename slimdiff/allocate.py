@@ -1,10 +1,10 @@
-"""Global width allocation under a parameter budget (method.md §4).
+"""Global width allocation under a budget in parameters, MACs or measured latency (method.md §4).
 
 Allocators share one interface, ``allocate(scores, budget, allocator=...)``, and return a
 ``WidthPlan``: the artifact that says how wide every module is, what it costs and what error it is
 predicted to cause.
 - ``slimdiff``: greedy; repeatedly remove the width step with the smallest increase of spectral
-  influence score per parameter removed.
+  influence score per unit of cost removed (parameters, MACs, or milliseconds from a latency table).
 - ``uniform``: the same kept fraction in every module.
 - ``modegpt``: per-block sparsity proportional to softmax(-block influence / temperature).
 """
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from slimdiff.influence import InfluenceScores, ModuleScore
+from slimdiff.latency import LatencyTable, LatencyTableError, pareto_widths
 from slimdiff.utils import atomic_path, read_json_artifact, write_json
 
 PLAN_FORMAT = "slimdiff-plan/1"
@@ -77,6 +78,7 @@ class PlanEntry:
     unit_params: int
     predicted_sis: float
     unit_macs: int = 0  # MACs per unit of width for one sample and one denoiser call (0: unknown)
+    method: str = ""  # how its decomposition whitens or selects (fallbacks included)
 
     @property
     def params_before(self) -> int:
@@ -97,8 +99,10 @@ class WidthPlan:
 
     allocator: str
     modules: list[PlanEntry]
-    target_removed: int
+    target_removed: float  # in the budget's currency: parameters, MACs per sample and call, or milliseconds
     settings: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] | None = None  # predicted latency from a latency table (None: no table given)
+    left_intact: dict[str, dict[str, str]] = field(default_factory=dict)  # groups not compressed, with the reason
 
     @property
     def widths(self) -> dict[str, int]:
@@ -129,16 +133,21 @@ class WidthPlan:
     def macs_after(self) -> int:
         return sum(m.unit_macs * m.width for m in self.modules)
 
+    @property
+    def budget_kind(self) -> str:
+        return self.settings.get("budget_kind", "params")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
             "allocator": self.allocator,
             "settings": self.settings,
+            "target": {"kind": self.budget_kind, "removed": self.target_removed},
             "params": {
                 "compressible_before": self.params_before,
                 "compressible_after": self.params_after,
                 "removed": self.removed,
-                "target_removed": self.target_removed,
+                "target_removed": self.target_removed if self.budget_kind == "params" else None,
                 "removed_fraction": self.removed / self.params_before,
             },
             "macs": {
@@ -146,6 +155,8 @@ class WidthPlan:
                 "compressible_after": self.macs_after,
                 "kept_fraction": self.macs_after / self.macs_before if self.macs_before else None,
             },
+            "latency": self.latency,
+            "left_intact": self.left_intact,
             "predicted_error": self.predicted_error,
             "modules": [{**asdict(m), "params_before": m.params_before, "params_after": m.params_after} for m in self.modules],
         }
@@ -158,7 +169,8 @@ class WidthPlan:
         data = read_json_artifact(path, PLAN_FORMAT, "width plan")
         keys = PlanEntry.__dataclass_fields__
         entries = [PlanEntry(**{k: v for k, v in m.items() if k in keys}) for m in data["modules"]]
-        return cls(data["allocator"], entries, data["params"]["target_removed"], data["settings"])
+        return cls(data["allocator"], entries, data["target"]["removed"], data["settings"], data.get("latency"),
+                   data.get("left_intact", {}))
 
     def table(self) -> str:
         """A printable table: one row per module, then totals."""
@@ -166,10 +178,18 @@ class WidthPlan:
         for m in self.modules:
             rows.append(f"{m.name:<72} {m.kind:<8} {m.width:>5}/{m.full_width:<5} {m.kept_fraction:>6.0%} "
                         f"{m.params_before - m.params_after:>12,} {m.predicted_sis:>10.3g}")
+        for name, intact in self.left_intact.items():
+            rows.append(f"{name:<72} {intact['kind']:<8} left intact: {intact['note']}")
+        kind = self.budget_kind
+        target = (f"target {self.target_removed:,}" if kind == "params" else
+                  f"target: keep {self.settings.get('budget', float('nan')):.1%} of the {'MACs' if kind == 'macs' else 'latency'}")
         rows.append(f"allocator {self.allocator}: compressible {self.params_before:,} -> {self.params_after:,} "
-                    f"(removed {self.removed:,} = {self.removed / self.params_before:.1%}, target {self.target_removed:,}); "
+                    f"(removed {self.removed:,} = {self.removed / self.params_before:.1%}, {target}); "
                     f"predicted error {self.predicted_error:.4g}"
-                    + (f"; MACs kept {self.macs_after / self.macs_before:.1%}" if self.macs_before else ""))
+                    + (f"; MACs kept {self.macs_after / self.macs_before:.1%}" if self.macs_before else "")
+                    + (f"; predicted latency {'at most ' if self.latency['upper_bound'] else ''}"
+                       f"{self.latency['predicted_fraction']:.1%} of {self.latency['denoiser_ms']:.4g} ms on {self.latency['device']}"
+                       if self.latency else ""))
         return "\n".join(rows)
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
@@ -206,7 +226,7 @@ def _short_block(block: str) -> str:
             .replace(".attentions", "").replace(".transformer_blocks", ".tb").replace("transformer_blocks", "tb"))
 
 
-BUDGET_KINDS = ("params", "macs")
+BUDGET_KINDS = ("params", "macs", "latency")
 
 
 def allowed_widths(module: ModuleScore, min_keep: float) -> list[int]:
@@ -225,12 +245,14 @@ def removable(scores: InfluenceScores, min_keep: float, budget_kind: str = "para
     return sum(unit_cost(m, budget_kind) * (m.full_width - allowed_widths(m, min_keep)[0]) for m in scores.modules)
 
 
-def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFAULT_MIN_KEEP, budget_kind: str = "params") -> int:
-    """Cost to remove (parameters, or MACs per sample and call); raises ``BudgetError`` naming the valid range
-    when the budget cannot be met.
+def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFAULT_MIN_KEEP, budget_kind: str = "params",
+                 latency_table: LatencyTable | None = None) -> float:
+    """Cost to remove (parameters, MACs per sample and call, or milliseconds per call); raises ``BudgetError``
+    naming the valid range when the budget cannot be met.
 
     ``params``: the budget is the parameters to remove (a fraction of the compressible ones, or a count).
     ``macs``: the budget is the fraction F of the compressible MACs (at the capture's resolution) to keep.
+    ``latency``: the budget is the fraction F of the whole denoiser's measured latency to keep (``latency_table``).
     """
     if not 0 <= min_keep < 1 or min_keep != min_keep:
         raise BudgetError(f"min_keep must be in [0, 1), got {min_keep}")
@@ -246,6 +268,8 @@ def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFA
                 f"min_keep={min_keep} at most {max_removable:,} can be removed: valid budgets are fractions in "
                 f"(0, {max_removable / compressible:.4f}] or whole numbers in [1, {max_removable:,}]")
         return target
+    if budget_kind == "latency":
+        return _check_latency_budget(scores, budget, min_keep, latency_table)
     unknown = [m.name for m in scores.modules if m.unit_macs <= 0]
     if unknown:
         raise BudgetError(f"the scores hold no MAC counts for {unknown[0]} (and {len(unknown) - 1} more): they predate MAC "
@@ -264,57 +288,130 @@ def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFA
 
 @dataclass(frozen=True)
 class _Unit:
-    """What an allocator moves: one module, or a QK and a VO module held at one width (``tie_qk_vo``)."""
+    """What an allocator moves: one module, or modules held at one width (QK and VO of an attention)."""
 
     names: tuple[str, ...]
     widths: list[int]  # allowed widths, ascending (last = full)
-    cost: int  # budget cost of one unit of width
+    cost: list[float]  # budget cost of the unit at each allowed width
     sis: list[float]  # SIS at each allowed width (summed over the tied modules)
     weight_key: str  # module whose proportional weight applies (uniform/modegpt)
 
+    def saved(self, index: int) -> float:
+        """Cost removed at allowed width ``index`` relative to full width."""
+        return self.cost[-1] - self.cost[index]
 
-def _units(modules: Sequence[ModuleScore], sis: dict, min_keep: float, budget_kind: str, tie_qk_vo: bool) -> list[_Unit]:
+
+def _tied_groups(modules: Sequence[ModuleScore]) -> list[list[ModuleScore]]:
     by_name = {m.name: m for m in modules}
     partner: dict[str, str] = {}
-    if tie_qk_vo:
-        for m in modules:
-            if m.kind.startswith("qk"):
-                vo = m.name[: -len(".qk")] + ".vo"
-                if vo in by_name and by_name[vo].full_width == m.full_width:
-                    partner[m.name], partner[vo] = vo, m.name
-    units, seen = [], set()
     for m in modules:
-        if m.name in seen:
-            continue
-        group = [m] + ([by_name[partner[m.name]]] if m.name in partner else [])
-        seen.update(g.name for g in group)
-        allowed = sorted(set.intersection(*(set(allowed_widths(g, min_keep)) for g in group)))
+        if m.kind.startswith("qk"):
+            vo = m.name[: -len(".qk")] + ".vo"
+            if vo in by_name and by_name[vo].full_width == m.full_width:
+                partner[m.name], partner[vo] = vo, m.name
+    groups, seen = [], set()
+    for m in modules:
+        if m.name not in seen:
+            group = [m] + ([by_name[partner[m.name]]] if m.name in partner else [])
+            seen.update(g.name for g in group)
+            groups.append(group)
+    return groups
+
+
+def _common_widths(group: Sequence[ModuleScore], min_keep: float) -> list[int]:
+    return sorted(set.intersection(*(set(allowed_widths(g, min_keep)) for g in group)))
+
+
+def _latency_groups(modules: Sequence[ModuleScore], table: LatencyTable) -> list[tuple[list[ModuleScore], Any]]:
+    by_name = {m.name: m for m in modules}
+    out, covered = [], set()
+    for curve in table.curves:
+        group = [by_name[g] for g in curve.groups if g in by_name]
+        if group:
+            out.append((group, curve))
+            covered.update(m.name for m in group)
+    missing = [m.name for m in modules if m.name not in covered]
+    if missing:
+        raise LatencyTableError(f"the latency table has no curve for {missing[0]} (and {len(missing) - 1} more); "
+                                "it was measured on another model: re-run the latency stage")
+    return out
+
+
+def _units(modules: Sequence[ModuleScore], sis: dict, min_keep: float, budget_kind: str, tie_qk_vo: bool,
+           latency_table: LatencyTable | None = None) -> list[_Unit]:
+    def make(group: Sequence[ModuleScore], allowed: list[int], cost: list[float]) -> _Unit:
         curve = [sum(float(sis[g.name][g.widths.index(w)]) for g in group) for w in allowed]
-        units.append(_Unit(tuple(g.name for g in group), allowed, sum(unit_cost(g, budget_kind) for g in group), curve, m.name))
-    return units
+        return _Unit(tuple(g.name for g in group), allowed, cost, curve, group[0].name)
+
+    if budget_kind == "latency":
+        units = []
+        for group, curve in _latency_groups(modules, latency_table):
+            # only timed widths, and only those faster than every wider one: each step is a measured saving
+            allowed = pareto_widths(curve, [w for w in _common_widths(group, min_keep) if w in curve.widths])
+            units.append(make(group, allowed, [curve.at(w) for w in allowed]))
+        return units
+    groups = _tied_groups(modules) if tie_qk_vo else [[m] for m in modules]
+    return [make(group, allowed, [float(sum(unit_cost(g, budget_kind) for g in group) * w) for w in allowed])
+            for group in groups for allowed in [_common_widths(group, min_keep)]]
+
+
+def latency_floor(scores: InfluenceScores, table: LatencyTable, min_keep: float = DEFAULT_MIN_KEEP) -> float:
+    """The smallest fraction of the denoiser's latency a plan can keep: every unit at its fastest allowed width."""
+    units = _units(scores.modules, {m.name: [0.0] * len(m.widths) for m in scores.modules}, min_keep, "latency", True, table)
+    return 1 - sum(u.saved(0) for u in units) / table.denoiser_ms
+
+
+def _check_latency_budget(scores: InfluenceScores, budget: Budget, min_keep: float, table: LatencyTable | None) -> float:
+    if table is None:
+        raise BudgetError("a latency budget needs a latency table measured on this job's device "
+                          "(the latency stage, or slimdiff compress --latency)")
+    keep = budget.value
+    if not 0 < keep < 1:
+        raise BudgetError(f"a latency budget is the fraction of the denoiser's latency to keep, 0 < F < 1; got {keep}")
+    floor = latency_floor(scores, table, min_keep)
+    target = (1 - keep) * table.denoiser_ms
+    if keep < floor:
+        raise BudgetError(f"--latency {keep} asks for {keep * table.denoiser_ms:.4g} ms of the measured {table.denoiser_ms:.4g} ms "
+                          f"on {table.device}; with min_keep={min_keep} the fastest plan takes {floor:.1%} of it: valid F are in "
+                          f"[{floor:.4f}, 1)")
+    return target
 
 
 def allocate(scores: InfluenceScores, budget: Budget | float, allocator: str = "slimdiff",
              min_keep: float = DEFAULT_MIN_KEEP, bucket_weights: Sequence[float] | None = None,
-             temperature: float = DEFAULT_TEMPERATURE, budget_kind: str = "params", tie_qk_vo: bool = False) -> WidthPlan:
+             temperature: float = DEFAULT_TEMPERATURE, budget_kind: str = "params", tie_qk_vo: bool | None = None,
+             latency_table: LatencyTable | None = None) -> WidthPlan:
     """Choose every module's width so that the budget is met (to within one width step).
 
-    ``budget_kind``: ``params`` (remove a fraction or count of the compressible parameters) or ``macs``
-    (keep at most a fraction of the compressible MACs at the capture's resolution). ``tie_qk_vo`` gives
-    the query-key and value-output groups of an attention one per-head width, so fused attention kernels
-    that need equal head widths (flash attention) apply.
+    ``budget_kind``: ``params`` (remove a fraction or count of the compressible parameters), ``macs``
+    (keep at most a fraction of the compressible MACs at the capture's resolution) or ``latency`` (keep at
+    most a fraction of the denoiser's latency measured in ``latency_table``). ``tie_qk_vo`` gives the
+    query-key and value-output groups of an attention one per-head width; ``None`` ties them for a latency
+    budget (its table times them so) and not otherwise. With a ``latency_table`` the plan also records its
+    predicted latency, whatever the budget kind.
     """
+    if tie_qk_vo is None:
+        tie_qk_vo = budget_kind == "latency"
+    if budget_kind == "latency" and not tie_qk_vo:
+        raise BudgetError("a latency budget ties QK and VO to one per-head width (its table times attentions so); "
+                          "leave tie_qk_vo unset (auto) or true")
     if allocator not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+    value = budget.value if isinstance(budget, Budget) else budget
+    if budget_kind in ("macs", "latency") and not (isinstance(value, (int, float)) and 0 < value < 1):
+        what = "compressible MACs" if budget_kind == "macs" else "the denoiser's measured latency"
+        raise BudgetError(f"a {budget_kind} budget is the fraction of {what} to keep, 0 < F < 1; got {value!r}")
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     if bucket_weights is not None and (any(not math.isfinite(float(w)) or w < 0 for w in bucket_weights)
                                        or not sum(bucket_weights) > 0):
         raise ValueError(f"bucket_weights must be finite numbers >= 0 with a positive sum, got {list(bucket_weights)}")
-    target = check_budget(scores, budget, min_keep, budget_kind)
+    if latency_table is not None:
+        latency_table.check_matches(model_hash=scores.metadata.get("model_hash"), granularity=asdict(scores.granularity))
+    target = check_budget(scores, budget, min_keep, budget_kind, latency_table)
     sis = {m.name: m.sis(bucket_weights) for m in scores.modules}
-    units = _units(scores.modules, sis, min_keep, budget_kind, tie_qk_vo)
-    if tie_qk_vo and sum(u.cost * (u.widths[-1] - u.widths[0]) for u in units) < target:
-        raise BudgetError(f"with QK and VO tied to one width, at most {sum(u.cost * (u.widths[-1] - u.widths[0]) for u in units):,} "
+    units = _units(scores.modules, sis, min_keep, budget_kind, tie_qk_vo, latency_table)
+    if tie_qk_vo and budget_kind != "latency" and sum(u.saved(0) for u in units) < target:
+        raise BudgetError(f"with QK and VO tied to one width, at most {sum(u.saved(0) for u in units):,.0f} "
                           f"of the {target:,} to remove can go (their common widths are fewer); lower the budget or untie them")
     if allocator == "slimdiff":
         unit_widths = _greedy(units, target)
@@ -337,17 +434,30 @@ def allocate(scores: InfluenceScores, budget: Budget | float, allocator: str = "
     for m in scores.modules:
         index = m.widths.index(widths[m.name])
         entries.append(PlanEntry(m.name, m.kind, m.block, m.full_width, widths[m.name], m.unit_params,
-                                 float(sis[m.name][index]), m.unit_macs))
+                                 float(sis[m.name][index]), m.unit_macs, m.method))
     settings = {
         "budget": budget.value, "budget_kind": budget_kind, "tie_qk_vo": tie_qk_vo, "min_keep": min_keep,
         "bucket_weights": list(bucket_weights) if bucket_weights else None,
         "granularity": asdict(scores.granularity), "temperature": temperature if allocator == "modegpt" else None,
         "gains_measured": scores.metadata.get("gains_measured"),
+        # lineage: the decompose stage refuses this plan for a capture or model with another hash
+        "model_hash": scores.metadata.get("model_hash"), "prompts_digest": scores.metadata.get("prompts_digest"),
     }
-    return WidthPlan(allocator, entries, target, settings)
+    plan = WidthPlan(allocator, entries, target, settings, left_intact=dict(scores.metadata.get("left_intact", {})))
+    if latency_table is not None:
+        plan.latency = predicted_latency(plan, latency_table, budget.value if budget_kind == "latency" else None)
+    return plan
 
 
-def _greedy(units: Sequence[_Unit], target: int) -> dict[str, int]:
+def predicted_latency(plan: WidthPlan, table: LatencyTable, target_fraction: float | None = None) -> dict[str, Any]:
+    """The plan's latency predicted from ``table``; ``upper_bound`` when some attention has unequal QK and VO widths."""
+    predicted, bound = table.predict_ms(plan.widths)
+    return {"device": table.device, "dtype": table.dtype, "sample_shape": table.sample_shape, "denoiser_ms": table.denoiser_ms,
+            "target_fraction": target_fraction, "predicted_ms": predicted, "predicted_fraction": predicted / table.denoiser_ms,
+            "upper_bound": bound}
+
+
+def _greedy(units: Sequence[_Unit], target: float) -> dict[str, int]:
     """Remove the step with the least SIS increase per unit of cost until ``target`` cost is gone."""
     position = {u.weight_key: len(u.widths) - 1 for u in units}  # index into allowed widths (last = full)
     by_key = {u.weight_key: u for u in units}
@@ -359,22 +469,24 @@ def _greedy(units: Sequence[_Unit], target: int) -> dict[str, int]:
             return
         unit = by_key[key]
         increase = unit.sis[pos - 1] - unit.sis[pos]
-        heapq.heappush(heap, (increase / (unit.cost * (unit.widths[pos] - unit.widths[pos - 1])), order, key))
+        heapq.heappush(heap, (increase / (unit.cost[pos] - unit.cost[pos - 1]), order, key))
 
     for order, u in enumerate(units):
         push(u.weight_key, order)
-    removed = 0
+    removed = 0.0
     while removed < target:
+        if not heap:  # only float rounding of a latency target equal to the most that can go gets here
+            break
         _, order, key = heapq.heappop(heap)
         unit = by_key[key]
         pos = position[key]
-        removed += unit.cost * (unit.widths[pos] - unit.widths[pos - 1])
+        removed += unit.cost[pos] - unit.cost[pos - 1]
         position[key] = pos - 1
         push(key, order)
     return {key: by_key[key].widths[pos] for key, pos in position.items()}
 
 
-def _proportional(units: Sequence[_Unit], weight: dict[str, float], target: int) -> dict[str, int]:
+def _proportional(units: Sequence[_Unit], weight: dict[str, float], target: float) -> dict[str, int]:
     """Remove fraction t * weight of every unit, t found by bisection, then single steps to meet the target."""
 
     def widths_at(t: float) -> dict[str, int]:
@@ -384,8 +496,8 @@ def _proportional(units: Sequence[_Unit], weight: dict[str, float], target: int)
             out[u.weight_key] = next((w for w in u.widths if w >= want - 1e-9), u.widths[-1])
         return out
 
-    def removed(widths: dict[str, int]) -> int:
-        return sum(u.cost * (u.widths[-1] - widths[u.weight_key]) for u in units)
+    def removed(widths: dict[str, int]) -> float:
+        return sum(u.saved(u.widths.index(widths[u.weight_key])) for u in units)
 
     lo, hi = 0.0, 1.0 / max(min(weight.values()), 1e-12)
     for _ in range(100):
@@ -402,6 +514,6 @@ def _proportional(units: Sequence[_Unit], weight: dict[str, float], target: int)
         candidates = [u for u in units if widths[u.weight_key] > u.widths[0]]
         u = max(candidates, key=lambda u: (weight[u.weight_key] * hi - (1 - widths[u.weight_key] / u.widths[-1]), -order[u.weight_key]))
         smaller = max(w for w in u.widths if w < widths[u.weight_key])
-        total += u.cost * (widths[u.weight_key] - smaller)
+        total += u.cost[u.widths.index(widths[u.weight_key])] - u.cost[u.widths.index(smaller)]
         widths[u.weight_key] = smaller
     return widths

@@ -36,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", default=None, help="fraction of compressible parameters to remove (0<b<1) or a whole count")
     c.add_argument("--macs", default=None, help="instead of --budget: keep at most this fraction F of the compressible MACs "
                    "at the capture's resolution (0<F<1)")
-    c.add_argument("--tie-qk-vo", action="store_true", help="one per-head width for QK and VO of each attention "
-                   "(flash attention needs equal head widths)")
+    c.add_argument("--latency", default=None, help="instead of --budget: keep at most this fraction F of the denoiser's "
+                   "latency, measured on --device at the capture's batch and resolution (0<F<1)")
+    c.add_argument("--tie-qk-vo", action="store_true", default=None, help="one per-head width for QK and VO of each "
+                   "attention (default: tied for --latency, untied otherwise)")
     c.add_argument("--out", required=True, help="output folder (diffusers layout)")
     c.add_argument("--allocator", default="slimdiff", choices=["slimdiff", "uniform", "modegpt"])
     c.add_argument("--min-keep", type=float, default=0.1, help="minimum kept fraction per module")
@@ -66,7 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("scores", help="scores JSON written by the score stage")
     a.add_argument("--budget", default=None, help="fraction of compressible parameters to remove, or a whole count")
     a.add_argument("--macs", default=None, help="instead of --budget: fraction of compressible MACs to keep")
-    a.add_argument("--tie-qk-vo", action="store_true", help="one per-head width for QK and VO of each attention")
+    a.add_argument("--latency", default=None, help="instead of --budget: fraction of the denoiser's measured latency to "
+                   "keep (needs --latency-table)")
+    a.add_argument("--latency-table", default=None, help="latency table JSON (the latency stage's output); with any budget "
+                   "kind the plan then records its predicted latency")
+    a.add_argument("--tie-qk-vo", action="store_true", default=None, help="one per-head width for QK and VO of each attention")
+    a.add_argument("--device", default=None, help="the deployment device; when given, the latency table must come from it")
     a.add_argument("--allocator", default="slimdiff", choices=["slimdiff", "uniform", "modegpt"])
     a.add_argument("--min-keep", type=float, default=0.1)
     a.add_argument("--out", required=True, help="plan JSON")
@@ -75,20 +82,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _budget_of(args: argparse.Namespace):
-    """(Budget, kind) from exactly one of --budget (parameters removed) and --macs (MACs kept)."""
+    """(Budget, kind) from exactly one of --budget (parameters removed), --macs (MACs kept), --latency (latency kept)."""
     from slimdiff.allocate import Budget, BudgetError
 
-    if (args.budget is None) == (args.macs is None):
-        raise BudgetError("give exactly one budget: --budget B (parameters to remove) or --macs F (fraction of MACs to keep)")
-    if args.macs is not None:
-        try:
-            keep = float(args.macs)
-        except ValueError:
-            keep = float("nan")
-        if not 0 < keep < 1:
-            raise BudgetError(f"--macs is the fraction of compressible MACs to keep, 0 < F < 1; got {args.macs}")
-        return Budget(keep), "macs"
-    return Budget.parse(args.budget), "params"
+    given = [flag for flag in ("budget", "macs", "latency") if getattr(args, flag) is not None]
+    if len(given) != 1:
+        raise BudgetError("give exactly one budget: --budget B (parameters to remove), --macs F (fraction of MACs to keep) "
+                          f"or --latency F (fraction of latency to keep); got {', '.join('--' + g for g in given) or 'none'}")
+    kind = given[0]
+    if kind == "budget":
+        return Budget.parse(args.budget), "params"
+    text = getattr(args, kind)
+    try:
+        keep = float(text)
+    except ValueError:
+        keep = float("nan")
+    if not 0 < keep < 1:
+        what = "compressible MACs" if kind == "macs" else "the denoiser's measured latency"
+        raise BudgetError(f"--{kind} is the fraction of {what} to keep, 0 < F < 1; got {text}")
+    return Budget(keep), kind
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -114,7 +126,8 @@ def _compress(args: argparse.Namespace) -> int:
     if args.save_capture:
         result.capture.save(args.save_capture)
     full_widths = {m.name: m.full_width for m in result.plan.modules}
-    save(pipe, out, result.info(args.model), full_widths=full_widths, overwrite=args.overwrite)
+    save(pipe, out, result.info(args.model), full_widths=full_widths, overwrite=args.overwrite,
+         methods={g.name: g.method for g in result.groups})
     result.plan.save(out / "width_plan.json")
     result.plan.plot(out / "width_plan.png")
     print(result.plan.table().splitlines()[-1])
@@ -133,17 +146,26 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{info['model']}: {info['denoiser']}, {p['total']:,} parameters; compressible {p['compressible_before']:,} -> "
           f"{p['compressible_after']:,} ({p['removed_fraction']:.1%} removed)")
     for name, m in info["modules"].items():
-        print(f"  {name:<72} {m['kind']:<8} {m['width']:>5}/{m['full_width']}")
+        print(f"  {name:<72} {m['kind']:<8} {m['width']:>5}/{m['full_width']:<5} {m['method']}")
+    for name, m in info["left_intact"].items():
+        print(f"  {name:<72} {m['kind']:<8} left intact: {m['note']}")
     return 0
 
 
 def _allocate(args: argparse.Namespace) -> int:
     from slimdiff.allocate import allocate
+    from slimdiff.device import describe_device, resolve_device
     from slimdiff.influence import InfluenceScores
+    from slimdiff.latency import LatencyTable
 
     budget, budget_kind = _budget_of(args)
+    if budget_kind == "latency" and not args.latency_table:
+        raise ValueError("--latency needs --latency-table (measured on the deployment device: the latency stage's output)")
+    table = LatencyTable.load(args.latency_table) if args.latency_table else None
+    if table is not None and args.device:
+        table.check_matches(device=describe_device(resolve_device(args.device)), source=args.latency_table)
     plan = allocate(InfluenceScores.load(args.scores), budget, args.allocator, args.min_keep, budget_kind=budget_kind,
-                    tie_qk_vo=args.tie_qk_vo)
+                    tie_qk_vo=args.tie_qk_vo, latency_table=table)
     plan.save(args.out)
     if args.plot:
         plan.plot(args.plot)

@@ -21,6 +21,7 @@ from slimdiff.capture import Capture, SamplerSettings, capture, denoiser_of
 from slimdiff.decompose import DEFAULT_REG
 from slimdiff.groups import compressible_groups
 from slimdiff.influence import Gains, Granularity, InfluenceScores, measure_gains, score, skeleton_scores
+from slimdiff.latency import LatencyTable, measure_pipeline_latency
 from slimdiff.slim import GroupResult, decompose
 
 CONFIG_VERSION = 1
@@ -31,8 +32,12 @@ class SlimDiffConfig:
     """Every setting of a compression, versioned; round-trips through JSON and is saved beside the weights."""
 
     budget: float = 0.4
-    budget_kind: str = "params"  # params: remove this fraction (or count) of parameters; macs: keep this fraction of MACs
-    tie_qk_vo: bool = False
+    # params: remove this fraction (or count) of parameters; macs: keep this fraction of MACs; latency: keep this
+    # fraction of the denoiser's latency measured on the job's device
+    budget_kind: str = "params"
+    tie_qk_vo: bool | None = None  # None: tied for a latency budget, untied otherwise
+    latency_points: int = 16  # widths timed per unit for a latency budget
+    latency_repeats: int = 5
     allocator: str = "slimdiff"
     min_keep: float = DEFAULT_MIN_KEEP
     ffn_step: int = 8
@@ -49,11 +54,16 @@ class SlimDiffConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        Budget.parse(self.budget)
         if self.budget_kind not in BUDGET_KINDS:
             raise ValueError(f"unknown budget kind {self.budget_kind!r}; valid: {', '.join(BUDGET_KINDS)}")
-        if self.budget_kind == "macs" and not 0 < self.budget < 1:
-            raise BudgetError(f"a MACs budget is the fraction of compressible MACs to keep, 0 < F < 1; got {self.budget}")
+        if self.budget_kind == "params":
+            Budget.parse(self.budget)
+        elif not 0 < self.budget < 1:
+            what = "compressible MACs" if self.budget_kind == "macs" else "the denoiser's measured latency"
+            raise BudgetError(f"a {self.budget_kind} budget is the fraction of {what} to keep, 0 < F < 1; got {self.budget}")
+        if self.budget_kind == "latency" and self.tie_qk_vo is False:
+            raise BudgetError("a latency budget ties QK and VO to one per-head width (its table times attentions so); "
+                              "leave tie_qk_vo unset (auto) or true")
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"unknown allocator {self.allocator!r}; choose one of {', '.join(ALLOCATORS)}")
         if not 0 <= self.min_keep < 1:
@@ -69,9 +79,11 @@ class SlimDiffConfig:
             bad = [w for w in self.bucket_weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)]
             if bad or not sum(self.bucket_weights) > 0:
                 raise ValueError(f"bucket_weights must be finite numbers >= 0 with a positive sum, got {list(self.bucket_weights)}")
-        for name in ("gain_prompts", "gain_calls", "batch_size", "max_ffn_points"):
+        for name in ("gain_prompts", "gain_calls", "batch_size", "max_ffn_points", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.latency_points < 2:
+            raise ValueError(f"latency_points must be >= 2, got {self.latency_points}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"unknown SlimDiffConfig version {self.version}; this slimdiff reads version {CONFIG_VERSION}")
 
@@ -106,6 +118,7 @@ class CompressionResult:
     plan: WidthPlan
     groups: list[GroupResult] = field(default_factory=list)
     gains: Gains | None = None
+    latency_table: LatencyTable | None = None
 
     def info(self, model_id: str = "") -> dict[str, Any]:
         """Provenance stored in the saved model's slimdiff config."""
@@ -118,7 +131,8 @@ class CompressionResult:
                                                  "device_type")},
             "plan": {"allocator": self.plan.allocator, "removed": self.plan.removed, "target_removed": self.plan.target_removed,
                      "compressible_before": self.plan.params_before, "compressible_after": self.plan.params_after,
-                     "predicted_error": self.plan.predicted_error},
+                     "predicted_error": self.plan.predicted_error, "budget_kind": self.plan.budget_kind,
+                     "latency": self.plan.latency},
         }
 
 
@@ -127,17 +141,22 @@ def compress_pipeline(pipe, prompts: Sequence[str], config: SlimDiffConfig = Sli
     """Compress ``pipe``'s denoiser in place with the full SlimDiff method; returns the artifacts."""
     _, denoiser = denoiser_of(pipe)
     groups = compressible_groups(denoiser)
-    if config.budget_kind == "params":  # a MACs budget needs the capture's token counts; its range is checked after it
-        check_budget(skeleton_scores(groups, config.granularity), Budget.parse(config.budget), config.min_keep)  # before any work
+    table = None
+    if config.budget_kind == "latency":  # timed on this pipeline's device, at its first call's batch and resolution
+        table = measure_pipeline_latency(pipe, list(prompts)[:1], sampler, config.granularity, config.latency_points,
+                                         config.latency_repeats, progress=progress)
+    if config.budget_kind != "macs":  # a MACs budget needs the capture's token counts; its range is checked after it
+        check_budget(skeleton_scores(groups, config.granularity), Budget.parse(config.budget), config.min_keep,  # before any work
+                     config.budget_kind, table)
     stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
                     groups=groups, model_id=model_id, progress=progress)
     gains = measure_gains(pipe, list(prompts)[: config.gain_prompts], sampler, config.gain_calls, config.rel_noise,
                           seed=sampler.seed, progress=progress)
     scores = score(denoiser, stats, gains, config.granularity, config.reg, config.max_ffn_points, progress=progress)
     plan = allocate(scores, Budget.parse(config.budget), config.allocator, config.min_keep, config.bucket_weights, config.temperature,
-                    config.budget_kind, config.tie_qk_vo)
+                    config.budget_kind, config.tie_qk_vo, table)
     results = decompose(denoiser, stats, plan.widths, config.reg, progress=progress)
-    return CompressionResult(config, stats, scores, plan, results, gains)
+    return CompressionResult(config, stats, scores, plan, results, gains, table)
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -22,7 +22,7 @@ from slimdiff.capture import (Capture, SamplerSettings, denoiser_of, group_input
                               prompt_hash, prompts_digest)
 from slimdiff.decompose import DEFAULT_REG, FFNDecomposition, QKDecomposition, VODecomposition
 from slimdiff.device import linalg_device, module_device
-from slimdiff.groups import ModuleGroup, compressible_groups
+from slimdiff.groups import ModuleGroup, compressible_groups, find_groups, left_intact
 from slimdiff.slim import SlimAttnProcessor, decompose_group, original_attention_scale
 from slimdiff.utils import read_json_artifact, write_json
 
@@ -70,6 +70,7 @@ class ModuleScore:
     errors: list[list[float] | None]  # [bucket][width index]; None where a bucket saw no tokens
     gain: float = 1.0
     unit_macs: int = 0  # MACs of one unit of width per sample and call at the capture's resolution (0: unknown)
+    method: str = ""  # how the decomposition whitens or selects (fallbacks included), for the record
 
     def error(self, bucket_weights: Sequence[float] | None = None) -> Tensor:
         """Bucket-weighted predicted error at each grid width (weights renormalised over seen buckets)."""
@@ -222,7 +223,8 @@ def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, gran
             curve = vo_error_under(decomposition, cov_y).cpu()
             errors[b] = [float(curve[w]) for w in widths]
     return ModuleScore(group.name, group.kind, group.block, group.heads, group.width, group.unit_params, widths, errors,
-                       1.0 if gain is None else gain, unit_macs_of(group, capture.metadata.get("site_tokens", {})))
+                       1.0 if gain is None else gain, unit_macs_of(group, capture.metadata.get("site_tokens", {})),
+                       decomposition.method)
 
 
 def unit_macs_of(group: ModuleGroup, site_tokens: dict[str, int]) -> int:
@@ -264,6 +266,7 @@ def score(denoiser: nn.Module, capture: Capture, gains: "Gains | None" = None, g
         "gains_measured": gains is not None,
         "model_hash": capture.metadata.get("model_hash"),
         "prompts_digest": capture.metadata.get("prompts_digest"),
+        "left_intact": left_intact(find_groups(denoiser)),
     }
     block_influence = dict(gains.block_influence) if gains is not None else {}
     return InfluenceScores(modules, granularity, list(capture.metadata.get("bucket_edges", [])), block_influence, metadata)

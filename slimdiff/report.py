@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,16 +51,42 @@ def _wrap(text: str, width: int = 24) -> str:
     return "\n".join(lines[:4])
 
 
+def _budget_text(plan: dict[str, Any]) -> str:
+    settings = plan["settings"]
+    kind, value = settings.get("budget_kind", "params"), settings["budget"]
+    if kind == "params":
+        return f"remove {value} of the compressible parameters"
+    tied = ", QK and VO tied" if settings.get("tie_qk_vo") else ""
+    return f"keep {value:.1%} of the {'compressible MACs' if kind == 'macs' else 'measured denoiser latency'}{tied}"
+
+
+def _latency_lines(plan: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """Predicted (latency table) against measured (evaluate stage) denoiser latency."""
+    table = plan.get("latency") or {}
+    predicted = table.get("predicted_fraction")
+    measured = (metrics.get("latency") or {}).get("measured_fraction")
+    if predicted is None and measured is None:
+        return []
+    bound = " at most" if table.get("upper_bound") else ""
+    lines = [f"- denoiser latency (fraction of the original) on {table.get('device', 'this machine')}: predicted{bound} "
+             + (f"{predicted:.3f}" if predicted is not None else "- (no latency table)")
+             + (f", measured {measured:.3f} (x{1 / measured:.2f})" if measured else ", not measured")]
+    if table.get("upper_bound"):
+        lines.append("  (QK and VO widths differ in some attention: it runs zero-padded to the wider width, which the table "
+                     "times, so the prediction is an upper bound)")
+    return lines
+
+
 def markdown(params: dict[str, Any], plan: dict[str, Any], metrics: dict[str, Any]) -> str:
     """The report text: what was compressed, by how much, and how it measures."""
     lines = [
         f"# slimdiff report: {params['model'].get('id', params['model']['path'])}",
         "",
         f"- model: `{params['model']['path']}`",
-        f"- budget: {params['allocate']['budget']} of compressible parameters, allocator `{plan['allocator']}`, "
-        f"min kept per module {params['allocate']['min_keep']}",
+        f"- budget: {_budget_text(plan)}, allocator `{plan['allocator']}`, min kept per module {plan['settings']['min_keep']}",
         f"- compressible parameters: {plan['params']['compressible_before']:,} -> {plan['params']['compressible_after']:,} "
         f"(removed {plan['params']['removed_fraction']:.1%}); predicted error {plan['predicted_error']:.4g}",
+        *_latency_lines(plan, metrics),
         "",
         "## Kept width by group",
         "",
@@ -86,24 +111,16 @@ def markdown(params: dict[str, Any], plan: dict[str, Any], metrics: dict[str, An
     return "\n".join(lines)
 
 
-def write_report(params: dict[str, Any], out_dir: str | Path) -> Path:
+def write_report(out_dir: str | Path, params: dict[str, Any], plan: dict[str, Any], metrics: dict[str, Any], plan_plot: Path,
+                 original, compressed, prompts: Sequence[str], sampler) -> Path:
     """Write ``report.md``, ``samples.png`` and a copy of the plan plot into ``out_dir``."""
     import shutil
 
-    from slimdiff.io import load
-    from slimdiff.stages import MODEL_DIR, METRICS_FILE, PLAN_FILE, PLAN_PLOT, _pipeline, evaluation_prompts, sampler_settings
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = json.loads(PLAN_FILE.read_text())
-    metrics = json.loads(METRICS_FILE.read_text())
-    prompts = evaluation_prompts(params)[: int(params.get("report", {}).get("samples", 8))]
-    original = _pipeline(params)
-    compressed = load(MODEL_DIR)
-    compressed.set_progress_bar_config(disable=True)
-    sample_grid(original, compressed, prompts, sampler_settings(params), out_dir / "samples.png")
+    sample_grid(original, compressed, prompts, sampler, out_dir / "samples.png")
     with atomic_path(out_dir / "width_plan.png") as tmp:
-        shutil.copyfile(PLAN_PLOT, tmp)
+        shutil.copyfile(plan_plot, tmp)
     report = out_dir / "report.md"
     with atomic_path(report) as tmp:
         tmp.write_text(markdown(params, plan, metrics))

@@ -67,8 +67,7 @@ class SlimAttnProcessor:
         if self.logit_noise is not None:
             hidden_states = self._attend_with_logit_noise(query, key, value, attention_mask)
         else:
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                           is_causal=False, scale=self.scale)
+            hidden_states = attend(query, key, value, attention_mask, self.scale)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * value.shape[-1])
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -94,6 +93,23 @@ class SlimAttnProcessor:
             outputs.append(F.scaled_dot_product_attention(chunk, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False,
                                                           scale=self.scale))
         return torch.cat(outputs, dim=2)
+
+
+def attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scale: float) -> Tensor:
+    """Scaled dot-product attention for per-head widths that may differ between query-key and value.
+
+    Fused kernels (flash attention on CUDA and on the CPU) need equal head widths; unequal ones fall back to
+    the math kernel, which materialises every logit (x4 slower at SD 1.5's 4096 tokens on the CPU). Zero
+    columns appended to the narrower side keep the result exact: they add nothing to the logits, and the
+    extra value columns are sliced off.
+    """
+    qk_width, v_width = query.shape[-1], value.shape[-1]
+    if qk_width != v_width:
+        width = max(qk_width, v_width)
+        query, key = F.pad(query, (0, width - qk_width)), F.pad(key, (0, width - qk_width))
+        value = F.pad(value, (0, width - v_width))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale)
+    return out[..., :v_width] if out.shape[-1] != v_width else out
 
 
 def _empty_linear(in_features: int, out_features: int, bias: bool, like: nn.Linear) -> nn.Linear:
@@ -165,6 +181,13 @@ def decompose_group(denoiser: nn.Module, group: ModuleGroup, capture: Capture, r
     ``linalg_device`` of the model (its GPU when that has usable float64, else the CPU)."""
     if not group.compressible:
         raise ValueError(f"{group.name} is not compressible: {group.note}")
+    try:
+        return _decompose_group(denoiser, group, capture, reg)
+    except ValueError as error:  # the math names what is wrong; this names where
+        raise ValueError(f"{group.name}: {error}") from None
+
+
+def _decompose_group(denoiser: nn.Module, group: ModuleGroup, capture: Capture, reg: float) -> Decomposition:
     where = linalg_device(module_device(denoiser))
     module = denoiser.get_submodule(group.path)
     x_site, y_site = group_input_sites(group)
@@ -191,6 +214,7 @@ class GroupResult:
     params_before: int
     params_after: int
     predicted_error: float
+    method: str  # how the decomposition was obtained at this width (whitening or selection, and any fallback)
 
 
 def apply_decomposition(denoiser: nn.Module, group: ModuleGroup, decomposition: Decomposition, width: int) -> GroupResult:
@@ -219,7 +243,8 @@ def apply_decomposition(denoiser: nn.Module, group: ModuleGroup, decomposition: 
         resize_group(denoiser, group, width)
         _assign(module.to_v, w_v)
         _assign_weight_keep_bias(module.to_out[0], w_o, bias_out)
-    return GroupResult(group.name, group.kind, group.width, width, group.params_at(group.width), group.params_at(width), error)
+    return GroupResult(group.name, group.kind, group.width, width, group.params_at(group.width), group.params_at(width), error,
+                       decomposition.method_at(width))
 
 
 def _assign_weight_keep_bias(linear: nn.Linear, w: Tensor, bias: Tensor | None) -> None:

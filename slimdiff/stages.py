@@ -1,6 +1,6 @@
 """DVC stages: each a thin command that reads ``params.yaml`` and files, calls the library, writes files.
 
-    python -m slimdiff.stages {curate,capture,gains,score,allocate,decompose,evaluate,report} [--params params.yaml]
+    python -m slimdiff.stages {curate,capture,gains,latency,score,allocate,decompose,evaluate,report} [--params params.yaml]
 
 Paths in ``params.yaml`` are relative to the working directory (the DVC repository root). Every
 output is written atomically, so an interrupted stage leaves the previous output or none. The two
@@ -24,6 +24,7 @@ SLIMSET_DIR = OUT / "slimset"
 SLIMSET_FILE = SLIMSET_DIR / "slimset.jsonl"
 CAPTURE_FILE = OUT / "capture.safetensors"
 GAINS_FILE = OUT / "gains.json"
+LATENCY_FILE = OUT / "latency.json"
 CHECKPOINT_DIR = OUT / ".checkpoints"
 CAPTURE_CHECKPOINT = CHECKPOINT_DIR / "capture.safetensors"
 GAINS_CHECKPOINT = CHECKPOINT_DIR / "gains.json"
@@ -42,7 +43,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path}")
     params = yaml.safe_load(path.read_text()) or {}
-    for section in ("model", "curate", "sampler", "capture", "score", "allocate", "evaluate"):
+    for section in ("model", "curate", "sampler", "capture", "score", "latency", "allocate", "evaluate"):
         if section not in params:
             raise KeyError(f"{path} has no '{section}' section")
     return params
@@ -61,10 +62,14 @@ def config_from(params: dict[str, Any]):
 
     from slimdiff.device import resolve_device, resolve_rank_step
 
-    a, s, c = params["allocate"], params["score"], params["capture"]
+    a, s, c, t = params["allocate"], params["score"], params["capture"], params["latency"]
     rank_step = resolve_rank_step(s["rank_step"], resolve_device(params["model"].get("device", "auto")))
+    tie = a.get("tie_qk_vo", "auto")
+    if tie not in (True, False, "auto"):
+        raise ValueError(f"allocate.tie_qk_vo must be true, false or auto (tied for a latency budget), got {tie!r}")
     return SlimDiffConfig(
-        budget=float(a["budget"]), budget_kind=str(a.get("budget_kind", "params")), tie_qk_vo=bool(a.get("tie_qk_vo", False)),
+        budget=float(a["budget"]), budget_kind=str(a.get("budget_kind", "params")), tie_qk_vo=None if tie == "auto" else tie,
+        latency_points=int(t["points"]), latency_repeats=int(t["repeats"]),
         allocator=a["allocator"], min_keep=float(a["min_keep"]),
         temperature=float(a.get("temperature", 0.1)), bucket_weights=tuple(a["bucket_weights"]) if a.get("bucket_weights") else None,
         reg=float(s["reg"]), ffn_step=int(s["ffn_step"]), rank_step=rank_step, max_ffn_points=int(s["max_ffn_points"]),
@@ -139,6 +144,17 @@ def stage_gains(params: dict[str, Any]) -> None:
     GAINS_CHECKPOINT.unlink(missing_ok=True)
 
 
+def stage_latency(params: dict[str, Any]) -> None:
+    from slimdiff.latency import measure_pipeline_latency
+
+    config = config_from(params)
+    table = measure_pipeline_latency(_pipeline(params), read_slimset()[:1], sampler_settings(params), config.granularity,
+                                     config.latency_points, config.latency_repeats, progress=True)
+    table.save(LATENCY_FILE)
+    print(f"denoiser {table.denoiser_ms:.4g} ms on {table.device} (call shape {table.sample_shape}); compressible units at full "
+          f"width {table.compressible_ms:.4g} ms ({len(table.curves)} units)")
+
+
 def stage_score(params: dict[str, Any]) -> None:
     from slimdiff.capture import Capture, check_model, denoiser_of
     from slimdiff.influence import Gains, score
@@ -153,18 +169,26 @@ def stage_score(params: dict[str, Any]) -> None:
 
 def stage_allocate(params: dict[str, Any]) -> None:
     from slimdiff.allocate import Budget, allocate
+    from slimdiff.device import describe_device, resolve_device
     from slimdiff.influence import InfluenceScores
+    from slimdiff.latency import LatencyTable
     from slimdiff.utils import write_json
 
     config = config_from(params)
+    table = LatencyTable.load(LATENCY_FILE)
+    # the table must come from the device this job runs on (allocation itself loads no model)
+    table.check_matches(device=describe_device(resolve_device(params["model"].get("device", "auto"))),
+                        dtype=str(params["model"].get("dtype", "float32")), source=str(LATENCY_FILE))
     plan = allocate(InfluenceScores.load(SCORES_FILE), Budget.parse(config.budget), config.allocator, config.min_keep,
-                    config.bucket_weights, config.temperature, config.budget_kind, config.tie_qk_vo)
+                    config.bucket_weights, config.temperature, config.budget_kind, config.tie_qk_vo, table)
     plan.save(PLAN_FILE)
     plan.plot(PLAN_PLOT)
     write_json(PLAN_METRICS, {"compressible_before": plan.params_before, "compressible_after": plan.params_after,
                               "removed": plan.removed, "removed_fraction": plan.removed / plan.params_before,
                               "predicted_error": plan.predicted_error,
-                              "macs_kept_fraction": plan.macs_after / plan.macs_before if plan.macs_before else None})
+                              "macs_kept_fraction": plan.macs_after / plan.macs_before if plan.macs_before else None,
+                              "predicted_latency_fraction": plan.latency["predicted_fraction"],
+                              "predicted_latency_upper_bound": plan.latency["upper_bound"]})
     print(plan.table().splitlines()[-1])
 
 
@@ -181,10 +205,27 @@ def stage_decompose(params: dict[str, Any]) -> None:
     stats = Capture.load(CAPTURE_FILE)
     check_model(stats, denoiser, str(CAPTURE_FILE))
     plan = WidthPlan.load(PLAN_FILE)
+    planned_for = plan.settings.get("model_hash")
+    if planned_for != stats.metadata["model_hash"]:
+        raise ValueError(f"{PLAN_FILE} was allocated for model {str(planned_for)[:12]}, but the capture and model are "
+                         f"{stats.metadata['model_hash'][:12]}; re-run the score and allocate stages")
     groups = decompose(denoiser, stats, plan.widths, config.reg, progress=True)
     result = CompressionResult(config, stats, None, plan, groups)
     save(pipe, MODEL_DIR, result.info(str(params["model"].get("id", ""))), full_widths={m.name: m.full_width for m in plan.modules},
-         overwrite=True)
+         overwrite=True, methods={g.name: g.method for g in groups})
+
+
+def check_compressed_from(original_denoiser, folder: Path = MODEL_DIR) -> None:
+    """Fail when the compressed model in ``folder`` was not made from ``original_denoiser`` (its recorded base hash)."""
+    from slimdiff.capture import model_content_hash
+    from slimdiff.io import read_config
+
+    _, config = read_config(folder)
+    recorded = config.get("info", {}).get("base_model", {}).get("hash")
+    actual = model_content_hash(original_denoiser)
+    if recorded != actual:
+        raise ValueError(f"{folder} was compressed from model {str(recorded)[:12]}, but model.path holds {actual[:12]}; "
+                         "re-run the pipeline from the capture on")
 
 
 def evaluation_prompts(params: dict[str, Any]) -> list[str]:
@@ -200,14 +241,24 @@ def stage_evaluate(params: dict[str, Any]) -> None:
     from slimdiff.io import load
     from slimdiff.utils import write_json
 
+    from slimdiff.capture import denoiser_of
+
     e = params["evaluate"]
     original = _pipeline(params)
+    check_compressed_from(denoiser_of(original)[1])
     compressed = load(MODEL_DIR)
     compressed.set_progress_bar_config(disable=True)
     evaluator = _evaluator(params)
     metrics = evaluate(original, compressed, evaluation_prompts(params), sampler_settings(params), evaluator=evaluator,
                        latency_repeats=int(e.get("latency_repeats", 5)))
     metrics["plan"] = json.loads(PLAN_METRICS.read_text())
+    if "latency" in metrics:  # the latency table's prediction against this measurement (same device, batch, resolution)
+        denoiser = metrics["latency"]["denoiser"]
+        measured = denoiser["compressed_ms"] / denoiser["original_ms"]
+        predicted = metrics["plan"]["predicted_latency_fraction"]
+        metrics["latency"].update(measured_fraction=measured, predicted_fraction=predicted,
+                                  predicted_upper_bound=metrics["plan"]["predicted_latency_upper_bound"],
+                                  prediction_error=measured / predicted - 1)
     if "alignment" in metrics:
         original, compressed_acc = metrics["alignment"]["original"]["overall"], metrics["alignment"]["compressed"]["overall"]
         metrics["alignment"]["ratio_to_original"] = compressed_acc / original if original else None
@@ -224,17 +275,26 @@ def _evaluator(params: dict[str, Any]):
 
 
 def stage_report(params: dict[str, Any]) -> None:
+    from slimdiff.capture import denoiser_of
+    from slimdiff.io import load
     from slimdiff.report import write_report
 
-    write_report(params, REPORT_DIR)
+    original = _pipeline(params)
+    check_compressed_from(denoiser_of(original)[1])
+    compressed = load(MODEL_DIR)
+    compressed.set_progress_bar_config(disable=True)
+    prompts = evaluation_prompts(params)[: int(params.get("report", {}).get("samples", 8))]
+    write_report(REPORT_DIR, params, json.loads(PLAN_FILE.read_text()), json.loads(METRICS_FILE.read_text()), PLAN_PLOT,
+                 original, compressed, prompts, sampler_settings(params))
 
 
-MODEL_STAGES = ("curate", "capture", "gains", "score", "decompose", "evaluate", "report")
+MODEL_STAGES = ("curate", "capture", "gains", "latency", "score", "decompose", "evaluate", "report")
 
 STAGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "curate": stage_curate,
     "capture": stage_capture,
     "gains": stage_gains,
+    "latency": stage_latency,
     "score": stage_score,
     "allocate": stage_allocate,
     "decompose": stage_decompose,

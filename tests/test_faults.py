@@ -164,3 +164,43 @@ def test_a_gain_that_cannot_be_measured_is_an_error_not_zero():
         down.bias.zero_()  # the module's output is exactly zero: no noise of known energy can be injected
     with pytest.raises(RuntimeError, match=f"{ffn.name}: the module's output is zero"):
         propagation_gains(model, [((), tiny.inputs(model, 2, 500, 0))], [ffn])
+
+
+def test_decompose_stage_refuses_a_plan_for_another_model(saved, tmp_path, monkeypatch, capsys):
+    """A width plan carries the model hash of its scores; decompose refuses it for another capture/model."""
+    from pathlib import Path
+
+    from slimdiff.influence import score
+    from slimdiff.stages import main
+
+    pipe, stats, path = saved
+    repo = Path(__file__).resolve().parents[1]
+    pipe.save_pretrained(tmp_path / "model")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update({"path": "model", "device": "cpu"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "outputs" / "plan").mkdir(parents=True)
+    (tmp_path / "outputs" / "capture.safetensors").write_bytes(path.read_bytes())
+    plan = allocate(score(pipe.unet, stats, None, require_gains=False), 0.3)
+    assert plan.settings["model_hash"] == stats.metadata["model_hash"]
+    plan.settings["model_hash"] = "0" * 64
+    plan.save(tmp_path / "outputs" / "plan" / "width_plan.json")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["decompose"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "width_plan.json was allocated for model 000000000000, but the capture and model are" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "outputs" / "model").exists()
+
+
+def test_evaluation_refuses_a_model_compressed_from_another_checkpoint(saved, tmp_path):
+    from slimdiff.capture import model_content_hash
+    from slimdiff.io import save
+    from slimdiff.stages import check_compressed_from
+
+    pipe, _, _ = saved
+    folder = save(pipe, tmp_path / "compressed", {"base_model": {"hash": model_content_hash(pipe.unet)}})
+    check_compressed_from(pipe.unet, folder)  # its own base passes
+    other = tiny_sd_pipeline(seed=1)
+    with pytest.raises(ValueError, match=r"compressed was compressed from model [0-9a-f]{12}, but model.path holds [0-9a-f]{12}"):
+        check_compressed_from(other.unet, folder)

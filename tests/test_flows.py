@@ -93,9 +93,14 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     version = client.get_model_version_by_alias(name, "candidate")
     lineage = {k[len("lineage."):]: v for k, v in version.tags.items() if k.startswith("lineage.")}
     assert lineage == stage_hashes(workspace / "dvc.lock")
-    assert set(lineage) == {"curate", "capture", "gains", "score", "allocate", "decompose", "evaluate", "report"}
+    assert set(lineage) == {"curate", "capture", "gains", "latency", "score", "allocate", "decompose", "evaluate", "report"}
     assert run.data.tags["lineage.capture"] == lineage["capture"]
-    assert version.tags["gate.decision"] in ("champion", "candidate") and version.tags["gate.reason"]
+    # the test gate (min_image_psnr_db 0: a PSNR of images in [0, 1] is >= 0) passes: champion, with the reason
+    assert version.tags["gate.decision"] == "champion", version.tags
+    assert version.tags["gate.reason"].startswith("passed: fidelity.image_psnr_db="), version.tags["gate.reason"]
+    assert client.get_model_version_by_alias(name, "champion").version == version.version
+    # the workspace is a git repository without a commit: the tag says so instead of a bare "unknown"
+    assert version.tags["git.commit"].startswith("unknown (git rev-parse HEAD failed in "), version.tags["git.commit"]
 
     # the same checkpoint again: nothing registered
     assert recompress(str(workspace))["compressed"] is False
@@ -168,3 +173,19 @@ def test_quality_gate_decisions():
     assert not decision.passed and "alignment.ratio_to_original=0.9" in decision.reason
     with pytest.raises(KeyError, match="unknown gate threshold"):
         quality_gate(metrics, {"max_latency": 3})
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), "n/a"])
+def test_quality_gate_fails_on_a_nan_or_missing_metric(value):
+    """evaluate writes a NaN metric as null: the gate fails naming it (never float(None)), and never passes."""
+    from flows.tracking import quality_gate
+
+    metrics = {"fidelity": {"image_psnr_db": value}, "alignment": {"ratio_to_original": 0.99}}
+    decision = quality_gate(metrics, {"min_image_psnr_db": 15, "min_alignment_ratio": 0.95})
+    assert not decision.passed
+    assert "metric fidelity.image_psnr_db is NaN/missing" in decision.reason and "the gate cannot pass" in decision.reason
+    assert "alignment.ratio_to_original=0.99" not in decision.reason  # failures only; the passing check is not listed
+    missing = quality_gate({"fidelity": {}}, {"min_noise_sqnr_db": 10})
+    assert not missing.passed and "metric fidelity.noise_sqnr_db is NaN/missing" in missing.reason
+    with pytest.raises(ValueError, match=r"params.yaml gate.min_image_psnr_db must be a finite number, got nan"):
+        quality_gate(metrics, {"min_image_psnr_db": float("nan")})

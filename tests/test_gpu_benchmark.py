@@ -24,7 +24,10 @@ def test_gpu_benchmark_smoke_runs_every_step(tmp_path):
     assert result["unet_params"] - result["compressed_unet_params"] == result["params_removed"]
     assert 0.35 < result["params_removed_fraction_of_compressible"] < 0.45
     # the same budget with per-head widths in multiples of 8 and QK tied to VO is built and timed beside it
-    assert set(result["latency_ms"]) == {"original", "compressed", "compressed_rank8_tied"}
+    assert set(result["latency_ms"]) == {"original", "compressed", "compressed_rank8_tied", "compressed_latency"}
+    # the --latency plan from a table timed on the run's device meets its predicted target
+    plan = result["latency_plan"]
+    assert plan["predicted_fraction"] <= plan["target"] and plan["measured_fraction"] > 0
     assert result["friendly_plan"]["params_removed"] >= 0.35 * result["compressible_params"]
     assert result["gram_precision"]["max"] < 1e-6  # float32 Gram matrices of float32 activations on the CPU
     # the page renders from the JSON alone

@@ -33,12 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from slimdiff.allocate import allocate  # noqa: E402
+from slimdiff.allocate import allocate, latency_floor  # noqa: E402
 from slimdiff.capture import _MIXED_MM, ActivationRecorder, SamplerSettings, capture, gram, model_content_hash, sites_for  # noqa: E402
 from slimdiff.device import describe_device, linalg_device, resolve_device, resolve_dtype  # noqa: E402
 from slimdiff.groups import compressible_groups  # noqa: E402
 from slimdiff.influence import Granularity, measure_gains, score  # noqa: E402
 from slimdiff.io import load, save  # noqa: E402
+from slimdiff.latency import measure_latency_table  # noqa: E402
 from slimdiff.slim import SlimAttnProcessor, decompose  # noqa: E402
 from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
 
@@ -204,12 +205,13 @@ def sdpa_backends(unet, device: torch.device, dtype: torch.dtype, tokens_of: dic
         modules += 1
         heads = module.heads
         qk, v = module.to_q.out_features // heads, module.to_v.out_features // heads
+        width = max(qk, v)  # SlimAttnProcessor pads the narrower side with zeros to equal head widths (slimdiff.slim.attend)
         level = path.split(".attentions")[0]
         queries = tokens_of.get(level, 64)
         keys = queries if path.endswith("attn1") else text_tokens
-        q = torch.randn(2, heads, queries, qk, device=device, dtype=dtype)
-        k = torch.randn(2, heads, keys, qk, device=device, dtype=dtype)
-        val = torch.randn(2, heads, keys, v, device=device, dtype=dtype)
+        q = torch.randn(2, heads, queries, width, device=device, dtype=dtype)
+        k = torch.randn(2, heads, keys, width, device=device, dtype=dtype)
+        val = torch.randn(2, heads, keys, width, device=device, dtype=dtype)
         usable = []
         for name, backend in backends.items():
             try:
@@ -309,18 +311,45 @@ def run(args: argparse.Namespace) -> dict:
         decompose(friendly, stats, friendly_plan.widths)
         results["friendly_plan"] = {"rank_step": 8, "tie_qk_vo": True, "params_removed": friendly_plan.removed,
                                     "predicted_error": friendly_plan.predicted_error, "default_predicted_error": plan.predicted_error}
-        del stats
-        results["compressed_unet_params"] = sum(p.numel() for p in unet.parameters())
         latents = 64 if not args.smoke else 8
         generator = torch.Generator(device="cpu").manual_seed(0)
         cross_dim = unet.config.cross_attention_dim
         inputs = {"sample": torch.randn(2, 4, latents, latents, generator=generator).to(device, dtype),
                   "timestep": torch.tensor(500, device=device),
                   "encoder_hidden_states": torch.randn(2, 77, cross_dim, generator=generator).to(device, dtype)}
-        results["latency_ms"] = denoiser_latency({"original": original, "compressed": unet, "compressed_rank8_tied": friendly},
-                                                 inputs, device, args.latency_repeats)
+        # a latency budget: every unit timed on this GPU at the same call shape, then --latency F
+        with Step(results, "latency table", device):
+            table = measure_latency_table(original, ((), inputs), Granularity(8, 8), repeats=args.latency_repeats,
+                                          model_hash=scores.metadata.get("model_hash") or "")
+        if args.latency_target is None:  # smoke: the tiny UNet is mostly per-op overhead; halfway to its fastest plan
+            args.latency_target = round((1 + latency_floor(friendly_scores, table)) / 2, 4)
+        latency_plan = allocate(friendly_scores, args.latency_target, budget_kind="latency", latency_table=table)
+        by_latency = copy.deepcopy(original)
+        decompose(by_latency, stats, latency_plan.widths)
+        friendly_plan = allocate(friendly_scores, args.budget, tie_qk_vo=True, latency_table=table)
+        results["latency_plan"] = {"target": args.latency_target, "params_removed": latency_plan.removed,
+                                   "params_removed_fraction": latency_plan.removed / latency_plan.params_before,
+                                   "predicted_fraction": latency_plan.latency["predicted_fraction"],
+                                   "rank8_tied_predicted_fraction": friendly_plan.latency["predicted_fraction"],
+                                   "table_denoiser_ms": table.denoiser_ms, "table_compressible_ms": table.compressible_ms}
+        del stats
+        results["compressed_unet_params"] = sum(p.numel() for p in unet.parameters())
+        models = {"original": original, "compressed": unet, "compressed_rank8_tied": friendly, "compressed_latency": by_latency}
+        results["latency_ms"] = denoiser_latency(models, inputs, device, args.latency_repeats)
         results["denoiser_speedup"] = results["latency_ms"]["original"] / results["latency_ms"]["compressed"]
         results["denoiser_speedup_rank8_tied"] = results["latency_ms"]["original"] / results["latency_ms"]["compressed_rank8_tied"]
+        results["denoiser_speedup_latency"] = results["latency_ms"]["original"] / results["latency_ms"]["compressed_latency"]
+        results["latency_plan"]["measured_fraction"] = results["latency_ms"]["compressed_latency"] / results["latency_ms"]["original"]
+        results["latency_plan"]["rank8_tied_measured_fraction"] = (results["latency_ms"]["compressed_rank8_tied"]
+                                                                   / results["latency_ms"]["original"])
+        dump_partial(results)
+        if device.type == "cuda" and not args.no_compile:
+            with Step(results, "torch.compile (original and latency plan)", device):
+                compiled = {"original": torch.compile(original), "compressed_latency": torch.compile(by_latency)}
+                results["compiled_latency_ms"] = denoiser_latency(compiled, inputs, device, args.latency_repeats)
+            results["compiled_speedup_latency"] = (results["compiled_latency_ms"]["original"]
+                                                   / results["compiled_latency_ms"]["compressed_latency"])
+            del compiled
         if device.type == "cuda":
             tokens_of = {}
             side = latents
@@ -334,6 +363,7 @@ def run(args: argparse.Namespace) -> dict:
                 side *= 2
             results["sdpa_compressed"] = sdpa_backends(unet, device, dtype, tokens_of, 77)
             results["sdpa_compressed_rank8_tied"] = sdpa_backends(friendly, device, dtype, tokens_of, 77)
+            results["sdpa_compressed_latency"] = sdpa_backends(by_latency, device, dtype, tokens_of, 77)
             results["peak_gpu_gib_job"] = max(s.get("peak_gpu_gib", 0.0) for s in results["steps"].values())
         dump_partial(results)
         with Step(results, "save", device):
@@ -415,20 +445,35 @@ def render(r: dict) -> str:
             f"{r['latency_ms']['compressed_rank8_tied']:.1f} ms: x{r['denoiser_speedup_rank8_tied']:.2f} "
             f"(predicted error {friendly['predicted_error']:.4g} vs {friendly['default_predicted_error']:.4g}) |",
         ]
+    lat = r.get("latency_plan")
+    if lat and "measured_fraction" in lat:
+        lines += [
+            f"| `--latency {lat['target']}` plan (table timed on this GPU, multiples of 8, tied): params removed | "
+            f"{lat['params_removed_fraction']:.0%} of compressible |",
+            f"| `--latency {lat['target']}`: predicted / measured latency | {lat['predicted_fraction']:.3f} / {lat['measured_fraction']:.3f} "
+            f"of the original: x{r['denoiser_speedup_latency']:.2f} |",
+            f"| `--budget {a['budget']}` multiples of 8, tied: predicted / measured latency | "
+            f"{lat['rank8_tied_predicted_fraction']:.3f} / {lat['rank8_tied_measured_fraction']:.3f} |",
+        ]
+    if r.get("compiled_latency_ms"):
+        c = r["compiled_latency_ms"]
+        lines.append(f"| `torch.compile`: original / `--latency {lat['target']}` plan | {c['original']:.1f} / "
+                     f"{c['compressed_latency']:.1f} ms: x{r['compiled_speedup_latency']:.2f} |")
     sdpa = r.get("sdpa_compressed")
     if sdpa:
         usable = ", ".join(f"{k} {v}/{sdpa['attention_modules']}" for k, v in sdpa["usable_count"].items())
         lines += [f"| SDPA backends usable by the compressed attention | {usable} |"]
-        if r.get("sdpa_compressed_rank8_tied"):
-            tied = r["sdpa_compressed_rank8_tied"]
-            lines.append("| SDPA backends usable, multiples of 8 and tied | "
-                         + ", ".join(f"{k} {v}/{tied['attention_modules']}" for k, v in tied["usable_count"].items()) + " |")
+        for key, label in (("sdpa_compressed_rank8_tied", "multiples of 8 and tied"), ("sdpa_compressed_latency", "the latency plan")):
+            if r.get(key):
+                tied = r[key]
+                lines.append(f"| SDPA backends usable, {label} | "
+                             + ", ".join(f"{k} {v}/{tied['attention_modules']}" for k, v in tied["usable_count"].items()) + " |")
         lines.append("")
-        lines += ["A backend is usable when `torch.nn.attention.sdpa_kernel([backend])` accepts the compressed module's",
-                  "query, key and value shapes (batch 2, its level's tokens). Flash attention needs equal query-key and value",
-                  "head widths; the fused kernels want head widths that are multiples of 8. The plan gives QK and VO their",
-                  "own ranks at a step of 1, so where neither holds the compressed attention falls back to the math kernel",
-                  "(which materialises the logits): the slowdown in the latency row. Examples:", ""]
+        lines += ["A backend is usable when `torch.nn.attention.sdpa_kernel([backend])` accepts the shapes the compressed",
+                  "attention hands to SDPA (batch 2, its level's tokens). Flash attention needs equal query-key and value",
+                  "head widths, which the slim attention processor now gives it by zero-padding the narrower side (exact);",
+                  "the fused kernels still want widths that are multiples of 8, which a rank step of 1 rarely gives.",
+                  "Runs before that padding (gpu.json of 2026-11-27) saw the math kernel, which materialises the logits. Examples:", ""]
         lines += ["| module | QK head width | V head width | usable backends |", "|---|---|---|---|"]
         lines += [f"| {e['module']} | {e['qk_head_width']} | {e['v_head_width']} | {', '.join(e['usable'])} |" for e in sdpa["examples"]]
     notes = [
@@ -468,11 +513,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gain-calls", type=int, default=4)
     parser.add_argument("--ffn-points", type=int, default=64)
     parser.add_argument("--budget", type=float, default=0.4)
+    parser.add_argument("--latency-target", type=float, default=None,
+                        help="the --latency plan's fraction of latency to keep (default 0.7; smoke: halfway between the "
+                        "fastest reachable plan and 1)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile latency (CUDA only anyway)")
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
     parser.add_argument("--doc", default=str(DOC), help="markdown page to write ('' for none)")
     parser.add_argument("--from-json", default=None, help="only render the docs page from this JSON")
     args = parser.parse_args(argv)
+    if args.latency_target is None and not args.smoke:
+        args.latency_target = 0.7
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
     else:

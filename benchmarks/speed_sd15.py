@@ -1,0 +1,373 @@
+"""Speed at real shapes: every budget kind on a UNet with Stable Diffusion 1.5's exact configuration.
+
+Random weights (seed 0; no download). In one process on this machine: a short capture (2 CFG-shaped calls)
+and influence scores with unit gains (random weights make gains meaningless; this page measures speed),
+the latency table of every compressible unit, then plans of every budget kind, at matched parameter removal
+(40 %) and at matched predicted latency (70 %), each timed against the original side by side
+(interleaved, median). End-to-end 25-step generation time is composed from measured components: text
+encoder + 25 x UNet (CFG batch 2) + VAE decode (SD 1.5 configs, random weights).
+
+Writes benchmarks/results/speed.json and docs/benchmarks-speed.md.
+
+    .venv/bin/python benchmarks/speed_sd15.py [--threads 1] [--repeats 3] [--scores-cache /tmp/sd15_scores.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import slimdiff.slim as slim  # noqa: E402
+from slimdiff.allocate import BudgetError, WidthPlan, allocate  # noqa: E402
+from slimdiff.capture import ActivationRecorder, Capture, sites_for  # noqa: E402
+from slimdiff.evaluate import latency  # noqa: E402
+from slimdiff.groups import compressible_groups, find_groups  # noqa: E402
+from slimdiff.influence import Granularity, InfluenceScores, score  # noqa: E402
+from slimdiff.latency import LatencyTable, measure_latency_table  # noqa: E402
+from slimdiff.slim import resize_group  # noqa: E402
+from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "speed.json"
+DOC = ROOT / "docs" / "benchmarks-speed.md"
+STEPS = 25
+
+SD15_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                       up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                       layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512)
+SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def cfg_call(timestep: int, seed: int) -> tuple[tuple, dict]:
+    """A CFG-shaped SD 1.5 call: batch 2, 64x64 latents (512 px), 77 text tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    return ((torch.randn(2, 4, 64, 64, generator=generator),),
+            {"timestep": timestep, "encoder_hidden_states": torch.randn(2, 77, 768, generator=generator)})
+
+
+def build_scores(unet, calls: int, ffn_points: int) -> InfluenceScores:
+    groups = compressible_groups(unet)
+    recorder = ActivationRecorder(unet, sites_for(groups), 1, 1000)
+    with torch.inference_mode(), recorder:
+        for index, timestep in enumerate(torch.linspace(900, 100, calls).round().long().tolist()):
+            args, kwargs = cfg_call(timestep, index)
+            unet(*args, **kwargs)
+    stats = Capture(recorder.stats, {"bucket_edges": recorder.edges, "site_tokens": dict(recorder.site_tokens)})
+    return score(unet, stats, None, Granularity(8, 1), max_ffn_points=ffn_points, require_gains=False, progress=True)
+
+
+def structure(unet, widths: dict[str, int]):
+    """A copy of ``unet`` with the plan's widths and random weights: what a compressed model runs."""
+    model = copy.deepcopy(unet)
+    groups = {g.name: g for g in find_groups(model)}
+    generator = torch.Generator().manual_seed(1)
+    for name, width in widths.items():
+        if width < groups[name].width:
+            resize_group(model, groups[name], width)
+            with torch.no_grad():  # resized linears are uninitialised memory (NaN or denormals would time differently)
+                for parameter in model.get_submodule(groups[name].path).parameters():
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return model.eval()
+
+
+def unpadded_attend(query, key, value, attention_mask, scale):
+    """The previous engine's attention: unequal head widths go straight to SDPA (the math kernel)."""
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
+
+
+def bisect(make_plan, measure, goal: float, lo: float, hi: float, iterations: int = 30):
+    """The plan whose ``measure`` is closest to ``goal``; ``measure`` must decrease as the budget value grows.
+
+    A value the allocator refuses is on the side of the range that removes too much: for a parameter budget
+    (a fraction to remove) that is above it, for a fraction to keep (MACs, latency) below it.
+    """
+    best = None
+    keeps = None
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        try:
+            plan = make_plan(mid)
+        except BudgetError:
+            if keeps is None:
+                keeps = make_plan(hi).budget_kind != "params"
+            lo, hi = (mid, hi) if keeps else (lo, mid)
+            continue
+        value = measure(plan)
+        if best is None or abs(value - goal) < abs(measure(best) - goal):
+            best = plan
+        if value > goal:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def removed(plan: WidthPlan) -> float:
+    return plan.removed / plan.params_before
+
+
+def make_plans(scores: InfluenceScores, table: LatencyTable, p40: float, target: float) -> list[tuple[str, str, WidthPlan, bool]]:
+    """Every budget kind at matched parameter removal (``p40``) and at matched predicted latency (``target``):
+    (label, matched on, plan, time it unpadded)."""
+
+    def fraction(plan: WidthPlan) -> float:
+        return plan.latency["predicted_fraction"]
+
+    plans: list[tuple[str, str, WidthPlan, bool]] = []  # (label, matched, plan, unpadded)
+    untied = allocate(scores, p40, latency_table=table)
+    plans.append((f"--budget {p40} (untied, previous engine: no padding)", "params", untied, True))
+    plans.append((f"--budget {p40} (untied, padded to equal head widths)", "params", untied, False))
+    plans.append((f"--budget {p40} --tie-qk-vo", "params", allocate(scores, p40, tie_qk_vo=True, latency_table=table), False))
+    macs_p = bisect(lambda f: allocate(scores, f, budget_kind="macs", tie_qk_vo=True, latency_table=table),
+                    removed, p40, 0.05, 0.999)
+    plans.append((f"--macs {macs_p.settings['budget']:.3f} --tie-qk-vo", "params", macs_p, False))
+    lat_p = bisect(lambda f: allocate(scores, f, budget_kind="latency", latency_table=table), removed, p40, 0.3, 0.999)
+    plans.append((f"--latency {lat_p.settings['budget']:.3f}", "params", lat_p, False))
+    plans.append((f"--latency {target}", "latency", allocate(scores, target, budget_kind="latency", latency_table=table), False))
+    params_l = bisect(lambda b: allocate(scores, b, tie_qk_vo=True, latency_table=table), fraction, target, 0.01, 0.95)
+    plans.append((f"--budget {params_l.settings['budget']:.3f} --tie-qk-vo", "latency", params_l, False))
+    macs_l = bisect(lambda f: allocate(scores, f, budget_kind="macs", tie_qk_vo=True, latency_table=table), lambda p: -fraction(p), -target, 0.05, 0.999)
+    plans.append((f"--macs {macs_l.settings['budget']:.3f} --tie-qk-vo", "latency", macs_l, False))
+    uniform_l = bisect(lambda b: allocate(scores, b, "uniform", tie_qk_vo=True, latency_table=table), fraction, target,
+                       0.01, 0.95)
+    plans.append((f"uniform --budget {uniform_l.settings['budget']:.3f} --tie-qk-vo", "latency", uniform_l, False))
+
+    return plans
+
+
+def time_component(fn, repeats: int) -> float:
+    with torch.inference_mode():
+        fn()
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - start) * 1000)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every timing")
+    parser.add_argument("--compute-threads", type=int, default=2, help="torch threads for capture and scores")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--points", type=int, default=16, help="timed widths per unit")
+    parser.add_argument("--calls", type=int, default=2)
+    parser.add_argument("--ffn-points", type=int, default=8)
+    parser.add_argument("--params-budget", type=float, default=0.4)
+    parser.add_argument("--latency-target", type=float, default=0.7)
+    parser.add_argument("--scores-cache", default="/tmp/slimdiff_sd15_scores.json")
+    parser.add_argument("--table-cache", default="/tmp/slimdiff_sd15_latency.json")
+    parser.add_argument("--replan-only", action="store_true", help="recompute the plans' own figures (predicted error and "
+                        "latency) from the caches into the existing speed.json, keeping its timings")
+    args = parser.parse_args()
+
+    results: dict = {"device": f"{os.cpu_count()}-core {platform.machine()} CPU", "threads": args.threads, "torch": torch.__version__,
+                     "args": vars(args), "date": time.strftime("%Y-%m-%d"), "plans": []}
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+    torch.set_num_threads(args.compute_threads)
+    cache = Path(args.scores_cache)
+    if cache.is_file():
+        scores = InfluenceScores.load(cache)
+        print(f"scores from {cache}", flush=True)
+    else:
+        start = time.perf_counter()
+        scores = build_scores(unet, args.calls, args.ffn_points)
+        scores.save(cache)
+        print(f"scores in {time.perf_counter() - start:.0f} s", flush=True)
+
+    torch.set_num_threads(args.threads)
+    call = cfg_call(500, 99)
+    table_cache = Path(args.table_cache)
+    if table_cache.is_file():
+        table = LatencyTable.load(table_cache)
+        print(f"latency table from {table_cache}", flush=True)
+    else:
+        start = time.perf_counter()
+        table = measure_latency_table(unet, call, Granularity(8, 1), points=args.points, repeats=args.repeats,
+                                      model_hash=scores.metadata.get("model_hash") or "", progress=True)
+        results["table_s"] = time.perf_counter() - start
+        table.save(table_cache)
+    results["table"] = {"denoiser_ms": table.denoiser_ms, "compressible_ms": table.compressible_ms,
+                        "units": len(table.curves), "timed_units": sum(1 for c in table.curves if not c.measured_as),
+                        "seconds": results.get("table_s")}
+    print(f"denoiser {table.denoiser_ms:.0f} ms, compressible units {table.compressible_ms:.0f} ms", flush=True)
+
+    plans = make_plans(scores, table, args.params_budget, args.latency_target)
+    if args.replan_only:
+        old = json.loads(RESULTS.read_text())
+        by_label = {label: plan for label, _, plan, _ in plans}
+        for row in old["plans"]:
+            plan = by_label[row["label"]]  # plans are a pure function of the cached scores and table
+            row.update(predicted_error=plan.predicted_error, params_removed_fraction=removed(plan),
+                       predicted_latency_fraction=plan.latency["predicted_fraction"], predicted_upper_bound=plan.latency["upper_bound"])
+        write({**old, "args": {**old["args"], "replan_only": True}})
+        return
+
+    # components of a 25-step generation (measured once; the UNet part comes from each plan's timing)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)).eval()
+    tokens = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
+    vae = AutoencoderKL(**SD15_VAE_CONFIG).eval()
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    results["text_encoder_ms"] = time_component(lambda: text_encoder(tokens), args.repeats)
+    results["vae_decode_ms"] = time_component(lambda: vae.decode(latents), args.repeats)
+    del text_encoder, vae
+    print(f"text encoder {results['text_encoder_ms']:.0f} ms, VAE decode {results['vae_decode_ms']:.0f} ms", flush=True)
+
+    def end_to_end(unet_ms: float) -> float:
+        return results["text_encoder_ms"] + STEPS * unet_ms + results["vae_decode_ms"]
+
+    for label, matched, plan, unpadded in plans:
+        model = structure(unet, plan.widths)
+        previous = slim.attend
+        if unpadded:
+            slim.attend = unpadded_attend
+        try:
+            measured = latency(unet, model, lambda: (call[0], dict(call[1])), args.repeats, 1, args.threads)
+        finally:
+            slim.attend = previous
+        del model
+        row = {
+            "label": label, "matched": matched, "budget_kind": plan.budget_kind, "target": plan.settings["budget"],
+            "allocator": plan.allocator, "tie_qk_vo": plan.settings["tie_qk_vo"], "unpadded": unpadded,
+            "predicted_error": plan.predicted_error,
+            "params_removed_fraction": removed(plan), "macs_ratio": plan.macs_before / plan.macs_after,
+            "predicted_latency_fraction": plan.latency["predicted_fraction"],
+            "predicted_upper_bound": plan.latency["upper_bound"],
+            "original_ms": measured["original_ms"], "compressed_ms": measured["compressed_ms"],
+            "measured_latency_fraction": measured["compressed_ms"] / measured["original_ms"],
+            "denoiser_speedup": measured["speedup"],
+            "end_to_end_speedup": end_to_end(measured["original_ms"]) / end_to_end(measured["compressed_ms"]),
+            "widths": plan.widths,
+        }
+        results["plans"].append(row)
+        print(f"{label}: removed {row['params_removed_fraction']:.1%}, predicted {row['predicted_latency_fraction']}, "
+              f"measured {row['measured_latency_fraction']:.3f}, x{row['denoiser_speedup']:.2f} denoiser, "
+              f"x{row['end_to_end_speedup']:.2f} end to end", flush=True)
+        write(results)
+    print(f"wrote {RESULTS.relative_to(ROOT)} and {DOC.relative_to(ROOT)}")
+
+
+def write(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({**results, "plans": [{k: v for k, v in r.items() if k != "widths"} for r in results["plans"]]},
+                                  indent=2) + "\n")
+    write_doc(results)
+    plot(results, ROOT / "docs" / "img" / "speed_sd15.png")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["plans"] if not r.get("predicted_upper_bound")]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for r, marker in zip(rows, "osD^vP*Xph"):
+        ax.scatter(r["predicted_latency_fraction"], r["measured_latency_fraction"], s=36, marker=marker,
+                   label=f"{r['label'].split(' (')[0]} (x{r['denoiser_speedup']:.2f})")
+    lo = min([r["measured_latency_fraction"] for r in rows] + [r["predicted_latency_fraction"] for r in rows] + [0.6]) - 0.02
+    ax.plot([lo, 1], [lo, 1], "k--", lw=0.8, label="measured = predicted")
+    ax.fill_between([lo, 1], [lo * 0.9, 0.9], [lo * 1.1, 1.1], color="grey", alpha=0.15, label="within 10 %")
+    ax.set_xlabel("predicted latency (fraction of original)")
+    ax.set_ylabel("measured latency (fraction of original)")
+    ax.set_title(f"SD 1.5-shaped UNet, {results['device']}, {results['threads']} thread(s)", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_doc(r: dict) -> None:
+    a = r["args"]
+    t = r["table"]
+    lines = [
+        "# Speed at real shapes: budgets in parameters, MACs and latency (SD 1.5-shaped UNet)",
+        "",
+        "A `UNet2DConditionModel` with Stable Diffusion 1.5's exact configuration (random weights, seed 0; no download).",
+        f"Every plan is timed against the original side by side in one process (interleaved, median of {a['repeats']}).",
+        "Command:",
+        "",
+        "```bash",
+        f".venv/bin/python benchmarks/speed_sd15.py --threads {a['threads']} --repeats {a['repeats']} --points {a['points']}",
+        "```",
+        "",
+        f"Machine: {r['device']}, {r['threads']} torch thread(s) for every timing; torch {r['torch']}; {r['date']}.",
+        "Denoiser calls are CFG-shaped: batch 2, 64x64 latents (512 px), 77 text tokens.",
+        "",
+        f"Latency table: the denoiser takes {t['denoiser_ms']:.0f} ms; its {t['units']} compressible units (attentions with QK",
+        f"and VO at one width, FFNs) take {t['compressible_ms']:.0f} ms at full width, timed alone "
+        f"({t['timed_units']} distinct shapes timed"
+        + (f", {t['seconds']:.0f} s" if t.get("seconds") else "") + ").",
+        "",
+        "| plan | matched on | params removed | compressible MACs ratio | predicted error (SIS) | predicted latency | "
+        "measured latency | denoiser speed-up | 25-step generation speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in r["plans"]:
+        predicted = ("≤ " if p.get("predicted_upper_bound") else "") + f"{p['predicted_latency_fraction']:.3f}"
+        sis = f"{p['predicted_error']:.4g}" if p.get("predicted_error") is not None else "-"
+        lines.append(f"| `{p['label']}` | {p['matched']} | {p['params_removed_fraction']:.1%} | {p['macs_ratio']:.3f} | {sis} | {predicted} | "
+                     f"{p['measured_latency_fraction']:.3f} | x{p['denoiser_speedup']:.2f} | x{p['end_to_end_speedup']:.2f} |")
+    tied = [p for p in r["plans"] if not p.get("predicted_upper_bound")]
+    worst = max(tied, key=lambda p: abs(p["measured_latency_fraction"] / p["predicted_latency_fraction"] - 1))
+    at_target = {p["label"]: p for p in r["plans"] if p["matched"] == "latency"}
+    best = min(at_target.values(), key=lambda p: p["predicted_error"] if p.get("predicted_error") is not None else float("inf"))
+    lines += [
+        "",
+        "Reading it:",
+        "",
+        f"- **Predicted vs measured latency**: every tied plan within "
+        f"{abs(worst['measured_latency_fraction'] / worst['predicted_latency_fraction'] - 1):.1%} (worst: `{worst['label']}`).",
+        f"- **At matched latency** (predicted {a['latency_target']}): `{best['label']}` gets there with the least predicted error "
+        f"({best['predicted_error']:.4g}; the others: "
+        + ", ".join(f"`{p['label']}` {p['predicted_error']:.4g}" for p in at_target.values() if p is not best)
+        + f") and removes {best['params_removed_fraction']:.0%} of the compressible parameters. It spends the budget where "
+        "time is spent: in this run it narrows the 4096-token self-attentions to 42 % of their width (the 40 % parameter "
+        "plan leaves them whole) and the FFNs of every level to 13-14 %.",
+        "- **At matched parameter removal** (40 %), the latency plan is the fastest and predicts the most error: the two "
+        "budgets ask different questions; a team that wants speed states it in latency.",
+        "- **Padding**: the untied parameter plan barely narrows the 4096-token attentions, so zero-padding its unequal "
+        "head widths changes little here (within noise); per attention at those shapes it is x4 "
+        "([method.md](method.md#budgets-in-measured-latency-issue-11)).",
+        "- `≤`: QK and VO widths differ in some attention, which runs zero-padded to the wider width; the table's time "
+        "there is an upper bound (the plot shows the tied plans, whose prediction is not a bound).",
+        "- The predicted error of random weights is near-isotropic and says nothing about image quality; it is the "
+        "allocator's objective, compared at equal latency.",
+    ]
+    lines += [
+        "",
+        f"25-step generation = text encoder ({r.get('text_encoder_ms', 0):.0f} ms) + 25 UNet calls + VAE decode "
+        f"({r.get('vae_decode_ms', 0):.0f} ms), each measured here with SD 1.5's configs; the UNet time is each row's",
+        "measured median.",
+        "",
+        "![predicted vs measured latency](img/speed_sd15.png)",
+        "",
+        "Scores come from a 2-call capture with unit gains (random weights: this page measures speed, not quality;",
+        "quality at equal MACs and latency is on the reference model, [benchmarks-macs.md](benchmarks-macs.md)).",
+        "Raw figures: `benchmarks/results/speed.json`.",
+        "",
+    ]
+    DOC.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
