@@ -66,6 +66,26 @@ def tiny_unet_sd2(seed: int = 0):
     ).eval()
 
 
+TINY_SDXL_POOLED = 16  # the second text encoder's projection width (SDXL: 1280)
+TINY_SDXL_TIME_DIM = 8  # per time id (SDXL: 256); six time ids: original size, crop corner, target size
+
+
+def tiny_unet_sdxl(seed: int = 0):
+    """SDXL style: ``addition_embed_type="text_time"`` (pooled text and size ids added to the time embedding),
+    linear projections, no attention at the first level, two transformer blocks per attention at the second."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TINY_CROSS_DIM, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TINY_SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=TINY_SDXL_POOLED + 6 * TINY_SDXL_TIME_DIM,
+    ).eval()
+
+
 def tiny_pixart(seed: int = 0):
     """PixArt-style DiT: GELU(tanh) feed-forward, biased q/k/v, cross-attention to caption tokens."""
     from diffusers import PixArtTransformer2DModel
@@ -102,6 +122,9 @@ class TinyDenoiser:
         if self.name == "pixart":
             args["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
             return {"hidden_states": sample, **args}
+        if self.name == "unet_sdxl":
+            args["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, TINY_SDXL_POOLED, generator=generator),
+                                         "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).repeat(batch, 1)}
         return {"sample": sample, **args}
 
     def output(self, model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -112,6 +135,7 @@ TINY_DENOISERS = {
     "unet_sd1": TinyDenoiser("unet_sd1", tiny_unet_sd1),
     "unet_sd2": TinyDenoiser("unet_sd2", tiny_unet_sd2),
     "pixart": TinyDenoiser("pixart", tiny_pixart),
+    "unet_sdxl": TinyDenoiser("unet_sdxl", tiny_unet_sdxl),
 }
 
 
@@ -136,6 +160,35 @@ def tiny_sd_pipeline(seed: int = 0):
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=tiny_unet_sd1(seed + 1),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A complete tiny StableDiffusionXLPipeline (16x16 images): two text encoders (the second with a projection,
+    whose pooled output conditions the UNet), the ``text_time`` UNet, built from config."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = char_tokenizer(), char_tokenizer()
+    torch.manual_seed(seed)
+
+    def text_config(hidden: int, **extra) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=TINY_PROMPT_TOKENS, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+
+    # the UNet's cross-attention sees both encoders' hidden states concatenated: 16 + 16 = TINY_CROSS_DIM
+    text_encoder = CLIPTextModel(text_config(TINY_CROSS_DIM // 2)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(TINY_CROSS_DIM // 2, projection_dim=TINY_SDXL_POOLED)).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    ).eval()
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=tiny_unet_sdxl(seed + 1), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
