@@ -414,6 +414,7 @@ def wanda_sp(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | No
 
 def _standardized(score: Tensor) -> Tensor:
     std = score.std()
+    # all scores equal: every unit ranks alike, and (score - mean) is already all zeros
     return (score - score.mean()) / (std if std > 0 else 1.0)
 
 

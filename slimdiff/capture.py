@@ -394,6 +394,20 @@ def check_model(capture: Capture, denoiser: nn.Module, source: str = "the captur
                          "re-run the capture for this checkpoint")
 
 
+def check_calibration(capture: Capture, prompts: Sequence[str], sampler: "SamplerSettings", source: str = "the capture") -> None:
+    """Fail when ``capture`` was taken on other calibration prompts or sampler settings than these."""
+    recorded = capture.metadata.get("prompts_digest")
+    if recorded != prompts_digest(prompts):
+        raise ValueError(f"{source} was taken on {capture.metadata.get('num_prompts', '?')} other calibration prompts (digest "
+                         f"{str(recorded)[:12]}), not on these {len(prompts)} (digest {prompts_digest(prompts)[:12]}); re-run the capture")
+    wanted = {"num_inference_steps": sampler.num_inference_steps, "guidance_scale": sampler.guidance_scale,
+              "height": sampler.height, "width": sampler.width, "seed": sampler.seed}
+    differ = {k: (capture.metadata.get(k), v) for k, v in wanted.items() if capture.metadata.get(k) != v}
+    if differ:
+        detail = ", ".join(f"{k} {was} (now {now})" for k, (was, now) in differ.items())
+        raise ValueError(f"{source} was taken with other sampler settings: {detail}; re-run the capture")
+
+
 class ActivationRecorder:
     """Stateful hooks on a denoiser that accumulate input second moments per timestep bucket.
 
@@ -633,6 +647,7 @@ def capture(
     _, denoiser = denoiser_of(pipe)
     device = module_device(denoiser)
     groups = list(groups) if groups is not None else compressible_groups(denoiser)
+    # every diffusers scheduler config has it; 1000 is diffusers' own default for the few that omit it
     num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
     sites = list(dict.fromkeys([*sites_for(groups), *extra_sites]))
     model_hash = model_content_hash(denoiser)

@@ -318,7 +318,9 @@ def _batches(items: Sequence[str], size: int):
 
 
 def _fidelity_run(original_pipe, compressed_pipe, prompts: Sequence[str], sampler: SamplerSettings,
-                  num_buckets: int, batch_size: int) -> tuple[dict[str, Any], Tensor, Tensor]:
+                  num_buckets: int, batch_size: int, progress: bool = False) -> tuple[dict[str, Any], Tensor, Tensor]:
+    from tqdm.auto import tqdm
+
     prompts = list(prompts)
     if not prompts:
         raise ValueError("fidelity needs at least one prompt")
@@ -326,12 +328,14 @@ def _fidelity_run(original_pipe, compressed_pipe, prompts: Sequence[str], sample
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _, original = denoiser_of(original_pipe)
     _, compressed = denoiser_of(compressed_pipe)
+    # as in the capture: diffusers' own default for a scheduler config that omits it
     num_train_timesteps = int(original_pipe.scheduler.config.get("num_train_timesteps", 1000))
     edges = bucket_edges(num_buckets, num_train_timesteps)
     images_original, images_compressed = [], []
     replays = []
     for pipe in (original_pipe, compressed_pipe):
         pipe.set_progress_bar_config(disable=True)
+    bar = tqdm(total=len(prompts), desc="evaluate (original, then compressed)", unit="prompt", disable=not progress)
     with torch.inference_mode():
         for batch in _batches(prompts, batch_size):
             replay = _TeacherForcedReplay(original, compressed, num_buckets, num_train_timesteps, len(batch))
@@ -342,6 +346,8 @@ def _fidelity_run(original_pipe, compressed_pipe, prompts: Sequence[str], sample
                 handle.remove()
             replays.append(replay)
             images_compressed.append(_generate(compressed_pipe, batch, sampler))
+            bar.update(len(batch))
+    bar.close()
     signal = [sum(r.signal[b] for r in replays) for b in range(num_buckets)]
     noise = [sum(r.noise[b] for r in replays) for b in range(num_buckets)]
     calls = [sum(r.calls[b] for r in replays) for b in range(num_buckets)]
@@ -473,7 +479,7 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def evaluate(original_pipe, compressed_pipe, prompts: Sequence[str], sampler: SamplerSettings = SamplerSettings(),
              evaluator=None, *, num_buckets: int = 4, batch_size: int = 8, latency_repeats: int = 5,
              latency_warmup: int = 1, latency_prompts: int = 1, measure_latency: bool = True,
-             threads: int | None = None) -> dict[str, Any]:
+             threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     """One JSON-safe metrics dict: parameters, MACs, CPU latency, fidelity, and (with ``evaluator``) alignment.
 
     ``evaluator`` is any object with ``alignment(images, captions) -> dict`` and
@@ -496,7 +502,7 @@ def evaluate(original_pipe, compressed_pipe, prompts: Sequence[str], sampler: Sa
     macs_original = macs_per_call(original, example)
     macs_compressed = macs_per_call(compressed, example)
     fidelity_metrics, images_original, images_compressed = _fidelity_run(
-        original_pipe, compressed_pipe, prompts, sampler, num_buckets, batch_size)
+        original_pipe, compressed_pipe, prompts, sampler, num_buckets, batch_size, progress)
     metrics: dict[str, Any] = {
         "params": {
             "original": params_original,

@@ -127,6 +127,7 @@ class InfluenceScores:
 
 def skeleton_scores(groups: Sequence[ModuleGroup], granularity: Granularity = Granularity()) -> InfluenceScores:
     """Scores with grids but no errors: enough to check a budget before any forward pass."""
+    # no errors and unit gains: a skeleton only checks budgets against the width grids, it never allocates
     modules = [ModuleScore(g.name, g.kind, g.block, g.heads, g.width, g.unit_params,
                            candidate_widths(g.width, granularity.step(g.kind)), [], 1.0) for g in groups]
     return InfluenceScores(modules, granularity)
@@ -222,6 +223,8 @@ def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, gran
             cov_y = capture.second_moment(y_site, [b], augment=module.to_v.bias is not None).to(where)
             curve = vo_error_under(decomposition, cov_y).cpu()
             errors[b] = [float(curve[w]) for w in widths]
+    # gain None only when score() was told require_gains=False: the unit-gain ablation, recorded in the scores'
+    # metadata as gains_measured: false (score() refuses a gains file that lacks a module)
     return ModuleScore(group.name, group.kind, group.block, group.heads, group.width, group.unit_params, widths, errors,
                        1.0 if gain is None else gain, unit_macs_of(group, capture.metadata.get("site_tokens", {})),
                        decomposition.method)

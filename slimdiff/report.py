@@ -21,14 +21,17 @@ def sample_grid(original, compressed, prompts: Sequence[str], sampler, path: str
         top = original(**sampler.pipe_kwargs(original, prompts), output_type="pt").images
         bottom = compressed(**sampler.pipe_kwargs(compressed, prompts), output_type="pt").images
     cols = len(prompts)
-    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.9), squeeze=False)
+    titles = [_wrap(p) for p in prompts]
+    title_lines = max(t.count("\n") + 1 for t in titles)
+    # room for every caption in full: 0.1 inch per title line above the two rows of images
+    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.4 + 0.1 * title_lines), squeeze=False)
     for col, prompt in enumerate(prompts):
         for row, images in enumerate((top, bottom)):
             ax = axes[row][col]
             ax.imshow(images[col].permute(1, 2, 0).clamp(0, 1).float().numpy(), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[0][col].set_title(_wrap(prompt), fontsize=5)
+        axes[0][col].set_title(titles[col], fontsize=5)
     axes[0][0].set_ylabel("original", fontsize=7)
     axes[1][0].set_ylabel("compressed", fontsize=7)
     fig.tight_layout()
@@ -48,7 +51,7 @@ def _wrap(text: str, width: int = 24) -> str:
         else:
             line = f"{line} {word}".strip()
     lines.append(line)
-    return "\n".join(lines[:4])
+    return "\n".join(lines)  # whole captions: a cut one would hide what the image was asked to show
 
 
 def _budget_text(plan: dict[str, Any]) -> str:

@@ -156,13 +156,14 @@ def stage_latency(params: dict[str, Any]) -> None:
 
 
 def stage_score(params: dict[str, Any]) -> None:
-    from slimdiff.capture import Capture, check_model, denoiser_of
+    from slimdiff.capture import Capture, check_calibration, check_model, denoiser_of
     from slimdiff.influence import Gains, score
 
     config = config_from(params)
     _, denoiser = denoiser_of(_pipeline(params))
     stats = Capture.load(CAPTURE_FILE)
     check_model(stats, denoiser, str(CAPTURE_FILE))
+    check_calibration(stats, read_slimset(), sampler_settings(params), str(CAPTURE_FILE))
     scores = score(denoiser, stats, Gains.load(GAINS_FILE), config.granularity, config.reg, config.max_ffn_points, progress=True)
     scores.save(SCORES_FILE)
 
@@ -250,7 +251,7 @@ def stage_evaluate(params: dict[str, Any]) -> None:
     compressed.set_progress_bar_config(disable=True)
     evaluator = _evaluator(params)
     metrics = evaluate(original, compressed, evaluation_prompts(params), sampler_settings(params), evaluator=evaluator,
-                       latency_repeats=int(e.get("latency_repeats", 5)))
+                       latency_repeats=int(e.get("latency_repeats", 5)), progress=True)
     metrics["plan"] = json.loads(PLAN_METRICS.read_text())
     if "latency" in metrics:  # the latency table's prediction against this measurement (same device, batch, resolution)
         denoiser = metrics["latency"]["denoiser"]

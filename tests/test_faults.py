@@ -204,3 +204,16 @@ def test_evaluation_refuses_a_model_compressed_from_another_checkpoint(saved, tm
     other = tiny_sd_pipeline(seed=1)
     with pytest.raises(ValueError, match=r"compressed was compressed from model [0-9a-f]{12}, but model.path holds [0-9a-f]{12}"):
         check_compressed_from(other.unet, folder)
+
+
+def test_capture_of_other_prompts_or_sampler_settings_is_refused(saved):
+    from slimdiff.capture import check_calibration
+
+    _, stats, path = saved
+    check_calibration(stats, TINY_PROMPTS[:4], SAMPLER, str(path))  # its own prompts and settings pass
+    check_calibration(stats, list(reversed(TINY_PROMPTS[:4])), SAMPLER)  # the order of prompts does not matter
+    with pytest.raises(ValueError, match=r"other calibration prompts \(digest [0-9a-f]{12}\), not on these 4"):
+        check_calibration(stats, TINY_PROMPTS[1:5], SAMPLER)
+    other = SamplerSettings(num_inference_steps=3, guidance_scale=4.0, seed=5)
+    with pytest.raises(ValueError, match=r"other sampler settings: num_inference_steps 2 \(now 3\); re-run the capture"):
+        check_calibration(stats, TINY_PROMPTS[:4], other)
