@@ -12,6 +12,7 @@ import math
 import os
 import re
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,52 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 class TrackingError(RuntimeError):
     """The tracking server cannot be used; the message names the URI and why."""
+
+
+# Version tag that makes registration restartable: a version is created with all its tags and
+# "pending" in one request, and marked "complete" once its aliases are set. A retry that finds its
+# lineage on a "pending" version finishes that version instead of registering a second one.
+REGISTRATION_TAG = "registration"
+
+
+@contextmanager
+def _tracking_step(uri: str, step: str):
+    """Turn an MLflow or connection error during ``step`` into a one-line ``TrackingError`` naming the server.
+
+    Not a silent fallback: the job fails. The outputs stay in the workspace and a re-run retries the
+    tracking alone (every stage is up to date); a version this try registered is completed, not duplicated.
+    """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except TrackingError:
+        raise
+    except (MlflowException, requests.RequestException) as error:
+        reason, unreachable = _failure_reason(error)
+        retry = "re-run when the server answers" if unreachable else "re-run to retry"
+        raise TrackingError(f"tracking server {uri}: {step} failed ({reason}); the outputs are kept: {retry} "
+                            f"(nothing is registered twice)") from None
+
+
+def _failure_reason(error: BaseException) -> tuple[str, bool]:
+    """(the reason of an MLflow client error in a few words, whether the server did not answer). For a server that
+    does not answer: the request and the connection error (MLflow's own message repeats the URL three times);
+    else MLflow's first line."""
+    import requests
+
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, requests.ConnectionError):
+            request = getattr(cause, "request", None)
+            inner = cause.args[0] if cause.args else cause
+            inner = getattr(inner, "reason", inner)  # urllib3's MaxRetryError holds the socket-level reason
+            where = f" to {request.method} {request.path_url.split('?')[0]}" if request is not None else ""
+            return f"no answer{where}: {inner}", True
+        cause = cause.__cause__ or cause.__context__
+    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (message if len(message) <= 300 else message[:300] + "..."), False
 
 
 def tracking_uri(workspace: Path) -> str:
@@ -165,17 +212,23 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
     mlflow.set_tracking_uri(uri)
     name = registered_name(params)
     lineage = stage_hashes(workspace / "dvc.lock")
-    existing = _version_with_lineage(name, lineage, checkpoint_hash)
+    with _tracking_step(uri, f"looking up the registered versions of {name!r}"):
+        existing = _version_with_lineage(name, lineage, checkpoint_hash)
     if existing is not None:
         # nothing changed since that version was registered: a re-run registers nothing new
+        passed = existing.tags.get("gate.decision") == "champion"
+        if existing.tags.get(REGISTRATION_TAG) == "pending":
+            # an earlier try registered it and stopped before its aliases (server gone, job killed): finish it
+            with _tracking_step(uri, f"setting the aliases of {name!r} version {existing.version}"):
+                _complete_registration(MlflowClient(), name, str(existing.version), passed)
         return {"run_id": existing.run_id, "name": name, "version": str(existing.version), "reused": True,
-                "gate": existing.tags.get("gate.decision") == "champion", "reason": existing.tags.get("gate.reason", ""),
-                "tracking_uri": uri}
+                "gate": passed, "reason": existing.tags.get("gate.reason", ""), "tracking_uri": uri}
     experiment = params["mlflow"]["experiment"]
-    if mlflow.get_experiment_by_name(experiment) is None:
-        location = (workspace / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-        mlflow.create_experiment(experiment, artifact_location=location)
-    mlflow.set_experiment(experiment)
+    with _tracking_step(uri, f"opening experiment {experiment!r}"):
+        if mlflow.get_experiment_by_name(experiment) is None:
+            location = (workspace / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+            mlflow.create_experiment(experiment, artifact_location=location)
+        mlflow.set_experiment(experiment)
     metrics = json.loads((outputs / "metrics.json").read_text())
     plan = json.loads((outputs / "plan" / "width_plan.json").read_text())
     stats_path = outputs / "slimset" / "slimset_stats.json"
@@ -193,10 +246,10 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
         "gate.reason": decision.reason,
         "stages_run": ",".join(s for s, ran in stages_run.items() if ran) or "none",
     })
-    with mlflow.start_run(run_name=f"{name}-b{params['allocate']['budget']}") as run:
+    slimset = pd.read_json(outputs / "slimset" / "slimset.jsonl", lines=True)
+    with _tracking_step(uri, "logging the run"), mlflow.start_run(run_name=f"{name}-b{params['allocate']['budget']}") as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
         mlflow.log_metrics({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k): v for k, v in flatten_metrics(metrics).items()})
-        slimset = pd.read_json(outputs / "slimset" / "slimset.jsonl", lines=True)
         dataset = mlflow.data.from_pandas(slimset, source=str((outputs / "slimset" / "slimset.jsonl").resolve()), name="slimset",
                                           digest=str(slimset_stats["digest"])[:36])
         mlflow.log_input(dataset, context="calibration")
@@ -206,20 +259,28 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
         mlflow.log_artifact(str(outputs / "plan" / "width_plan.png"))
         mlflow.log_artifacts(str(outputs / "report"), artifact_path="report")
         mlflow.log_artifact(str(workspace / "dvc.lock"))
+        # logged, not yet registered: the version is created below with its lineage in the same request
         model_info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE), artifacts={"pipeline": str(outputs / "model")},
             pip_requirements=["slimdiff", "torch", "diffusers", "transformers", "safetensors"],
-            registered_model_name=name,
         )
-    client = MlflowClient()
-    version = str(model_info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, "candidate", version)
-    if decision.passed:
-        client.set_registered_model_alias(name, "champion", version)
+    # One request creates the version with every tag: a try that stops after it leaves a version that the
+    # next try recognises by its lineage (and completes), never an untagged one that it would register again.
+    with _tracking_step(uri, f"registering {name!r}"):
+        version = str(mlflow.register_model(model_info.model_uri, name, tags={**tags, REGISTRATION_TAG: "pending"}).version)
+    with _tracking_step(uri, f"setting the aliases of {name!r} version {version}"):
+        _complete_registration(MlflowClient(), name, version, decision.passed)
     return {"run_id": run.info.run_id, "name": name, "version": version, "reused": False, "gate": decision.passed,
             "reason": decision.reason, "tracking_uri": uri}
+
+
+def _complete_registration(client, name: str, version: str, passed: bool) -> None:
+    """Aliases of a newly registered version (``candidate``; ``champion`` when the gate passed), then the mark
+    that registration is complete. Each call is idempotent, so a retry may repeat any of them."""
+    client.set_registered_model_alias(name, "candidate", version)
+    if passed:
+        client.set_registered_model_alias(name, "champion", version)
+    client.set_model_version_tag(name, version, REGISTRATION_TAG, "complete")
 
 
 def registered_versions(name: str) -> list:

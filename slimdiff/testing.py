@@ -200,3 +200,46 @@ TINY_PROMPTS = [
     for shape in ("circle", "square")
     for place in ("top left", "bottom right")
 ]
+
+
+def make_workspace(root, overrides: dict | None = None):
+    """A git+DVC workspace for flow tests: this checkout's ``dvc.yaml``, ``params.yaml`` and ``slimdiff/`` code, a tiny
+    pipeline and small prompt files (24 calibration prompts, 4 evaluation prompts, 2 sampler steps).
+
+    ``overrides`` updates sections of ``params.yaml`` (``{"capture": {"checkpoint_every": 12}}``).
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(repo / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(repo / "slimdiff", root / "slimdiff", ignore=shutil.ignore_patterns("__pycache__"))
+    tiny_sd_pipeline().save_pretrained(root / "data" / "model")
+    prompts = [f"{p} number {i}" for i, p in enumerate(TINY_PROMPTS * 2)]
+    (root / "data" / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (root / "data" / "eval.txt").write_text("\n".join(TINY_PROMPTS[:4]) + "\n")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update({"path": "data/model", "id": "tiny-sd", "device": "cpu", "dtype": "float32"})
+    params["curate"].update({"sources": ["data/prompts.txt"], "n": 12})
+    params["sampler"].update({"steps": 2, "guidance": 4.0})
+    params["capture"].update({"batch_size": 6})
+    params["score"].update({"gain_prompts": 2, "gain_calls": 2})
+    params["evaluate"].update({"prompts": "data/eval.txt", "n": 4, "evaluator": None, "latency_repeats": 2})
+    params["report"] = {"samples": 2}
+    params["gate"] = {"min_image_psnr_db": 0.0}
+    params["recompress"] = {"source": "data/model", "cron": "0 3 * * *"}
+    for section, values in (overrides or {}).items():
+        params.setdefault(section, {}).update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc = Path(sys.executable).with_name("dvc")
+    subprocess.run([str(dvc) if dvc.exists() else "dvc", "init", "-q"], cwd=root, check=True,
+                   env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    return root

@@ -217,3 +217,20 @@ def test_capture_of_other_prompts_or_sampler_settings_is_refused(saved):
     other = SamplerSettings(num_inference_steps=3, guidance_scale=4.0, seed=5)
     with pytest.raises(ValueError, match=r"other sampler settings: num_inference_steps 2 \(now 3\); re-run the capture"):
         check_calibration(stats, TINY_PROMPTS[:4], other)
+
+
+def test_atomic_writes_give_the_usual_modes(tmp_path):
+    """Artifacts written through mkstemp/mkdtemp get the mode a plain open()/mkdir would (umask applied)."""
+    import os
+
+    from slimdiff.utils import atomic_dir, write_json
+
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        with atomic_dir(tmp_path / "model") as folder:
+            (folder / "weights").write_text("w")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,35 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+from slimdiff import testing
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_workspace(root: Path) -> Path:
     """A git+DVC workspace holding the repo's dvc.yaml and code, a tiny pipeline and small prompt files."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(REPO / "slimdiff", root / "slimdiff", ignore=shutil.ignore_patterns("__pycache__"))
-    tiny_sd_pipeline().save_pretrained(root / "data" / "model")
-    prompts = [f"{p} number {i}" for i, p in enumerate(TINY_PROMPTS * 2)]
-    (root / "data" / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    (root / "data" / "eval.txt").write_text("\n".join(TINY_PROMPTS[:4]) + "\n")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"].update({"path": "data/model", "id": "tiny-sd", "device": "cpu"})
-    params["curate"].update({"sources": ["data/prompts.txt"], "n": 12})
-    params["sampler"].update({"steps": 2, "guidance": 4.0})
-    params["capture"].update({"batch_size": 6})
-    params["score"].update({"gain_prompts": 2, "gain_calls": 2})
-    params["evaluate"].update({"prompts": "data/eval.txt", "n": 4, "evaluator": None, "latency_repeats": 2})
-    params["report"] = {"samples": 2}
-    params["gate"] = {"min_image_psnr_db": 0.0}
-    params["recompress"] = {"source": "data/model", "cron": "0 3 * * *"}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], cwd=root, check=True, env=env)
-    return root
+    return testing.make_workspace(root)
 
 
 @pytest.fixture(scope="module")
