@@ -21,7 +21,7 @@ import torch
 
 from slimdiff.influence import InfluenceScores, ModuleScore
 from slimdiff.latency import LatencyTable, LatencyTableError, pareto_widths
-from slimdiff.utils import atomic_path, read_json_artifact, write_json
+from slimdiff.utils import atomic_path, complete_artifact, read_json_artifact, write_json
 
 PLAN_FORMAT = "slimdiff-plan/1"
 ALLOCATORS = ("slimdiff", "uniform", "modegpt")
@@ -168,9 +168,10 @@ class WidthPlan:
     def load(cls, path: str | Path) -> "WidthPlan":
         data = read_json_artifact(path, PLAN_FORMAT, "width plan")
         keys = PlanEntry.__dataclass_fields__
-        entries = [PlanEntry(**{k: v for k, v in m.items() if k in keys}) for m in data["modules"]]
-        return cls(data["allocator"], entries, data["target"]["removed"], data["settings"], data.get("latency"),
-                   data.get("left_intact", {}))
+        with complete_artifact(path, "width plan"):
+            entries = [PlanEntry(**{k: v for k, v in m.items() if k in keys}) for m in data["modules"]]
+            return cls(data["allocator"], entries, data["target"]["removed"], data["settings"], data.get("latency"),
+                       data.get("left_intact", {}))
 
     def table(self) -> str:
         """A printable table: one row per module, then totals."""

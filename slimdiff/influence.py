@@ -24,7 +24,7 @@ from slimdiff.decompose import DEFAULT_REG, FFNDecomposition, QKDecomposition, V
 from slimdiff.device import linalg_device, module_device
 from slimdiff.groups import ModuleGroup, compressible_groups, find_groups, left_intact
 from slimdiff.slim import SlimAttnProcessor, decompose_group, original_attention_scale
-from slimdiff.utils import read_json_artifact, write_json
+from slimdiff.utils import complete_artifact, read_json_artifact, write_json
 
 SCORES_FORMAT = "slimdiff-scores/1"
 GAINS_FORMAT = "slimdiff-gains/1"
@@ -119,10 +119,11 @@ class InfluenceScores:
     @classmethod
     def load(cls, path: str | Path) -> "InfluenceScores":
         data = read_json_artifact(path, SCORES_FORMAT, "influence scores")
-        return cls(
-            [ModuleScore(**m) for m in data["modules"]], Granularity(**data["granularity"]),
-            data["bucket_edges"], data["block_influence"], data["metadata"],
-        )
+        with complete_artifact(path, "influence scores file"):
+            return cls(
+                [ModuleScore(**m) for m in data["modules"]], Granularity(**data["granularity"]),
+                data["bucket_edges"], data["block_influence"], data["metadata"],
+            )
 
 
 def skeleton_scores(groups: Sequence[ModuleGroup], granularity: Granularity = Granularity()) -> InfluenceScores:
@@ -305,8 +306,9 @@ class Gains:
     @classmethod
     def load(cls, path: str | Path) -> "Gains":
         data = read_json_artifact(path, GAINS_FORMAT, "propagation gains")
-        return cls({k: float(v) for k, v in data["gains"].items()}, {k: float(v) for k, v in data["block_influence"].items()},
-                   data.get("metadata", {}))
+        with complete_artifact(path, "propagation gains file"):
+            return cls({k: float(v) for k, v in data["gains"].items()}, {k: float(v) for k, v in data["block_influence"].items()},
+                       data.get("metadata", {}))
 
 
 def record_denoiser_calls(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int = 4) -> list[DenoiserCall]:

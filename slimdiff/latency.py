@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from slimdiff.groups import ModuleGroup, compressible_groups
 from slimdiff.influence import Granularity, candidate_widths
 from slimdiff.slim import resize_group
-from slimdiff.utils import read_json_artifact, write_json
+from slimdiff.utils import complete_artifact, read_json_artifact, write_json
 
 LATENCY_FORMAT = "slimdiff-latency/1"
 DEFAULT_POINTS = 16
@@ -133,12 +133,10 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
         data = read_json_artifact(path, LATENCY_FORMAT, "latency table")
-        try:
+        with complete_artifact(path, "latency table"):
             curves = [LatencyCurve(**c) for c in data["curves"]]
             table = cls(data["device"], data["dtype"], list(data["sample_shape"]), data["model_hash"],
                         float(data["denoiser_ms"]), dict(data["granularity"]), curves, dict(data.get("settings", {})))
-        except (KeyError, TypeError) as error:
-            raise LatencyTableError(f"{path}: not a complete latency table ({type(error).__name__}: {error})") from None
         for c in curves:
             if len(c.widths) != len(c.ms) or not c.widths or c.widths != sorted(set(c.widths)) or min(c.ms) <= 0:
                 raise LatencyTableError(f"{path}: curve {c.unit} is malformed (widths ascending, one positive time each)")

@@ -81,6 +81,16 @@ def read_json_artifact(path: str | Path, expected_format: str, what: str) -> dic
     return data
 
 
+@contextmanager
+def complete_artifact(path: str | Path, what: str) -> Iterator[None]:
+    """Turn a missing key or a wrong type met while building an object from a JSON artifact into one line naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: not a complete {what} ({type(error).__name__}: {error}); the file is damaged, "
+                         "re-run the step that writes it") from None
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     out: dict[str, Any] = {}

@@ -234,3 +234,35 @@ def test_atomic_writes_give_the_usual_modes(tmp_path):
         os.umask(mask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+
+
+def _json_artifacts(saved, tmp_path):
+    """Every JSON artifact of the pipeline, written by the library: (loader, path)."""
+    from slimdiff.influence import Gains, score
+    from slimdiff.latency import LatencyCurve, LatencyTable
+
+    pipe, stats, _ = saved
+    scores = score(pipe.unet, stats, None, require_gains=False)
+    table = LatencyTable("cpu", "float32", [2, 4, 8, 8], "h", 10.0, {"ffn_step": 8, "rank_step": 1},
+                         [LatencyCurve("u", ["u.qk", "u.vo"], [1, 2], [1.0, 2.0])])
+    return {
+        "influence scores": (lambda p: type(scores).load(p), scores.save(tmp_path / "scores.json")),
+        "propagation gains": (Gains.load, Gains({"a": 1.0}, {"b": 0.5}, {"model_hash": "h"}).save(tmp_path / "gains.json")),
+        "width plan": (lambda p: type(allocate(scores, 0.3)).load(p), allocate(scores, 0.3).save(tmp_path / "plan.json")),
+        "latency table": (LatencyTable.load, table.save(tmp_path / "latency.json")),
+    }
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda text: text[: len(text) // 2], "not valid JSON"),
+    (lambda text: text.replace('"format": "slimdiff-', '"format": "other-'), "format"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k in ("format",)}), "not a complete"),
+])
+def test_damaged_json_artifacts_name_the_file_in_one_line(saved, tmp_path, damage, message):
+    """Scores, gains, plan and latency table: truncated, of another format, or missing their content."""
+    for what, (load, path) in _json_artifacts(saved, tmp_path).items():
+        load(path)  # the intact file loads
+        path.write_text(damage(path.read_text()))
+        with pytest.raises(ValueError, match=message) as error:
+            load(path)
+        assert str(path) in str(error.value) and "\n" not in str(error.value), what
