@@ -33,13 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="capture, score, allocate and decompose; save the compressed pipeline")
     c.add_argument("model", help="local diffusers pipeline folder or hub id")
     c.add_argument("--prompts", required=True, help="calibration prompts: .txt (one per line), .json or .jsonl")
-    c.add_argument("--budget", default=None, help="fraction of compressible parameters to remove (0<b<1) or a whole count")
-    c.add_argument("--macs", default=None, help="instead of --budget: keep at most this fraction F of the compressible MACs "
-                   "at the capture's resolution (0<F<1)")
-    c.add_argument("--latency", default=None, help="instead of --budget: keep at most this fraction F of the denoiser's "
-                   "latency, measured on --device at the capture's batch and resolution (0<F<1)")
-    c.add_argument("--tie-qk-vo", action="store_true", default=None, help="one per-head width for QK and VO of each "
-                   "attention (default: tied for --latency, untied otherwise)")
+    _add_budget_arguments(c, latency_from="measured on --device at the capture's batch and resolution")
     c.add_argument("--out", required=True, help="output folder (diffusers layout)")
     c.add_argument("--allocator", default="slimdiff", choices=["slimdiff", "uniform", "modegpt"])
     c.add_argument("--min-keep", type=float, default=0.1, help="minimum kept fraction per module")
@@ -66,19 +60,26 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("allocate", help="a width plan from saved influence scores (no model needed)")
     a.add_argument("scores", help="scores JSON written by the score stage")
-    a.add_argument("--budget", default=None, help="fraction of compressible parameters to remove, or a whole count")
-    a.add_argument("--macs", default=None, help="instead of --budget: fraction of compressible MACs to keep")
-    a.add_argument("--latency", default=None, help="instead of --budget: fraction of the denoiser's measured latency to "
-                   "keep (needs --latency-table)")
+    _add_budget_arguments(a, latency_from="from --latency-table")
     a.add_argument("--latency-table", default=None, help="latency table JSON (the latency stage's output); with any budget "
                    "kind the plan then records its predicted latency")
-    a.add_argument("--tie-qk-vo", action="store_true", default=None, help="one per-head width for QK and VO of each attention")
     a.add_argument("--device", default=None, help="the deployment device; when given, the latency table must come from it")
     a.add_argument("--allocator", default="slimdiff", choices=["slimdiff", "uniform", "modegpt"])
     a.add_argument("--min-keep", type=float, default=0.1)
     a.add_argument("--out", required=True, help="plan JSON")
     a.add_argument("--plot", default=None, help="PNG of kept fraction per block")
     return parser
+
+
+def _add_budget_arguments(parser: argparse.ArgumentParser, latency_from: str) -> None:
+    """The three budget kinds (exactly one is given; ``_budget_of`` reads them) and ``--tie-qk-vo``."""
+    parser.add_argument("--budget", default=None, help="fraction of compressible parameters to remove (0<b<1) or a whole count")
+    parser.add_argument("--macs", default=None, help="instead of --budget: keep at most this fraction F of the compressible "
+                        "MACs at the capture's resolution (0<F<1)")
+    parser.add_argument("--latency", default=None, help="instead of --budget: keep at most this fraction F of the denoiser's "
+                        f"latency, {latency_from} (0<F<1)")
+    parser.add_argument("--tie-qk-vo", action="store_true", default=None, help="one per-head width for QK and VO of each "
+                        "attention (default: tied for --latency, untied otherwise)")
 
 
 def _budget_of(args: argparse.Namespace):

@@ -112,3 +112,13 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({device})"
     return str(device)
+
+
+def synchronize(device: torch.device | None = None) -> None:
+    """Wait for queued GPU work (on ``device``, or the current CUDA device when CUDA is in use), so a host clock
+    times what the device did; nothing on the CPU."""
+    if device is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

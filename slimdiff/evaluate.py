@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from slimdiff.capture import SamplerSettings, bucket_edges, denoiser_of, prompts_digest
+from slimdiff.device import synchronize
 from slimdiff.groups import GROUP_KINDS, ModuleGroup, find_groups
 from slimdiff.utils import flatten
 
@@ -396,12 +397,6 @@ def _invoke(model: Callable, inputs) -> Any:
     return model(*args, **kwargs)
 
 
-def _synchronize() -> None:
-    """Wait for queued GPU work, so a host clock times what the device did."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def latency(original: Callable, compressed: Callable, make_inputs: Callable[[], Any], repeats: int = 5,
             warmup: int = 1, threads: int | None = None) -> dict[str, Any]:
     """Wall time of ``original`` and ``compressed`` measured side by side in this process.
@@ -431,10 +426,10 @@ def latency(original: Callable, compressed: Callable, make_inputs: Callable[[], 
                 order = ("original", "compressed") if index % 2 == 0 else ("compressed", "original")
                 for name in order:
                     inputs = make_inputs()
-                    _synchronize()
+                    synchronize()
                     start = time.perf_counter()
                     _invoke(models[name], inputs)
-                    _synchronize()
+                    synchronize()
                     runs[name].append((time.perf_counter() - start) * 1000)
     finally:
         torch.set_num_threads(previous)

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from slimdiff.device import describe_device, module_device, synchronize
 from slimdiff.groups import ModuleGroup, compressible_groups
 from slimdiff.influence import Granularity, candidate_widths
 from slimdiff.slim import resize_group
@@ -156,9 +157,6 @@ class Unit:
     def full_width(self) -> int:
         return self.groups[0].width
 
-    @property
-    def kind(self) -> str:
-        return "ffn" if self.groups[0].kind == "ffn" else "attention"
 
 
 def latency_units(denoiser: nn.Module) -> list[Unit]:
@@ -200,7 +198,7 @@ def _unit_at(module: nn.Module, unit: Unit, width: int, generator: torch.Generat
     with torch.no_grad():
         for parameter in copied.parameters():
             # uninitialised memory may hold NaN or denormal values, which run slower on some CPUs
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, device="cpu").mul_(0.02))
+            parameter.normal_(0.0, 0.02, generator=generator)
     return copied
 
 
@@ -238,16 +236,11 @@ def _signature(unit: Unit, inputs: DenoiserCall) -> tuple:
     return groups, shapes, kw
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, device: torch.device) -> float:
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - start) * 1000
 
 
@@ -261,8 +254,6 @@ def measure_latency_table(denoiser: nn.Module, call: DenoiserCall, granularity: 
     """
     from tqdm.auto import tqdm
 
-    from slimdiff.device import describe_device, module_device
-
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     device = module_device(denoiser)
@@ -271,7 +262,7 @@ def measure_latency_table(denoiser: nn.Module, call: DenoiserCall, granularity: 
     inputs = _unit_inputs(denoiser, units, call)
     args, kwargs = call
     sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)  # random weights drawn where the model lives
     with torch.inference_mode():
         for _ in range(warmup):
             denoiser(*args, **kwargs)
