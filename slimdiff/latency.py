@@ -81,15 +81,6 @@ class LatencyTable:
     curves: list[LatencyCurve]
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self._by_group = {g: c for c in self.curves for g in c.groups}
-
-    def curve_of(self, group: str) -> LatencyCurve:
-        try:
-            return self._by_group[group]
-        except KeyError:
-            raise LatencyTableError(f"the latency table has no curve for {group}; re-run the latency stage") from None
-
     @property
     def compressible_ms(self) -> float:
         """Latency of the compressible units at full width (timed in isolation)."""
