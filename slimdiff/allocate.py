@@ -79,14 +79,22 @@ class PlanEntry:
     predicted_sis: float
     unit_macs: int = 0  # MACs per unit of width for one sample and one denoiser call (0: unknown)
     method: str = ""  # how its decomposition whitens or selects (fallbacks included)
+    full_params: int = 0  # parameters at full width where not unit x full width (an unfactorised adaLN modulation)
+    full_macs: int = 0  # likewise for MACs
+
+    def _params(self, width: int) -> int:
+        return self.full_params if (self.full_params and width >= self.full_width) else self.unit_params * width
+
+    def macs_at(self, width: int) -> int:
+        return self.full_macs if (self.full_macs and width >= self.full_width) else self.unit_macs * width
 
     @property
     def params_before(self) -> int:
-        return self.unit_params * self.full_width
+        return self._params(self.full_width)
 
     @property
     def params_after(self) -> int:
-        return self.unit_params * self.width
+        return self._params(self.width)
 
     @property
     def kept_fraction(self) -> float:
@@ -127,11 +135,11 @@ class WidthPlan:
     @property
     def macs_before(self) -> int:
         """Compressible MACs per sample and denoiser call at full width (0 when the scores held no token counts)."""
-        return sum(m.unit_macs * m.full_width for m in self.modules)
+        return sum(m.macs_at(m.full_width) for m in self.modules)
 
     @property
     def macs_after(self) -> int:
-        return sum(m.unit_macs * m.width for m in self.modules)
+        return sum(m.macs_at(m.width) for m in self.modules)
 
     @property
     def budget_kind(self) -> str:
@@ -236,14 +244,15 @@ def allowed_widths(module: ModuleScore, min_keep: float) -> list[int]:
     return [w for w in module.widths if w >= floor - 1e-9] or [module.full_width]
 
 
-def unit_cost(module: ModuleScore, budget_kind: str) -> int:
-    """What one unit of ``module``'s width costs in the budget's currency: parameters or MACs."""
-    return module.unit_params if budget_kind == "params" else module.unit_macs
+def cost_at(module: ModuleScore, width: int, budget_kind: str) -> int:
+    """What ``module`` costs at ``width`` in the budget's currency: parameters or MACs."""
+    return module.params_at(width) if budget_kind == "params" else module.macs_at(width)
 
 
 def removable(scores: InfluenceScores, min_keep: float, budget_kind: str = "params") -> int:
     """The most cost (parameters or MACs) that can go without breaking ``min_keep``."""
-    return sum(unit_cost(m, budget_kind) * (m.full_width - allowed_widths(m, min_keep)[0]) for m in scores.modules)
+    return sum(cost_at(m, m.full_width, budget_kind) - cost_at(m, allowed_widths(m, min_keep)[0], budget_kind)
+               for m in scores.modules)
 
 
 def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFAULT_MIN_KEEP, budget_kind: str = "params",
@@ -278,7 +287,7 @@ def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFA
     keep = budget.value
     if not 0 < keep < 1:
         raise BudgetError(f"a MACs budget is the fraction of compressible MACs to keep, 0 < F < 1; got {keep}")
-    total = sum(m.unit_macs * m.full_width for m in scores.modules)
+    total = sum(m.macs_at(m.full_width) for m in scores.modules)
     max_removable = removable(scores, min_keep, "macs")
     target = int(round((1 - keep) * total))
     if target < 1 or target > max_removable:
@@ -345,14 +354,15 @@ def _units(modules: Sequence[ModuleScore], sis: dict, min_keep: float, budget_ki
         return _Unit(tuple(g.name for g in group), allowed, cost, curve, group[0].name)
 
     if budget_kind == "latency":
-        units = []
-        for group, curve in _latency_groups(modules, latency_table):
+        # adaLN modulations run once per sample and call, not per token: no latency to save, so they stay whole
+        units = [make([m], [m.full_width], [0.0]) for m in modules if m.kind == "adaln"]
+        for group, curve in _latency_groups([m for m in modules if m.kind != "adaln"], latency_table):
             # only timed widths, and only those faster than every wider one: each step is a measured saving
             allowed = pareto_widths(curve, [w for w in _common_widths(group, min_keep) if w in curve.widths])
             units.append(make(group, allowed, [curve.at(w) for w in allowed]))
         return units
     groups = _tied_groups(modules) if tie_qk_vo else [[m] for m in modules]
-    return [make(group, allowed, [float(sum(unit_cost(g, budget_kind) for g in group) * w) for w in allowed])
+    return [make(group, allowed, [float(sum(cost_at(g, w, budget_kind) for g in group)) for w in allowed])
             for group in groups for allowed in [_common_widths(group, min_keep)]]
 
 
@@ -421,13 +431,16 @@ def allocate(scores: InfluenceScores, budget: Budget | float, allocator: str = "
     else:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        missing = sorted({m.block for m in scores.modules} - set(scores.block_influence))
+        # a modulation shared by all blocks (PixArt's adaln_single, the final norm_out) is in no block: it gets the
+        # mean share, 1 (the shares of the L blocks sum to L); recorded in the plan's settings
+        outside = sorted({m.block for m in scores.modules if m.kind == "adaln"} - set(scores.block_influence))
+        missing = sorted({m.block for m in scores.modules} - set(scores.block_influence) - set(outside))
         if missing:
             raise ValueError(f"modegpt needs block influence for every block; missing {missing[:3]} (measure gains first)")
-        blocks = sorted({m.block for m in scores.modules})
+        blocks = sorted({m.block for m in scores.modules} - set(outside))
         influence = torch.tensor([scores.block_influence[b] for b in blocks], dtype=torch.float64)
         share = len(blocks) * torch.softmax(-influence / temperature, dim=0)
-        weight = {b: float(s) for b, s in zip(blocks, share)}
+        weight = {b: float(s) for b, s in zip(blocks, share)} | {b: 1.0 for b in outside}
         block_of = {m.name: m.block for m in scores.modules}
         unit_widths = _proportional(units, {u.weight_key: weight[block_of[u.weight_key]] for u in units}, target)
     widths = {name: unit_widths[u.weight_key] for u in units for name in u.names}
@@ -435,11 +448,13 @@ def allocate(scores: InfluenceScores, budget: Budget | float, allocator: str = "
     for m in scores.modules:
         index = m.widths.index(widths[m.name])
         entries.append(PlanEntry(m.name, m.kind, m.block, m.full_width, widths[m.name], m.unit_params,
-                                 float(sis[m.name][index]), m.unit_macs, m.method))
+                                 float(sis[m.name][index]), m.unit_macs, m.method, m.full_params, m.full_macs))
     settings = {
         "budget": budget.value, "budget_kind": budget_kind, "tie_qk_vo": tie_qk_vo, "min_keep": min_keep,
         "bucket_weights": list(bucket_weights) if bucket_weights else None,
         "granularity": asdict(scores.granularity), "temperature": temperature if allocator == "modegpt" else None,
+        "modegpt_mean_share": sorted({m.block for m in scores.modules if m.kind == "adaln"} - set(scores.block_influence))
+        if allocator == "modegpt" else None,
         "gains_measured": scores.metadata.get("gains_measured"),
         # lineage: the decompose stage refuses this plan for a capture or model with another hash
         "model_hash": scores.metadata.get("model_hash"), "prompts_digest": scores.metadata.get("prompts_digest"),

@@ -40,7 +40,7 @@ from slimdiff.allocate import DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, Bud
 from slimdiff.capture import Capture, group_input_sites
 from slimdiff.decompose import DEFAULT_REG, regularize, whitening
 from slimdiff.evaluate import count_params
-from slimdiff.groups import ModuleGroup, compressible_groups
+from slimdiff.groups import GROUP_KINDS, ModuleGroup, compressible_groups
 from slimdiff.influence import Granularity, InfluenceScores, ModuleScore, candidate_widths
 from slimdiff.slim import decompose, resize_group
 
@@ -160,6 +160,15 @@ class Matrix:
         return self.d_in * self.d_out - factorized_params(self.d_in, self.d_out, rank)
 
 
+# what the baselines compress; an adaLN modulation (PixArt, DiT) stays whole under every baseline
+BASELINE_KINDS = ("qk_self", "vo_self", "qk_cross", "vo_cross", "ffn")
+
+
+def baseline_groups(denoiser: nn.Module) -> list[ModuleGroup]:
+    """The compressible groups a baseline cuts: those of ``BASELINE_KINDS``."""
+    return [g for g in compressible_groups(denoiser) if g.kind in BASELINE_KINDS]
+
+
 def _group_linears(group: ModuleGroup) -> list[tuple[str, str]]:
     """(linear path, input site) of a group's two linears."""
     x_site, y_site = group_input_sites(group)
@@ -174,7 +183,7 @@ def _group_linears(group: ModuleGroup) -> list[tuple[str, str]]:
 def matrices(denoiser: nn.Module) -> list[Matrix]:
     """Every compressible linear of ``denoiser``, in group order."""
     out = []
-    for group in compressible_groups(denoiser):
+    for group in baseline_groups(denoiser):
         for path, site in _group_linears(group):
             linear = denoiser.get_submodule(path)
             out.append(Matrix(path, site, group.name, linear.in_features, linear.out_features))
@@ -186,7 +195,7 @@ def baseline_sites(denoiser: nn.Module) -> list[str]:
 
     Pass to ``slimdiff.capture(..., extra_sites=baseline_sites(denoiser))``.
     """
-    own = {site for g in compressible_groups(denoiser) for site in group_input_sites(g)}
+    own = {site for g in baseline_groups(denoiser) for site in group_input_sites(g)}
     return [m.site for m in matrices(denoiser) if m.site not in own]
 
 
@@ -279,7 +288,7 @@ def _factorized_baseline(method: str) -> Callable:
     def run(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
             *, alpha: float = DEFAULT_ASVD_ALPHA, reg: float = DEFAULT_REG, ratio_of: str = "rank") -> dict[str, Any]:
         mats = matrices(denoiser)
-        compressible = count_params(denoiser)["compressible"]
+        compressible = count_params(denoiser, BASELINE_KINDS)["compressible"]
         ranks, ratio = uniform_ranks(mats, budget.params(compressible), ratio_of, compressible)
         factorised = {}
         for m in mats:
@@ -402,7 +411,7 @@ def _granularity(scores: InfluenceScores | None) -> Granularity:
 def wanda_sp(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
              *, min_keep: float = DEFAULT_MIN_KEEP) -> dict[str, Any]:
     """Wanda-sp: keep the highest |W| x activation-magnitude units, the same kept fraction in every module."""
-    groups = compressible_groups(denoiser)
+    groups = baseline_groups(denoiser)
     plan = allocate(_unit_scores(groups, _granularity(scores)), budget, "uniform", min_keep)
     widths = plan.widths
     for group in groups:
@@ -427,7 +436,7 @@ def flap(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, 
     increasing score over all modules until the budget is met (respecting ``min_keep``).
     """
     granularity = _granularity(scores)
-    groups = compressible_groups(denoiser)
+    groups = baseline_groups(denoiser)
     skeleton = _unit_scores(groups, granularity)
     target = check_budget(skeleton, budget, min_keep)
     allowed = {m.name: allowed_widths(m, min_keep) for m in skeleton.modules}
@@ -494,6 +503,8 @@ BASELINES: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+
+
 def compress_with(method: str, denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None = None,
                   budget: Budget | float = 0.3, **options) -> dict[str, Any]:
     """Compress an uncompressed ``denoiser`` in place with ``method``; report what was removed.
@@ -508,11 +519,18 @@ def compress_with(method: str, denoiser: nn.Module, capture: Capture, scores: In
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"method {method!r} has no option(s) {unknown}; its options: {', '.join(valid) or 'none'}")
+    if not method.startswith("slimdiff"):
+        other = sorted({g.kind for g in compressible_groups(denoiser)} - set(BASELINE_KINDS) - {"adaln"})
+        if other:
+            raise ValueError(f"baseline {method!r} compresses the groups of BasicTransformerBlock models ({', '.join(BASELINE_KINDS)}); "
+                             f"{type(denoiser).__name__} also has {', '.join(other)} groups: use method 'slimdiff'")
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
-    before = count_params(denoiser)
+    # the budget is a share of what the method may cut: a baseline leaves adaLN modulations whole
+    kinds = GROUP_KINDS if method.startswith("slimdiff") else BASELINE_KINDS
+    before = count_params(denoiser, kinds)
     target = budget.params(before["compressible"])
     settings = BASELINES[method](denoiser, capture, scores, budget, **options)
-    after = count_params(denoiser)
+    after = count_params(denoiser, kinds)
     removed = before["compressible"] - after["compressible"]
     return {
         "method": method,

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from slimdiff.device import module_device
-from slimdiff.groups import ModuleGroup, compressible_groups
+from slimdiff.groups import ModuleGroup, adapter_for, compressible_groups
 from slimdiff.utils import atomic_path
 
 CAPTURE_FORMAT = "slimdiff-capture/2"
@@ -183,13 +183,35 @@ def group_input_sites(group: ModuleGroup) -> tuple[str, str]:
     return kv_site, kv_site
 
 
+def group_sites(group: ModuleGroup) -> tuple[str, ...]:
+    """Every capture site a group's decomposition reads: the adapter's ``sites`` for joint, fused and modulation
+    layouts, else the (x, y) sites of ``group_input_sites``."""
+    return group.sites if group.sites else tuple(dict.fromkeys(group_input_sites(group)))
+
+
 def sites_for(groups: Sequence[ModuleGroup]) -> list[str]:
     """Unique hooked input sites for ``groups``, in order."""
     sites: dict[str, None] = {}
     for group in groups:
-        for site in group_input_sites(group):
+        for site in group_sites(group):
             sites[site] = None
     return list(sites)
+
+
+def parse_site(site: str) -> tuple[str, slice | None]:
+    """(module path, input columns) of a site name: ``"a.b.to_q"`` (the whole input of that linear) or
+    ``"a.b.proj_out[3072:15360]"`` (columns 3072..15359 of its input: one part of a fused linear)."""
+    if not site.endswith("]"):
+        return site, None
+    path, _, cols = site[:-1].rpartition("[")
+    start, _, stop = cols.partition(":")
+    try:
+        columns = slice(int(start), int(stop))
+    except ValueError:
+        raise ValueError(f"site {site!r}: columns must read [start:stop]") from None
+    if not 0 <= columns.start < columns.stop:
+        raise ValueError(f"site {site!r}: empty or negative column range")
+    return path, columns
 
 
 def bucket_edges(num_buckets: int, num_train_timesteps: int) -> list[float]:
@@ -238,6 +260,16 @@ class Capture:
         aug[dim, :dim] = mean
         aug[dim, dim] = 1.0
         return aug
+
+    def stacked_second_moment(self, sites: Sequence[str], augment: Sequence[bool], buckets: Sequence[int] | None = None) -> Tensor:
+        """Second moment of the streams of a joint attention stacked block-diagonally (method.md §6): each token
+        belongs to one stream, so the stacked input is zero outside its stream's block. Each block is the stream's
+        mean moment weighted by its share of the tokens, i.e. the mean over the tokens of all streams together."""
+        index = list(range(self.num_buckets)) if buckets is None else list(buckets)
+        counts = [float(self.sites[s].count[index].sum()) if s in self.sites else 0.0 for s in sites]
+        blocks = [self.second_moment(s, buckets, augment=a) for s, a in zip(sites, augment)]
+        total = sum(counts)
+        return torch.block_diag(*[block * (count / total) for block, count in zip(blocks, counts)])
 
     def check_finite(self, where: str = "capture") -> None:
         """Fail naming the first site whose sums hold NaN or Inf (e.g. half-precision activations that overflowed)."""
@@ -416,22 +448,31 @@ class ActivationRecorder:
     """
 
     def __init__(self, denoiser: nn.Module, sites: Sequence[str], num_buckets: int = 4, num_train_timesteps: int = 1000,
-                 stats: dict[str, SiteStats] | None = None):
+                 stats: dict[str, SiteStats] | None = None, timestep_scale: float = 1.0):
         self.denoiser = denoiser
         self.site_names = list(sites)
         self.edges = bucket_edges(num_buckets, num_train_timesteps)
         self.num_buckets = num_buckets
         self.num_train_timesteps = num_train_timesteps
+        # the denoiser's timestep argument times this is the scheduler's timestep (Flux is called with t / 1000)
+        self.timestep_scale = float(timestep_scale)
         modules = dict(denoiser.named_modules())
-        missing = [s for s in self.site_names if s not in modules]
+        parsed = {s: parse_site(s) for s in self.site_names}
+        missing = [s for s, (path, _) in parsed.items() if path not in modules]
         if missing:
             raise KeyError(f"denoiser has no module(s) {missing[:3]} to hook")
-        self._modules = {s: modules[s] for s in self.site_names}
+        self._modules = {s: modules[parsed[s][0]] for s in self.site_names}
+        self._columns = {s: parsed[s][1] for s in self.site_names}
+        for site, columns in self._columns.items():
+            if columns is not None and columns.stop > self._modules[site].in_features:
+                raise ValueError(f"site {site!r}: {parsed[site][0]} has only {self._modules[site].in_features} input columns")
         if stats is None:
             stats = {}
             for site, module in self._modules.items():
                 weight = module.weight
-                stats[site] = SiteStats.zeros(num_buckets, module.in_features, weight.device, gram_dtype(weight.dtype))
+                columns = self._columns[site]
+                dim = module.in_features if columns is None else columns.stop - columns.start
+                stats[site] = SiteStats.zeros(num_buckets, dim, weight.device, gram_dtype(weight.dtype))
         elif set(stats) != set(self.site_names):
             raise ValueError("statistics to continue hold other sites than the ones to hook")
         self.stats = stats
@@ -444,7 +485,7 @@ class ActivationRecorder:
 
     def bucket_of(self, timesteps: Tensor) -> Tensor:
         """Bucket index of each timestep (on the CPU: one small copy per denoiser call)."""
-        t = timesteps.detach().to("cpu", torch.float64)
+        t = timesteps.detach().to("cpu", torch.float64) * self.timestep_scale
         ids = torch.floor(t * self.num_buckets / self.num_train_timesteps).to(torch.int64)
         return ids.clamp(0, self.num_buckets - 1)
 
@@ -461,8 +502,12 @@ class ActivationRecorder:
         self.calls += 1
 
     def _on_linear(self, site: str):
+        columns = self._columns[site]
+
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
+            if columns is not None:
+                x = x[..., columns]
             if self._bucket_ids is None:
                 raise RuntimeError(f"{site} ran outside a denoiser call; cannot assign a timestep bucket")
             ids = self._bucket_ids
@@ -654,7 +699,8 @@ def capture(
     fingerprint = capture_fingerprint(denoiser, prompts, sampler, sites, num_buckets, batch_size, pipe.scheduler, model_hash)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     stats, done, calls = _resume_point(checkpoint, fingerprint, device) if checkpoint else (None, 0, 0)
-    recorder = ActivationRecorder(denoiser, sites, num_buckets, num_train_timesteps, stats=stats)
+    recorder = ActivationRecorder(denoiser, sites, num_buckets, num_train_timesteps, stats=stats,
+                                  timestep_scale=adapter_for(denoiser).TIMESTEP_SCALE)
     recorder.calls = calls
     batches_per_checkpoint = max(1, math.ceil(checkpoint_every / batch_size))
     with recorder, _quiet_pipeline(pipe), torch.inference_mode():

@@ -147,9 +147,11 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{info['model']}: {info['denoiser']}, {p['total']:,} parameters; compressible {p['compressible_before']:,} -> "
           f"{p['compressible_after']:,} ({p['removed_fraction']:.1%} removed)")
     for name, m in info["modules"].items():
-        print(f"  {name:<72} {m['kind']:<8} {m['width']:>5}/{m['full_width']:<5} {m['method']}")
+        # an adaLN modulation's width is a rank: below full it is two linears (factorised), at full the original one
+        shape = " factorised" if m["kind"] == "adaln" and m["width"] < m["full_width"] else ""
+        print(f"  {name:<72} {m['kind']:<10} {m['width']:>5}/{m['full_width']:<5} {m['method']}{shape}")
     for name, m in info["left_intact"].items():
-        print(f"  {name:<72} {m['kind']:<8} left intact: {m['note']}")
+        print(f"  {name:<72} {m['kind']:<10} left intact: {m['note']}")
     return 0
 
 

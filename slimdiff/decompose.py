@@ -262,6 +262,20 @@ def decompose_vo(w_v: Tensor, w_o: Tensor, cov_y: Tensor, heads: int, reg: float
                            white_y.description, white_y.method == "zero")
 
 
+def decompose_lowrank(w: Tensor, cov_x: Tensor, reg: float = DEFAULT_REG) -> VODecomposition:
+    """Whitening-SVD of one linear, B = S_x^T W (method.md §6, adaLN modulation): rank-k factors
+    ``W ~ (S_x^-T U_k)(diag(s_k) V_k^T)``, all ranks at once, as a one-head ``VODecomposition`` whose value factor
+    is the first linear (d_in x k) and output factor the second (k x d_out). ``w`` (d_in, d_out) in X W layout
+    without its bias (the bias stays on the second linear: it does not change the error)."""
+    if w.dim() != 2 or cov_x.shape != (w.shape[0], w.shape[0]):
+        raise ValueError(f"weight {tuple(w.shape)} and input covariance {tuple(cov_x.shape)} do not match")
+    white = whitening(regularize(cov_x, reg))
+    u, singular_values, vh = torch.linalg.svd(white.factor.T @ w.to(torch.float64), full_matrices=False)
+    first = white.inv_t @ u  # (d_in, m)
+    second = singular_values[:, None] * vh  # (m, d_out)
+    return VODecomposition(first[None], second[None], singular_values[None], white.description, white.method == "zero")
+
+
 @dataclass(frozen=True)
 class FFNDecomposition:
     """Nyström channel selection of an FFN hidden layer by ridge leverage (method.md §3).

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from slimdiff.capture import SamplerSettings, bucket_edges, denoiser_of, prompts_digest
 from slimdiff.device import synchronize
-from slimdiff.groups import GROUP_KINDS, ModuleGroup, find_groups
+from slimdiff.groups import GROUP_KINDS, ModuleGroup, adapter_for, find_groups
 from slimdiff.utils import flatten
 
 DenoiserCall = tuple[tuple, dict]
@@ -54,6 +54,19 @@ def group_params(denoiser: nn.Module, group: ModuleGroup) -> int:
     the to_out and FFN down-projection biases do not (they do not depend on the width).
     """
     module = denoiser.get_submodule(group.path)
+    if group.kind == "qk_joint":
+        return sum(_params(module.get_submodule(n)) for n in (*group.query, *group.key))
+    if group.kind == "vo_joint":
+        return (sum(_params(module.get_submodule(n)) for n in group.value)
+                + sum(_params_without_output_bias(module.get_submodule(n)) for n in group.out))
+    if group.kind in ("vo_single", "ffn_single"):  # the group's own columns of the fused proj_out
+        from slimdiff.arch.flux import single_block_columns
+
+        attention, mlp = single_block_columns(module)
+        inner = module.get_submodule(group.value[0] if group.kind == "vo_single" else group.up)
+        return _params(inner) + module.proj_out.out_features * (attention if group.kind == "vo_single" else mlp)
+    if group.kind == "adaln":
+        return _params_without_output_bias(module)
     if group.kind.startswith("qk"):
         return _params(module.to_q) + _params(module.to_k)
     if group.kind.startswith("vo"):
@@ -61,9 +74,10 @@ def group_params(denoiser: nn.Module, group: ModuleGroup) -> int:
     return _params(module.net[0].proj) + _params_without_output_bias(module.net[2])
 
 
-def count_params(denoiser: nn.Module) -> dict[str, Any]:
-    """Parameter counts: ``total``, ``compressible`` (sum over compressible groups), ``by_kind`` and ``groups``."""
-    groups = [g for g in find_groups(denoiser) if g.compressible]
+def count_params(denoiser: nn.Module, kinds: Sequence[str] = GROUP_KINDS) -> dict[str, Any]:
+    """Parameter counts: ``total``, ``compressible`` (sum over the compressible groups of ``kinds``), ``by_kind`` and
+    ``groups``."""
+    groups = [g for g in find_groups(denoiser) if g.compressible and g.kind in kinds]
     per_group = {g.name: group_params(denoiser, g) for g in groups}
     by_kind = {kind: 0 for kind in GROUP_KINDS}
     for g in groups:
@@ -276,6 +290,7 @@ class _TeacherForcedReplay:
             raise ValueError("original and compressed denoisers are the same module; compress a copy")
         self.original, self.compressed = original, compressed
         self.num_buckets, self.num_train_timesteps, self.prompts = num_buckets, num_train_timesteps, prompts
+        self.timestep_scale = adapter_for(original).TIMESTEP_SCALE
         self.signature = inspect.signature(original.forward)
         self.signal = [0.0] * num_buckets
         self.noise = [0.0] * num_buckets
@@ -287,7 +302,8 @@ class _TeacherForcedReplay:
     def bucket(self, bound: dict) -> int:
         if "timestep" not in bound:
             raise ValueError(f"{type(self.original).__name__}.forward was called without a timestep")
-        t = torch.as_tensor(bound["timestep"]).reshape(-1).to(torch.float64)
+        # scaled to the scheduler's timesteps as the capture does (Flux is called with t / 1000)
+        t = torch.as_tensor(bound["timestep"]).reshape(-1).to(torch.float64) * self.timestep_scale
         index = int(math.floor(float(t[0]) * self.num_buckets / self.num_train_timesteps))
         return min(max(index, 0), self.num_buckets - 1)
 

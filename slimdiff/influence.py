@@ -18,12 +18,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from slimdiff.capture import (Capture, SamplerSettings, denoiser_of, group_input_sites, model_content_hash,
+from slimdiff.capture import (Capture, SamplerSettings, denoiser_of, group_input_sites, group_sites, model_content_hash,
                               prompt_hash, prompts_digest)
 from slimdiff.decompose import DEFAULT_REG, FFNDecomposition, QKDecomposition, VODecomposition
 from slimdiff.device import linalg_device, module_device
 from slimdiff.groups import ModuleGroup, compressible_groups, find_groups, left_intact
-from slimdiff.slim import SlimAttnProcessor, decompose_group, original_attention_scale
+from slimdiff.slim import decompose_group, group_statistics, original_attention_scale, slim_processor_for
 from slimdiff.utils import complete_artifact, read_json_artifact, write_json
 
 SCORES_FORMAT = "slimdiff-scores/1"
@@ -47,13 +47,19 @@ class Granularity:
                 raise ValueError(f"granularity {name} must be a whole number >= 1, got {value!r}")
 
     def step(self, kind: str) -> int:
-        return self.ffn_step if kind == "ffn" else self.rank_step
+        return self.ffn_step if kind in ("ffn", "ffn_single") else self.rank_step
 
 
 def candidate_widths(full_width: int, step: int) -> list[int]:
     """Widths on the grid (multiples of ``step``) plus the full width, ascending."""
     widths = sorted({w for w in range(step, full_width + 1, step)} | {full_width})
     return widths
+
+
+def group_widths(group: ModuleGroup, granularity: Granularity) -> list[int]:
+    """A group's candidate widths: the grid, less the widths that would hold more parameters than the full group
+    (an adaLN factorisation above ``in * out / (in + out)``)."""
+    return [w for w in candidate_widths(group.width, granularity.step(group.kind)) if group.saves_params_at(w)]
 
 
 @dataclass
@@ -71,6 +77,21 @@ class ModuleScore:
     gain: float = 1.0
     unit_macs: int = 0  # MACs of one unit of width per sample and call at the capture's resolution (0: unknown)
     method: str = ""  # how the decomposition whitens or selects (fallbacks included), for the record
+    # cost at full width where it is not unit x full width: an unfactorised adaLN modulation (0: unit x full width)
+    full_params: int = 0
+    full_macs: int = 0
+
+    def params_at(self, width: int) -> int:
+        """Parameters at ``width`` (an adaLN modulation at full width is the original linear)."""
+        if self.full_params and width >= self.full_width:
+            return self.full_params
+        return self.unit_params * width
+
+    def macs_at(self, width: int) -> int:
+        """MACs per sample and call at ``width``."""
+        if self.full_macs and width >= self.full_width:
+            return self.full_macs
+        return self.unit_macs * width
 
     def error(self, bucket_weights: Sequence[float] | None = None) -> Tensor:
         """Bucket-weighted predicted error at each grid width (weights renormalised over seen buckets)."""
@@ -103,7 +124,7 @@ class InfluenceScores:
 
     @property
     def compressible_params(self) -> int:
-        return sum(m.unit_params * m.full_width for m in self.modules)
+        return sum(m.params_at(m.full_width) for m in self.modules)
 
     def save(self, path: str | Path) -> Path:
         data = {
@@ -129,8 +150,8 @@ class InfluenceScores:
 def skeleton_scores(groups: Sequence[ModuleGroup], granularity: Granularity = Granularity()) -> InfluenceScores:
     """Scores with grids but no errors: enough to check a budget before any forward pass."""
     # no errors and unit gains: a skeleton only checks budgets against the width grids, it never allocates
-    modules = [ModuleScore(g.name, g.kind, g.block, g.heads, g.width, g.unit_params,
-                           candidate_widths(g.width, granularity.step(g.kind)), [], 1.0) for g in groups]
+    modules = [ModuleScore(g.name, g.kind, g.block, g.heads, g.width, g.unit_params, group_widths(g, granularity), [], 1.0,
+                           full_params=_full_params(g)) for g in groups]
     return InfluenceScores(modules, granularity)
 
 
@@ -181,30 +202,33 @@ def _interpolate(widths: list[int], known: dict[int, float]) -> list[float]:
     return out
 
 
+def _full_params(group: ModuleGroup) -> int:
+    """The group's full-width parameters where they are not unit x width (adaLN), else 0."""
+    return group.params_at(group.width) if group.kind == "adaln" else 0
+
+
 def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, granularity: Granularity,
                  reg: float = DEFAULT_REG, max_ffn_points: int = 64, gain: float | None = None) -> ModuleScore:
     """Per-bucket predicted error of ``group`` at every grid width, from the capture alone.
 
     FFN curves are exact at up to ``max_ffn_points`` grid widths (always including the ends) and
-    linearly interpolated in between, with one Nyström solve per width for all buckets; QK/VO curves
+    linearly interpolated in between, with one Nyström solve per width for all buckets; QK/VO/adaLN curves
     are exact everywhere. The math runs in float64 on ``linalg_device`` of the model.
     """
-    widths = candidate_widths(group.width, granularity.step(group.kind))
+    widths = group_widths(group, granularity)
     where = linalg_device(module_device(denoiser))
     decomposition = decompose_group(denoiser, group, capture, reg)
-    x_site, y_site = group_input_sites(group)
-    module = denoiser.get_submodule(group.path)
-    seen = [b for b in range(capture.num_buckets)
-            if int(capture.sites[x_site].count[b]) > 0 and int(capture.sites[y_site].count[b]) > 0]
+    sites = group_sites(group)
+    seen = [b for b in range(capture.num_buckets) if all(int(capture.sites[site].count[b]) > 0 for site in sites)]
     errors: list[list[float] | None] = [None] * capture.num_buckets
-    if group.kind == "ffn":
+    if isinstance(decomposition, FFNDecomposition):
         if len(widths) > max_ffn_points:
             index = torch.linspace(0, len(widths) - 1, max_ffn_points, device="cpu").round().long().unique().tolist()
             exact = [widths[i] for i in index]
         else:
             exact = widths
         w_down = decomposition.w_down
-        covs = {b: capture.second_moment(x_site, [b]).to(where) for b in seen}
+        covs = {b: group_statistics(denoiser, group, capture, [b], where)[0] for b in seen}
         totals = {b: torch.einsum("ic,ij,jc->", w_down, cov, w_down) for b, cov in covs.items()}
         known: dict[int, dict[int, float]] = {b: {} for b in seen}
         for width in exact:
@@ -213,26 +237,45 @@ def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, gran
                 known[b][width] = float(ffn_error_under(w_down, keep, w_new, cov, totals[b]))
         for b in seen:
             errors[b] = _interpolate(widths, known[b])
-    elif group.kind.startswith("qk"):
+    elif isinstance(decomposition, QKDecomposition):
         for b in seen:
-            cov_x = capture.second_moment(x_site, [b], augment=module.to_q.bias is not None).to(where)
-            cov_y = capture.second_moment(y_site, [b], augment=module.to_k.bias is not None).to(where)
+            cov_x, cov_y = group_statistics(denoiser, group, capture, [b], where)
             curve = qk_error_under(decomposition, cov_x, cov_y).cpu()
             errors[b] = [float(curve[w]) for w in widths]
     else:
         for b in seen:
-            cov_y = capture.second_moment(y_site, [b], augment=module.to_v.bias is not None).to(where)
+            _, cov_y = group_statistics(denoiser, group, capture, [b], where)
             curve = vo_error_under(decomposition, cov_y).cpu()
-            errors[b] = [float(curve[w]) for w in widths]
+            errors[b] = [float(curve[min(w, decomposition.head_dim)]) for w in widths]
     # gain None only when score() was told require_gains=False: the unit-gain ablation, recorded in the scores'
     # metadata as gains_measured: false (score() refuses a gains file that lacks a module)
+    site_tokens = capture.metadata.get("site_tokens", {})
     return ModuleScore(group.name, group.kind, group.block, group.heads, group.width, group.unit_params, widths, errors,
-                       1.0 if gain is None else gain, unit_macs_of(group, capture.metadata.get("site_tokens", {})),
-                       decomposition.method)
+                       1.0 if gain is None else gain, unit_macs_of(group, site_tokens), decomposition.method,
+                       full_params=_full_params(group),
+                       full_macs=group.in_features * group.out_features if group.kind == "adaln" else 0)
 
 
 def unit_macs_of(group: ModuleGroup, site_tokens: dict[str, int]) -> int:
-    """``group.unit_macs`` at the token counts the capture saw (0 when it saw none or several resolutions)."""
+    """``group.unit_macs`` at the token counts the capture saw (0 when it saw none or several resolutions).
+
+    Joint attention counts every stream: queries and keys are the image and text tokens together, each projection
+    runs on its own stream's tokens and each output projection on its stream's rows.
+    """
+    if group.kind == "adaln":
+        return group.unit_macs(1, 1)
+    if group.kind in ("qk_joint", "vo_joint", "vo_single", "ffn_single"):
+        tokens = [site_tokens.get(site, 0) for site in group.sites]
+        if any(t <= 0 for t in tokens):
+            return 0
+        if group.kind == "ffn_single":
+            return tokens[0] * (group.in_features + group.out_features)
+        total = sum(tokens)
+        if group.kind == "qk_joint":  # per head: each stream's query and key rows, and the logits of all tokens
+            return group.heads * (sum(2 * t * d for t, d in zip(tokens, group.stream_in)) + total * total)
+        # per head: each stream's value rows, each output projection on its stream's rows, the weighted values
+        return group.heads * (sum(t * d for t, d in zip(tokens, group.stream_in))
+                              + sum(t * d for t, d in zip(tokens, group.stream_out)) + total * total)
     if group.kind == "ffn":
         query_site = key_site = f"{group.path}.net.2"
     else:
@@ -395,9 +438,11 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
     drawn on the model's device from a generator seeded per module, so modules already in ``known``
     are skipped and the rest come out the same; ``after_each(gains)`` is called after every module.
     """
-    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
     from tqdm.auto import tqdm
 
+    block_types = (BasicTransformerBlock, JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock)
     if not 0 < rel_noise < 1:
         raise ValueError(f"rel_noise must be in (0, 1), got {rel_noise}")
     groups = list(groups) if groups is not None else compressible_groups(denoiser)
@@ -408,14 +453,15 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
     def block_hook(name):
         def hook(module, args, kwargs, output):
             x_in = args[0] if args else kwargs["hidden_states"]
-            x_out = output[0] if isinstance(output, tuple) else output
+            # BasicTransformerBlock returns the image stream; SD3 and Flux blocks return (text, image)
+            x_out = output[1] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
             influence_sum[name] = influence_sum.get(name, 0.0) + float((1 - cos).sum())
             influence_count[name] = influence_count.get(name, 0) + cos.numel()
         return hook
 
     handles = [m.register_forward_hook(block_hook(n), with_kwargs=True)
-               for n, m in denoiser.named_modules() if isinstance(m, BasicTransformerBlock)]
+               for n, m in denoiser.named_modules() if isinstance(m, block_types)]
     try:
         with torch.no_grad():
             clean = [_output(denoiser, call) for call in calls]
@@ -458,29 +504,37 @@ class _perturbed:
         self.module = denoiser.get_submodule(group.path)
         self.group, self.rel_noise, self.generator, self.energy = group, rel_noise, generator, energy
         self.noise_chunk = noise_chunk
-        self.handle = None
+        self.handles: list = []
         self.saved_processor = None
 
-    def __enter__(self):
-        if self.group.kind == "ffn" or self.group.kind.startswith("vo"):
-            target = self.module if self.group.kind == "ffn" else self.module.to_out[0]
+    def _targets(self) -> list[nn.Module]:
+        """Where the group's output leaves it: the FFN, each output projection (one per stream of a joint attention),
+        a Flux single block's fused ``proj_out`` (its attention and MLP parts both end there), the modulation linear."""
+        kind, module = self.group.kind, self.module
+        if kind in ("ffn", "adaln"):
+            return [module]
+        if kind in ("vo_joint", "vo_single", "ffn_single"):
+            return [module.get_submodule(name) for name in self.group.out]
+        return [module.to_out[0]]
 
+    def __enter__(self):
+        if not self.group.kind.startswith("qk"):
             def add_noise(module, args, output):
                 noise, per_token = _noise_like(output, self.rel_noise, self.generator)
                 self.energy.append(per_token)
                 return output + noise
 
-            self.handle = target.register_forward_hook(add_noise)
+            self.handles = [target.register_forward_hook(add_noise) for target in self._targets()]
         else:
             attn = self.module
             self.saved_processor = attn.processor
             noise = LogitNoise(self.rel_noise, self.generator, self.energy, self.noise_chunk)
-            attn.set_processor(SlimAttnProcessor(original_attention_scale(attn), logit_noise=noise))
+            attn.set_processor(slim_processor_for(attn, original_attention_scale(attn), logit_noise=noise))
         return self
 
     def __exit__(self, *exc):
-        if self.handle is not None:
-            self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
         if self.saved_processor is not None:
             self.module.set_processor(self.saved_processor)
 

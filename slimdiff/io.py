@@ -18,7 +18,7 @@ from torch import nn
 
 from slimdiff.capture import denoiser_of
 from slimdiff.groups import find_groups, left_intact
-from slimdiff.slim import SlimAttnProcessor, resize_group
+from slimdiff.slim import SlimAttnProcessor, resize_group, slim_processor_for
 from slimdiff.utils import atomic_dir
 
 SLIMDIFF_CONFIG_NAME = "slimdiff_config.json"
@@ -138,7 +138,8 @@ def build_denoiser(subfolder: str | Path, config: dict[str, Any]) -> nn.Module:
         if width != group.width:
             resize_group(denoiser, group, int(width), scales.get(group.path))
     for path, scale in scales.items():
-        denoiser.get_submodule(path).set_processor(SlimAttnProcessor(scale))
+        attn = denoiser.get_submodule(path)
+        attn.set_processor(slim_processor_for(attn, scale))
     weights = _read_weights(subfolder)
     expected = denoiser.state_dict()
     problems = [f"missing {k}" for k in expected if k not in weights]
@@ -183,8 +184,8 @@ def describe(folder: str | Path) -> dict[str, Any]:
     for name, width in config["widths"].items():
         group = groups[name]
         full = int(config.get("full_widths", {}).get(name, width))
-        before += group.unit_params * full
-        after += group.unit_params * width
+        before += group.params_at(full)
+        after += group.params_at(width)
         # a model saved without methods (before they were recorded, or by a caller that passed none) says so
         modules[name] = {"kind": group.kind, "width": width, "full_width": full, "heads": group.heads,
                          "method": methods.get(name, "not recorded")}

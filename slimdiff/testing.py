@@ -7,6 +7,7 @@ counts), an SD-2-style UNet (linear projections, head dim 64) and a PixArt-style
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -243,3 +244,192 @@ def make_workspace(root, overrides: dict | None = None):
     subprocess.run([str(dvc) if dvc.exists() else "dvc", "init", "-q"], cwd=root, check=True,
                    env=dict(os.environ, DVC_NO_ANALYTICS="1"))
     return root
+
+
+# --- Newest families: SD3 / SD3.5 (MMDiT, ``JointTransformerBlock``) and Flux (double + single stream blocks) ---------
+# Widths keep the real models' relationships: SD3 concatenates two CLIP encoders' hidden states (and their pooled
+# projections), zero-pads them to the T5 width and joins them to the T5 tokens; Flux reads T5 tokens and CLIP-L's pooled
+# output. Images are 32x32 by default (two-level VAE: 16x16 latents with 16 channels, as SD3 and Flux use).
+
+TINY_CLIP_L_DIM = 16  # CLIP ViT-L/14 text width and projection (SD3, Flux: 768)
+TINY_CLIP_G_DIM = 32  # OpenCLIP bigG text width and projection (SD3: 1280)
+TINY_T5_DIM = 64  # T5-XXL v1.1 width (SD3, Flux: 4096); >= the concatenated CLIP widths, as in SD3
+TINY_DIT_LATENT_CHANNELS = 16  # SD3 and Flux VAEs: 16 latent channels
+TINY_DIT_SAMPLE = 16  # latent side of a default image (32 px; the tiny VAE downsamples by 2)
+
+
+def t5_char_tokenizer(model_max_length: int = 512):
+    """A ``T5TokenizerFast`` over single characters, built locally (no hub files): the real T5 pipeline (Metaspace
+    pre-tokenizer, Unigram model, ``</s>`` appended) with ``<pad>``=0, ``</s>``=1, ``<unk>``=2 and no sentinel tokens."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -3.0) for c in chars]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _tiny_clip_config(tokenizer, hidden: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+def _tiny_t5_encoder(tokenizer):
+    """T5 v1.1 encoder (gated GELU, relative position buckets) at width ``TINY_T5_DIM``."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=TINY_T5_DIM, d_kv=8, d_ff=2 * TINY_T5_DIM, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )).eval()
+
+
+def _tiny_dit_vae(scaling_factor: float, shift_factor: float):
+    """A two-level ``AutoencoderKL`` with 16 latent channels and no quant convs (as the SD3 and Flux VAEs)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=TINY_DIT_LATENT_CHANNELS,
+        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=2 * TINY_DIT_SAMPLE, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+    ).eval()
+
+
+def tiny_sd3_transformer(seed: int = 0, qk_norm: str | None = None, dual_attention_layers: tuple[int, ...] = ()):
+    """SD3-Medium shapes scaled down (``SD3Transformer2DModel``): two ``JointTransformerBlock``s (the last one
+    ``context_pre_only``), 4 heads of dim 8 (inner and caption-projection width 32), patch 2, 16 latent channels,
+    latents up to 3x the default patch grid (``pos_embed_max_size`` 24 for 8x8 patches; SD3-Medium: 192 for 64x64),
+    ``joint_attention_dim`` = the T5 width, ``pooled_projection_dim`` = the two CLIP projections concatenated.
+
+    ``qk_norm="rms_norm", dual_attention_layers=(0,)`` gives an SD3.5-Medium-like model (RMS-normed q/k, a second
+    self-attention ``attn2`` in block 0)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=TINY_DIT_SAMPLE, patch_size=2, in_channels=TINY_DIT_LATENT_CHANNELS, num_layers=2,
+        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=TINY_T5_DIM, caption_projection_dim=32,
+        pooled_projection_dim=TINY_CLIP_L_DIM + TINY_CLIP_G_DIM, out_channels=TINY_DIT_LATENT_CHANNELS,
+        pos_embed_max_size=3 * TINY_DIT_SAMPLE // 2, dual_attention_layers=tuple(dual_attention_layers), qk_norm=qk_norm,
+    ).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0, qk_norm: str | None = None, dual_attention_layers: tuple[int, ...] = ()):
+    """A complete tiny ``StableDiffusion3Pipeline`` (SD3-Medium layout; SD3.5-Medium with ``qk_norm="rms_norm",
+    dual_attention_layers=(0,)``), 32x32 images by default, built from config: CLIP-L- and bigG-like
+    ``CLIPTextModelWithProjection``s (widths 16 and 32), a T5 v1.1-like encoder (width 64) with a local character
+    tokenizer, a 16-channel VAE with SD3's scaling/shift factors, ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
+
+    CLIP prompts are cut at 48 tokens; T5 pads to the call's ``max_sequence_length`` (pipeline default 256, still fast)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2, tokenizer_3 = char_tokenizer(), char_tokenizer(), t5_char_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(
+        _tiny_clip_config(tokenizer, TINY_CLIP_L_DIM, projection_dim=TINY_CLIP_L_DIM)).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _tiny_clip_config(tokenizer_2, TINY_CLIP_G_DIM, projection_dim=TINY_CLIP_G_DIM)).eval()
+    torch.manual_seed(seed + 2)
+    text_encoder_3 = _tiny_t5_encoder(tokenizer_3)
+    torch.manual_seed(seed + 3)
+    vae = _tiny_dit_vae(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE factors
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(seed + 4, qk_norm=qk_norm, dual_attention_layers=dual_attention_layers),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = False):
+    """FLUX.1 shapes scaled down (``FluxTransformer2DModel``): one double-stream ``FluxTransformerBlock`` and two
+    single-stream ``FluxSingleTransformerBlock``s (FLUX.1: 19 and 38), 2 heads of dim 8 with 3-axis RoPE (2, 2, 4)
+    (FLUX.1: 16, 56, 56), ``in_channels`` = 4 x 16 latent channels (2x2 packed patches), ``joint_attention_dim`` = the
+    T5 width, ``pooled_projection_dim`` = CLIP-L's width. ``guidance_embeds=True`` mirrors FLUX.1-dev (distilled
+    guidance embedding), ``False`` FLUX.1-schnell."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * TINY_DIT_LATENT_CHANNELS, num_layers=1, num_single_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TINY_T5_DIM,
+        pooled_projection_dim=TINY_CLIP_L_DIM, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False):
+    """A complete tiny ``FluxPipeline`` (FLUX.1-schnell layout; FLUX.1-dev with ``guidance_embeds=True``), 32x32
+    images by default, built from config: a CLIP-L-like ``CLIPTextModel`` (width 16, pooled output), a T5 v1.1-like
+    encoder (width 64) with a local character tokenizer, a 16-channel VAE with Flux's scaling/shift factors and
+    ``FlowMatchEulerDiscreteScheduler`` with FLUX.1's dynamic shifting, its sequence lengths scaled with the image
+    (FLUX.1: 256..4096 tokens for 256..1024 px; here 16..256 tokens for 16..64 px).
+
+    ``default_sample_size`` is set on the instance (16 latents: 32 px; FluxPipeline hard-codes 128, 256 px here),
+    so it does not survive ``save_pretrained``: pass ``height``/``width`` to a reloaded pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer, tokenizer_2 = char_tokenizer(), t5_char_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, TINY_CLIP_L_DIM)).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = _tiny_t5_encoder(tokenizer_2)
+    torch.manual_seed(seed + 2)
+    vae = _tiny_dit_vae(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE factors
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=16,
+                                                max_image_seq_len=256)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                        transformer=tiny_flux_transformer(seed + 3, guidance_embeds=guidance_embeds))
+    pipe.default_sample_size = TINY_DIT_SAMPLE
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass(frozen=True)
+class TinyDiTDenoiser(TinyDenoiser):
+    """A tiny MMDiT denoiser (SD3/SD3.5, Flux) and its random inputs, called as its pipeline calls it: 8x8 latents
+    with 16 channels, ``TINY_TEXT_LEN`` text tokens at the T5 width, pooled text; SD3 takes the timestep in [0, 1000]
+    and spatial latents, Flux the timestep / 1000, 2x2-packed latent tokens, RoPE ids and (FLUX.1-dev) guidance."""
+
+    def inputs(self, model: nn.Module, batch: int, timestep: int, seed: int) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        config = model.config
+        latents = torch.randn(batch, TINY_DIT_LATENT_CHANNELS, 8, 8, generator=generator)
+        text = torch.randn(batch, TINY_TEXT_LEN, config.joint_attention_dim, generator=generator)
+        pooled = torch.randn(batch, config.pooled_projection_dim, generator=generator)
+        args = {"encoder_hidden_states": text, "pooled_projections": pooled}
+        if "guidance_embeds" not in config:  # SD3
+            return {"hidden_states": latents, "timestep": torch.full((batch,), float(timestep)), **args}
+        # FluxPipeline._pack_latents: (B, C, H, W) -> (B, H/2 * W/2, 4C)
+        packed = latents.view(batch, -1, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, 16, -1)
+        img_ids = torch.zeros(4, 4, 3)
+        img_ids[..., 1] += torch.arange(4)[:, None]
+        img_ids[..., 2] += torch.arange(4)[None, :]
+        args.update(hidden_states=packed, timestep=torch.full((batch,), timestep / 1000), img_ids=img_ids.reshape(16, 3),
+                    txt_ids=torch.zeros(TINY_TEXT_LEN, 3))
+        if config.guidance_embeds:
+            args["guidance"] = torch.full((batch,), 3.5)
+        return args
+
+
+# Not in TINY_DENOISERS: ``TinyDenoiser.inputs`` builds UNet/PixArt inputs (4x8x8 ``sample``, 32-wide text) and tests
+# parametrize over every TINY_DENOISERS entry, so new entries there would change what those tests run.
+TINY_DIT_DENOISERS = {
+    "sd3": TinyDiTDenoiser("sd3", tiny_sd3_transformer),
+    "sd35": TinyDiTDenoiser("sd35", partial(tiny_sd3_transformer, qk_norm="rms_norm", dual_attention_layers=(0,))),
+    "flux": TinyDiTDenoiser("flux", tiny_flux_transformer),
+}

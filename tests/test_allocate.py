@@ -57,7 +57,7 @@ def max_step_params(scores: InfluenceScores, min_keep: float) -> int:
     steps = []
     for m in scores.modules:
         allowed = allowed_widths(m, min_keep)
-        steps += [m.unit_params * (b - a) for a, b in zip(allowed, allowed[1:])]
+        steps += [m.params_at(b) - m.params_at(a) for a, b in zip(allowed, allowed[1:])]
     return max(steps)
 
 
@@ -82,7 +82,7 @@ def test_plan_meets_budget_within_one_step_and_respects_minimum(scored, name, fr
 
 
 def scores_removable(scores, min_keep):
-    return sum(m.unit_params * (m.full_width - allowed_widths(m, min_keep)[0]) for m in scores.modules)
+    return sum(m.params_at(m.full_width) - m.params_at(allowed_widths(m, min_keep)[0]) for m in scores.modules)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), 0, -0.2, 1, 1.5, float("inf"), "abc"])
