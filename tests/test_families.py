@@ -214,9 +214,16 @@ def test_unknown_denoiser_names_the_supported_ones():
 def test_latency_table_times_joint_attention_and_refuses_flux_single_blocks():
     from slimdiff.latency import LatencyTableError, latency_units
 
-    sd3 = FAMILIES["sd3"].build(0)
+    from slimdiff.latency import measure_latency_table
+
+    tiny = FAMILIES["sd3"]
+    sd3 = tiny.build(0)
     units = latency_units(sd3)
     assert {g.kind for u in units for g in u.groups} == {"qk_joint", "vo_joint", "ffn"}  # adaLN: not per token, not timed
+    # the joint attention is timed as one unit on the inputs it saw in a real call (QK and VO held at one width)
+    table = measure_latency_table(sd3, ((), tiny.inputs(sd3, 2, 500, 0)), Granularity(), points=2, repeats=1)
+    joint = [c for c in table.curves if any(name.endswith("attn.qk") for name in c.groups)]
+    assert joint and all(len(c.groups) == 2 and c.widths == [1, 8] for c in joint)
     with pytest.raises(LatencyTableError, match=r"single_transformer_blocks\.0.*not timed by latency tables yet.*--macs"):
         latency_units(FAMILIES["flux"].build(0))
 

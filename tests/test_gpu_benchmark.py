@@ -33,3 +33,21 @@ def test_gpu_benchmark_smoke_runs_every_step(tmp_path):
     # the page renders from the JSON alone
     assert bench.main(["--from-json", str(out), "--doc", str(tmp_path / "again.md")]) == 0
     assert (tmp_path / "again.md").read_text() == doc.read_text()
+
+
+def test_flux_block_benchmark_smoke(tmp_path):
+    """benchmarks/gpu/flux_block.py (real-width Flux blocks on a GPU) on the CPU at tiny widths: every step runs, the
+    MACs target is met, and its section replaces itself on the docs page instead of piling up."""
+    spec = importlib.util.spec_from_file_location("flux_bench", ROOT / "benchmarks" / "gpu" / "flux_block.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, doc = tmp_path / "flux.json", tmp_path / "page.md"
+    doc.write_text("# GPU page\n\nearlier sections\n")
+    for _ in range(2):
+        assert bench.main(["--smoke", "--device", "cpu", "--out", str(out), "--doc", str(doc), "--repeats", "2"]) == 0
+    result = json.loads(out.read_text())
+    assert result["macs_kept"] <= 0.7 and result["params_removed"] > 0
+    assert {"adaln", "vo_joint", "vo_single", "ffn", "ffn_single"} == set(result["kinds_kept"])
+    assert all(value > 0 for value in result["latency_ms"].values())
+    page = doc.read_text()
+    assert page.startswith("# GPU page") and page.count(bench.MARK) == 1

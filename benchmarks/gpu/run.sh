@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmark, one script (at most ~8 minutes on one H100/H200): the CUDA tests, then the whole
-# compression of an SD 1.5-shaped pipeline (benchmarks/gpu/sd15.py). Writes gpu.json, the rendered
-# docs page and the test log to $OUT (the device tool's folder) or, without it, into the repository
-# (benchmarks/results/gpu.json, docs/benchmarks-gpu.md).
+# compression of an SD 1.5-shaped pipeline (benchmarks/gpu/sd15.py), then one real-width Flux double and
+# single block (benchmarks/gpu/flux_block.py). Time limits: CUDA tests 150 s, sd15.py BENCH_TIMEOUT (default
+# 360 s), flux_block.py FLUX_TIMEOUT (default 75 s): at most 585 s, inside one 600 s device call. Writes gpu.json,
+# flux_block.json, the rendered docs page and the test log to $OUT (the device tool's folder) or, without it,
+# into the repository (benchmarks/results/, docs/benchmarks-gpu.md).
 #
 #   bash benchmarks/gpu/run.sh            # on a CUDA machine
 #   bash benchmarks/gpu/run.sh --smoke    # tiny pipeline on whatever device there is (CI runs this on CPU)
@@ -50,5 +52,8 @@ elif "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 else
   echo "no CUDA device: CUDA tests skipped"
 fi
-timeout "${BENCH_TIMEOUT:-420}" "$PY" -u benchmarks/gpu/sd15.py $SMOKE --out "$JSON" --doc "$DOC" "$@" || status=$?
+timeout "${BENCH_TIMEOUT:-360}" "$PY" -u benchmarks/gpu/sd15.py $SMOKE --out "$JSON" --doc "$DOC" "$@" || status=$?
+# one real-width Flux double + single block: original vs compressed latency (issue 12); its section goes after sd15's
+FLUX_JSON=$(dirname "$JSON")/flux_block.json
+timeout "${FLUX_TIMEOUT:-75}" "$PY" -u benchmarks/gpu/flux_block.py $SMOKE --out "$FLUX_JSON" --doc "$DOC" || status=$?
 exit $status
