@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from slimdiff.capture import SamplerSettings, bucket_edges, denoiser_of, prompts_digest
 from slimdiff.device import synchronize
+from slimdiff.arch.flux import single_block_columns
 from slimdiff.groups import GROUP_KINDS, ModuleGroup, adapter_for, find_groups
 from slimdiff.utils import flatten
 
@@ -60,8 +61,6 @@ def group_params(denoiser: nn.Module, group: ModuleGroup) -> int:
         return (sum(_params(module.get_submodule(n)) for n in group.value)
                 + sum(_params_without_output_bias(module.get_submodule(n)) for n in group.out))
     if group.kind in ("vo_single", "ffn_single"):  # the group's own columns of the fused proj_out
-        from slimdiff.arch.flux import single_block_columns
-
         attention, mlp = single_block_columns(module)
         inner = module.get_submodule(group.value[0] if group.kind == "vo_single" else group.up)
         return _params(inner) + module.proj_out.out_features * (attention if group.kind == "vo_single" else mlp)

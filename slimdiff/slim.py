@@ -19,6 +19,7 @@ from slimdiff.capture import Capture, group_input_sites
 from slimdiff.decompose import (DEFAULT_REG, FFNDecomposition, QKDecomposition, VODecomposition, decompose_ffn, decompose_lowrank,
                                 decompose_qk, decompose_vo)
 from slimdiff.device import linalg_device, module_device
+from slimdiff.arch.flux import single_block_columns
 from slimdiff.groups import ModuleGroup, find_groups
 
 
@@ -295,8 +296,6 @@ def _resize_named(denoiser: nn.Module, group: ModuleGroup, width: int, attention
         narrow_outputs(group.value, inner)
         narrow_inputs(group.out, inner)
     else:  # Flux single block: the fused proj_out keeps the other part's columns
-        from slimdiff.arch.flux import single_block_columns
-
         attention, mlp = single_block_columns(module)
         if group.kind == "vo_single":
             narrow_outputs(group.value, inner)
@@ -396,14 +395,10 @@ def _decompose_group(denoiser: nn.Module, group: ModuleGroup, capture: Capture, 
     if group.kind in ("vo_joint", "vo_single"):
         columns = None
         if group.kind == "vo_single":
-            from slimdiff.arch.flux import single_block_columns
-
             columns = slice(0, single_block_columns(module)[0])
         return decompose_vo(_stacked_x_w(module, group.value, where), _out_w(module, group.out, where, columns), cov_y,
                             group.heads, reg)
     if group.kind == "ffn_single":
-        from slimdiff.arch.flux import single_block_columns
-
         attention, mlp = single_block_columns(module)
         return decompose_ffn(_out_w(module, group.out, where, slice(attention, attention + mlp)), cov_x, reg)
     if group.kind == "adaln":
@@ -505,8 +500,6 @@ def _apply_named(denoiser: nn.Module, group: ModuleGroup, decomposition: Decompo
         for name, part, bias in zip(group.out, o_parts, biases):
             _assign_weight_keep_bias(module.get_submodule(name), part, bias)
         return float(decomposition.tail[width])
-    from slimdiff.arch.flux import single_block_columns
-
     attention, mlp = single_block_columns(module)
     proj_out = module.proj_out
     old_out = proj_out.weight.detach().clone()
