@@ -433,3 +433,30 @@ TINY_DIT_DENOISERS = {
     "sd35": TinyDiTDenoiser("sd35", partial(tiny_sd3_transformer, qk_norm="rms_norm", dual_attention_layers=(0,))),
     "flux": TinyDiTDenoiser("flux", tiny_flux_transformer),
 }
+
+
+def record_capture(model: nn.Module, tiny: TinyDenoiser, timesteps, batch: int = 4, seed: int = 0, num_buckets: int = 4):
+    """Capture of ``tiny``'s random inputs at ``timesteps`` (one call each), run in the model's own dtype on its own
+    device; the timesteps are the scheduler's (scaled as the family's adapter says, e.g. Flux's t / 1000)."""
+    from slimdiff.arch import adapter_for
+    from slimdiff.capture import ActivationRecorder, Capture, sites_for
+    from slimdiff.groups import compressible_groups
+
+    parameter = next(model.parameters())
+    sites = sites_for(compressible_groups(model))
+    with ActivationRecorder(model, sites, num_buckets, 1000, timestep_scale=adapter_for(model).TIMESTEP_SCALE) as recorder, \
+            torch.no_grad():
+        for i, t in enumerate(timesteps):
+            tiny.output(model, cast(tiny.inputs(model, batch, t, seed + i), parameter.dtype, parameter.device))
+    return Capture(recorder.stats, {})
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||a||."""
+    return float((a - b).norm() / a.norm())
+
+
+def xw(linear: nn.Linear) -> torch.Tensor:
+    """A linear's weight in X W layout (float64), its bias as an extra last row."""
+    w = linear.weight.detach().double().T
+    return w if linear.bias is None else torch.cat([w, linear.bias.detach().double()[None]])

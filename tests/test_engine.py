@@ -14,7 +14,7 @@ import torch
 from slimdiff.capture import ActivationRecorder, Capture, SiteStats, group_input_sites, merge_captures, sites_for
 from slimdiff.groups import UnsupportedModelError, compressible_groups, find_groups
 from slimdiff.slim import decompose, decompose_group
-from slimdiff.testing import TINY_DENOISERS, cast
+from slimdiff.testing import TINY_DENOISERS, cast, record_capture, rel_err, xw
 
 TIMESTEPS = (5, 180, 420, 610, 820, 990)
 
@@ -30,22 +30,7 @@ def no_tf32_convolutions():
 
 
 def record(model, tiny, timesteps=TIMESTEPS, batch=4, seed=0, num_buckets=4) -> Capture:
-    """Capture of the tiny inputs at ``timesteps``, run in the model's own dtype on its own device."""
-    groups = compressible_groups(model)
-    parameter = next(model.parameters())
-    with ActivationRecorder(model, sites_for(groups), num_buckets, 1000) as recorder, torch.no_grad():
-        for i, t in enumerate(timesteps):
-            tiny.output(model, cast(tiny.inputs(model, batch, t, seed + i), parameter.dtype, parameter.device))
-    return Capture(recorder.stats, {})
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / a.norm())
-
-
-def xw(linear) -> torch.Tensor:
-    w = linear.weight.detach().double().T
-    return w if linear.bias is None else torch.cat([w, linear.bias.detach().double()[None]])
+    return record_capture(model, tiny, timesteps, batch, seed, num_buckets)
 
 
 class CompressionTesterMixin:

@@ -9,33 +9,19 @@ import json
 import pytest
 import torch
 
-from slimdiff.arch import adapter_for
 from slimdiff.capture import ActivationRecorder, Capture, sites_for
 from slimdiff.groups import UnsupportedModelError, compressible_groups, find_groups
 from slimdiff.influence import Granularity, group_widths
 from slimdiff.slim import decompose, decompose_group
-from slimdiff.testing import TINY_DENOISERS, TINY_DIT_DENOISERS, TINY_PROMPTS, cast, tiny_flux_pipeline, tiny_sd3_pipeline
+from slimdiff.testing import (TINY_DENOISERS, TINY_DIT_DENOISERS, TINY_PROMPTS, cast, record_capture, rel_err, tiny_flux_pipeline,
+                              tiny_sd3_pipeline, tiny_sdxl_pipeline, xw)
 
 TIMESTEPS = (5, 180, 420, 610, 820, 990)
 FAMILIES = {**TINY_DIT_DENOISERS, "pixart": TINY_DENOISERS["pixart"]}
 
 
-def record(model, tiny, timesteps=TIMESTEPS, batch=4) -> Capture:
-    scale = adapter_for(model).TIMESTEP_SCALE
-    with ActivationRecorder(model, sites_for(compressible_groups(model)), 4, 1000, timestep_scale=scale) as recorder, \
-            torch.no_grad():
-        for i, t in enumerate(timesteps):
-            tiny.output(model, cast(tiny.inputs(model, batch, t, i), torch.float64))
-    return Capture(recorder.stats, {})
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / a.norm())
-
-
-def xw(linear) -> torch.Tensor:
-    w = linear.weight.detach().double().T
-    return w if linear.bias is None else torch.cat([w, linear.bias.detach().double()[None]])
+def record(model, tiny, timesteps=TIMESTEPS) -> Capture:
+    return record_capture(model, tiny, timesteps)
 
 
 def test_groups_per_family():
@@ -228,40 +214,51 @@ def test_latency_table_times_joint_attention_and_refuses_flux_single_blocks():
         latency_units(FAMILIES["flux"].build(0))
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+# family: (pipeline builder, image side, pipeline class, a group kind the plan must hold)
+CLI_FAMILIES = {
+    "sdxl": (tiny_sdxl_pipeline, 16, "StableDiffusionXLPipeline", "qk_cross"),
+    "sd3": (tiny_sd3_pipeline, 32, "StableDiffusion3Pipeline", "qk_joint"),
+    "flux": (tiny_flux_pipeline, 32, "FluxPipeline", "vo_single"),
+}
+
+
+@pytest.mark.parametrize("name", list(CLI_FAMILIES))
 def test_cli_compresses_tiny_pipeline_and_the_saved_model_reloads(name, tmp_path, capsys):
-    """`slimdiff compress` on a saved tiny SD3 / Flux pipeline; the saved model reloads with the same structure and
-    outputs as the compressed one, and `slimdiff info` lists compressed and left-intact groups."""
+    """`slimdiff compress` on a saved tiny SDXL / SD3 / Flux pipeline: capture, gains, scores, plan, decomposition,
+    save; the saved model reloads as its pipeline class and generates, and `slimdiff info` lists compressed and
+    left-intact groups."""
     from slimdiff.capture import SamplerSettings
     from slimdiff.cli import main
     from slimdiff.io import describe, load
 
+    build, side, pipeline_class, kind = CLI_FAMILIES[name]
     source = tmp_path / name
-    (tiny_sd3_pipeline() if name == "sd3" else tiny_flux_pipeline()).save_pretrained(source)
+    build().save_pretrained(source)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(TINY_PROMPTS[:6]) + "\n")
     out = tmp_path / "out"
-    assert main(["compress", str(source), "--prompts", str(prompts), "--budget", "0.3", "--steps", "2", "--height", "32",
-                 "--width", "32", "--batch-size", "3", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["compress", str(source), "--prompts", str(prompts), "--budget", "0.3", "--steps", "2", "--height", str(side),
+                 "--width", str(side), "--batch-size", "3", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
     plan = json.loads((out / "width_plan.json").read_text())
     assert 0.3 <= plan["params"]["removed_fraction"] < 0.4
     info = describe(out)
-    kinds = {m["kind"] for m in info["modules"].values()}
-    assert "adaln" in kinds and ("vo_single" in kinds if name == "flux" else "qk_joint" in kinds)
     assert info["params"]["removed_fraction"] >= 0.3
+    assert all(m["method"] != "not recorded" for m in info["modules"].values())
+    assert kind in {m["kind"] for m in info["modules"].values()}
+    if name != "sdxl":  # the allocator reached the modulation
+        assert any(m["kind"] == "adaln" and m["width"] < m["full_width"] for m in info["modules"].values())
     if name == "flux":
-        assert all(v["kind"].startswith("qk") and "rotary" in v["note"] for v in info["left_intact"].values())
-    factorised = [n for n, m in info["modules"].items() if m["kind"] == "adaln" and m["width"] < m["full_width"]]
-    assert factorised  # the allocator reached the modulation
+        assert info["left_intact"] and all(v["kind"].startswith("qk") and "rotary" in v["note"] for v in info["left_intact"].values())
     reloaded = load(out)
     reloaded.set_progress_bar_config(disable=True)
-    sampler = SamplerSettings(num_inference_steps=2, guidance_scale=4.0, height=32, width=32, seed=0)
+    assert type(reloaded).__name__ == pipeline_class
+    sampler = SamplerSettings(num_inference_steps=2, guidance_scale=4.0, height=side, width=side, seed=0)
     images = reloaded(**sampler.pipe_kwargs(reloaded, TINY_PROMPTS[:2]), output_type="pt").images
-    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert images.shape == (2, 3, side, side) and torch.isfinite(images).all()
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     listing = capsys.readouterr().out
-    assert "left intact" in listing if name == "flux" else "qk_joint" in listing
+    assert info["denoiser"] in listing and ("left intact" in listing) == bool(info["left_intact"])
 
 
 @pytest.mark.parametrize("name", ["sd35", "flux"])
