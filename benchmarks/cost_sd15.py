@@ -194,7 +194,14 @@ def write_doc(r: dict) -> None:
         "[benchmarks-gpu.md](benchmarks-gpu.md).",
         "",
     ]
-    (ROOT / "docs" / "benchmarks-cost.md").write_text("\n".join(lines))
+    page = ROOT / "docs" / "benchmarks-cost.md"
+    # the page's later sections belong to other scripts (capture_scaling.py, cost_dit.py): rewrite only this part
+    others = ""
+    if page.is_file():
+        text = page.read_text()
+        starts = [i for i in (text.find("\n<!-- "), text.find("\n## ")) if i >= 0]
+        others = text[min(starts):] if starts else ""
+    page.write_text("\n".join(lines).rstrip() + "\n" + others)
 
 
 if __name__ == "__main__":
