@@ -21,7 +21,7 @@ from flows.compress import compress, preflight
 from flows.tracking import folder_hash, registered_checkpoint_hashes
 
 
-@task(name="checkpoint-hash")
+@task(name="checkpoint-hash", task_run_name="checkpoint-hash")
 def checkpoint_hash(workspace: str, source: str, model_path: str) -> str:
     """Content hash of the checkpoint; for a hub source, fetch the revision into the model path first."""
     root = Path(workspace)

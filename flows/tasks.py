@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,52 @@ def _env() -> dict[str, str]:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.setdefault("DVC_NO_ANALYTICS", "1")
     return env
+
+
+# Prefect's run loggers: what the flows and tasks say (prints included, ``log_prints=True``) reaches the Prefect UI at
+# INFO whatever ``PREFECT_LOGGING_LEVEL`` keeps for Prefect's own client, server and third-party loggers.
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+# the stage commands' own output lines, sent to the Prefect API only: the terminal already shows the raw stream
+STAGE_LOGGER = "slimdiff.stage_output"
+
+
+def configure_run_logging() -> None:
+    """Our log lines at INFO in the Prefect UI; called at the start of every flow (idempotent)."""
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    stage_logger = logging.getLogger(STAGE_LOGGER)
+    if not any(getattr(h, "_slimdiff", False) for h in stage_logger.handlers):
+        from prefect.logging.handlers import APILogHandler
+
+        handler = APILogHandler()
+        handler._slimdiff = True  # type: ignore[attr-defined]
+        stage_logger.addHandler(handler)
+    stage_logger.setLevel(logging.INFO)
+    stage_logger.propagate = False
+
+
+class _LineLogger:
+    """Splits a byte stream into lines for the Prefect API: a carriage-return-updated progress bar becomes the one
+    line it ends as (its last state), not one record per refresh."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger, self.pending = logger, ""
+
+    def feed(self, chunk: bytes) -> None:
+        self.pending += chunk.decode(errors="replace")
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self._emit(line)
+
+    def close(self) -> None:
+        if self.pending:
+            self._emit(self.pending)
+        self.pending = ""
+
+    def _emit(self, line: str) -> None:
+        text = line.rstrip("\r").split("\r")[-1].rstrip()
+        if text:
+            self.logger.info(text)
 
 
 def stale_temporaries(workspace: Path, stage: str) -> list[Path]:
@@ -83,6 +130,7 @@ def dvc_repro(workspace: Path, stage: str) -> bool:
     chunks: list[bytes] = []
     assert process.stdout is not None
     raw = getattr(sys.stderr, "buffer", None)
+    lines = _LineLogger(logging.getLogger(STAGE_LOGGER)) if _in_run_context() else None
     for chunk in iter(lambda: process.stdout.read1(4096), b""):
         chunks.append(chunk)
         if raw is not None:
@@ -90,7 +138,11 @@ def dvc_repro(workspace: Path, stage: str) -> bool:
         else:
             sys.stderr.write(chunk.decode(errors="replace"))
         sys.stderr.flush()
+        if lines is not None:
+            lines.feed(chunk)
     returncode = process.wait()
+    if lines is not None:
+        lines.close()
     output = b"".join(chunks).decode(errors="replace")
     if returncode != 0:
         lines = [l for l in output.replace("\r", "\n").splitlines() if l.strip()]
@@ -99,6 +151,13 @@ def dvc_repro(workspace: Path, stage: str) -> bool:
     return f"Running stage '{stage}'" in output
 
 
+def _in_run_context() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+# Task run names are the stage names as given (no random suffix): the Prefect UI lists curate, capture, ..., track.
 @task(name="stage", task_run_name="{stage}", retries=0)
 def run_stage(workspace: str, stage: str) -> bool:
     return dvc_repro(Path(workspace), stage)
@@ -114,8 +173,24 @@ def run_resumable(workspace: str, stage: str) -> bool:
 RESUMABLE_STAGES = ("capture", "gains")
 
 
-@task(name="track")
-def track(workspace: str, params: dict[str, Any], checkpoint_hash: str, stages_run: dict[str, bool]) -> dict[str, Any]:
+@task(name="track", task_run_name="track")
+def track(workspace: str, params: dict[str, Any], checkpoint_hash: str, stages_run: dict[str, bool],
+          started_at: float | None = None, durations: dict[str, float] | None = None, threads: int | None = None) -> dict[str, Any]:
     from flows.tracking import log_compression
 
-    return log_compression(Path(workspace), params, checkpoint_hash, stages_run)
+    return log_compression(Path(workspace), params, checkpoint_hash, stages_run, started_at=started_at, durations=durations,
+                           threads=threads)
+
+
+@task(name="summary", task_run_name="summary")
+def publish_summary(workspace: str, params: dict[str, Any], result: dict[str, Any], durations: dict[str, float]) -> str:
+    """The run's Prefect artifact (markdown): metrics, gate decision, stage times, links to the MLflow run and version."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.tracking import summary_markdown
+
+    key = re.sub(r"[^a-z0-9-]+", "-", result["name"].lower()).strip("-")  # one artifact key per registered model
+    markdown = summary_markdown(Path(workspace), params, result, durations)
+    create_markdown_artifact(markdown=markdown, key=key,
+                             description=f"{result['name']} version {result['version']}: gate {result['reason']}")
+    return markdown

@@ -122,3 +122,88 @@ def synchronize(device: torch.device | None = None) -> None:
             torch.cuda.synchronize(device)
     elif torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+# ---- CPU threads ---------------------------------------------------------------------------------------------------
+
+THREADS_ENV = "SLIMDIFF_THREADS"
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers) when one is set."""
+    import math
+    import os
+    from pathlib import Path
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def busy_cores(interval: float = 0.2) -> float:
+    """Cores kept busy by other processes: the larger of the 1-minute load average and the busy CPU time measured
+    over ``interval`` seconds (``/proc/stat``, while this process sleeps). 0.0 where neither can be read."""
+    import os
+    import time
+    from pathlib import Path
+
+    def cpu_times() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    busy = 0.0
+    first = cpu_times()
+    if first is not None:
+        time.sleep(interval)
+        second = cpu_times()
+        total, idle = second[0] - first[0], second[1] - first[1]
+        if total > 0:
+            busy = (total - idle) / total * (os.cpu_count() or 1)
+    try:
+        busy = max(busy, os.getloadavg()[0])
+    except (AttributeError, OSError):
+        pass
+    return busy
+
+
+def choose_threads(setting: str | int | None = None) -> tuple[int, str]:
+    """(torch intra-op threads, why) for ``setting`` — default the environment variable ``SLIMDIFF_THREADS``, else
+    ``auto``: a whole number >= 1 is taken as is; ``auto`` is the usable cores minus the cores other processes keep
+    busy (:func:`busy_cores`), rounded, at least 1. More threads than free cores is the expensive mistake: torch's
+    OpenMP threads wait for each other at every operation, so one thread descheduled by another process stalls
+    all of them (2 threads on a 2-core machine busy elsewhere ran the pipeline 50x slower than 1 thread)."""
+    import os
+
+    raw = setting if setting is not None else os.environ.get(THREADS_ENV, "").strip() or "auto"
+    text = str(raw).strip().lower()
+    if text == "auto":
+        cores, busy = usable_cores(), busy_cores()
+        threads = max(1, min(cores, round(cores - busy)))
+        return threads, f"{THREADS_ENV}=auto: {cores} usable core(s), {busy:.1f} busy elsewhere"
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1 or str(threads) != text:
+        raise DeviceError(f"{THREADS_ENV} must be a whole number >= 1 or 'auto', got {str(raw)!r}")
+    return threads, f"{THREADS_ENV}={threads}"
+
+
+def apply_threads(setting: str | int | None = None) -> tuple[int, str]:
+    """Set torch's intra-op threads by :func:`choose_threads` (the one place that does it: stages, the MLflow pyfunc,
+    the flows); returns (threads, why)."""
+    threads, why = choose_threads(setting)
+    torch.set_num_threads(threads)
+    return threads, why

@@ -10,16 +10,35 @@ import torch
 from slimdiff.utils import atomic_path, flatten
 
 
-def sample_grid(original, compressed, prompts: Sequence[str], sampler, path: str | Path, scale: int = 4) -> Path:
-    """PNG with two rows, original on top and compressed below, one column per prompt (same seeds)."""
+def _generate(pipe, prompts: Sequence[str], sampler, bar) -> torch.Tensor:
+    """The pipeline's images for ``prompts``, one tick of ``bar`` per denoising step (where the pipeline takes a
+    step callback)."""
+    import inspect
+
+    kwargs = sampler.pipe_kwargs(pipe, prompts)
+    if bar is not None and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        def tick(_pipe, _step, _timestep, callback_kwargs):
+            bar.update(1)
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = tick
+    return pipe(**kwargs, output_type="pt").images
+
+
+def sample_grid(original, compressed, prompts: Sequence[str], sampler, path: str | Path, scale: int = 4,
+                progress: bool = False) -> Path:
+    """PNG with two rows, original on top and compressed below, one column per prompt (same seeds). ``progress``:
+    a bar over the denoising steps of both models."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from tqdm.auto import tqdm
 
-    with torch.inference_mode():
-        top = original(**sampler.pipe_kwargs(original, prompts), output_type="pt").images
-        bottom = compressed(**sampler.pipe_kwargs(compressed, prompts), output_type="pt").images
+    with torch.inference_mode(), tqdm(total=2 * sampler.num_inference_steps, desc=f"report samples ({len(prompts)} prompts)",
+                                      unit="step", disable=not progress) as bar:
+        top = _generate(original, prompts, sampler, bar if progress else None)
+        bottom = _generate(compressed, prompts, sampler, bar if progress else None)
     cols = len(prompts)
     titles = [_wrap(p) for p in prompts]
     title_lines = max(t.count("\n") + 1 for t in titles)
@@ -54,7 +73,8 @@ def _wrap(text: str, width: int = 24) -> str:
     return "\n".join(lines)  # whole captions: a cut one would hide what the image was asked to show
 
 
-def _budget_text(plan: dict[str, Any]) -> str:
+def budget_text(plan: dict[str, Any]) -> str:
+    """The plan's budget in words ('remove 0.4 of the compressible parameters')."""
     settings = plan["settings"]
     kind, value = settings.get("budget_kind", "params"), settings["budget"]
     if kind == "params":
@@ -86,7 +106,7 @@ def markdown(params: dict[str, Any], plan: dict[str, Any], metrics: dict[str, An
         f"# slimdiff report: {params['model'].get('id', params['model']['path'])}",
         "",
         f"- model: `{params['model']['path']}`",
-        f"- budget: {_budget_text(plan)}, allocator `{plan['allocator']}`, min kept per module {plan['settings']['min_keep']}",
+        f"- budget: {budget_text(plan)}, allocator `{plan['allocator']}`, min kept per module {plan['settings']['min_keep']}",
         f"- compressible parameters: {plan['params']['compressible_before']:,} -> {plan['params']['compressible_after']:,} "
         f"(removed {plan['params']['removed_fraction']:.1%}); predicted error {plan['predicted_error']:.4g}",
         *_latency_lines(plan, metrics),
@@ -115,13 +135,13 @@ def markdown(params: dict[str, Any], plan: dict[str, Any], metrics: dict[str, An
 
 
 def write_report(out_dir: str | Path, params: dict[str, Any], plan: dict[str, Any], metrics: dict[str, Any], plan_plot: Path,
-                 original, compressed, prompts: Sequence[str], sampler) -> Path:
+                 original, compressed, prompts: Sequence[str], sampler, progress: bool = False) -> Path:
     """Write ``report.md``, ``samples.png`` and a copy of the plan plot into ``out_dir``."""
     import shutil
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample_grid(original, compressed, prompts, sampler, out_dir / "samples.png")
+    sample_grid(original, compressed, prompts, sampler, out_dir / "samples.png", progress=progress)
     with atomic_path(out_dir / "width_plan.png") as tmp:
         shutil.copyfile(plan_plot, tmp)
     report = out_dir / "report.md"

@@ -78,6 +78,8 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     assert client.get_model_version_by_alias(name, "champion").version == version.version
     # the workspace is a git repository without a commit: the tag says so instead of a bare "unknown"
     assert version.tags["git.commit"].startswith("unknown (git rev-parse HEAD failed in "), version.tags["git.commit"]
+    check_tracking_ux(client, run, version, name)
+    check_prefect_ux(name, first["version"])
 
     # the same checkpoint again: nothing registered
     assert recompress(str(workspace))["compressed"] is False
@@ -94,6 +96,10 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     third = compress(str(workspace))
     assert [s for s, r in third["stages_run"].items() if r] == ["gains", "score", "allocate", "decompose", "evaluate", "report"]
     assert len(client.search_model_versions(f"name='{name}'")) == 2
+    # its description says what changed against the champion (version 1)
+    described = client.get_model_version(name, third["version"]).description
+    assert f"vs champion (version {first['version']}" in described and "`allocate.budget` 0.4 → 0.3" in described, described
+    assert "fidelity.image_psnr_db:" in described, described
 
     # a changed checkpoint: recompress registers a new version with the new hash
     pipe = StableDiffusionPipeline.from_pretrained(workspace / "data" / "model")
@@ -105,10 +111,84 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     versions = client.search_model_versions(f"name='{name}'")
     assert len(versions) == 3 and len({v.tags["checkpoint_hash"] for v in versions}) == 2
 
-    # the registered model is a pyfunc that turns prompts into images
+    # the registered model is a pyfunc that turns prompts into images; its params are honoured, not ignored
     model = mlflow.pyfunc.load_model(f"models:/{name}/{fourth['version']}")
-    images = model.predict(["a small red circle at the top left"], params={"steps": 2})
+    assert {p.name for p in model.metadata.signature.params.params} == {"steps", "guidance", "seed", "height", "width"}
+    import pandas as pd
+
+    prompts = pd.DataFrame({"prompt": ["a small red circle at the top left"]})  # the signature's input: a 'prompt' column
+    images = model.predict(prompts, params={"steps": 2})
     assert images.shape[0] == 1 and images.dtype.name == "uint8"
+    two = model.predict({"prompt": ["a small red circle at the top left", "a blue square"]}, params={"steps": 2})
+    assert two.shape[0] == 2 and (two[:1] == images).all()  # a dict of lists: one image per prompt, not one per list
+    same, reseeded = (model.predict(prompts, params={"steps": 2, "seed": s}) for s in (0, 1))
+    assert (same == images).all() and not (reseeded == images).all()
+    with pytest.raises(Exception, match="param seed must be a whole number >= 0, got -1"):
+        model.predict(prompts, params={"steps": 2, "seed": -1})
+
+
+def check_tracking_ux(client, run, version, name: str) -> None:
+    """MLflow tells the story of the run: a model experiment (not GenAI), the run spans the job, headline metrics only
+    (per-group tables as logged tables), descriptions on the run, the version and the registered model."""
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development", experiment.tags
+    stage_seconds = {k: v for k, v in run.data.metrics.items() if k.startswith("duration.") and k != "duration.total_s"}
+    assert set(stage_seconds) == {f"duration.{s}_s" for s in ("curate", "capture", "gains", "latency", "score", "allocate",
+                                                              "decompose", "evaluate", "report")}
+    assert run.data.metrics["duration.total_s"] >= sum(stage_seconds.values())
+    # the run starts with the job, not with the logging: it spans every stage
+    assert (run.info.end_time - run.info.start_time) / 1000 >= sum(stage_seconds.values())
+    assert not [k for k in run.data.metrics if ".groups." in k or k.startswith("settings.") or "_by_bucket." in k]
+    assert len(run.data.metrics) < 100, len(run.data.metrics)
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
+    assert tables == {"tables/params_by_group.json", "tables/metrics_by_bucket.json"}, tables
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**{name}**: remove 0.4 of the compressible parameters, allocator `slimdiff`"), note
+    assert "gate → `champion`: passed" in note and "no champion yet" in note and "- job " in note, note
+    assert "reference run (docs/reference-run/): no reference" in note, note
+    assert version.description == note
+    assert f"mlflow models serve -m models:/{name}@champion --env-manager local" in client.get_registered_model(name).description
+    assert run.data.params["job.torch_threads"].isdigit()
+
+
+def check_prefect_ux(name: str, version: str) -> None:
+    """Prefect tells the story too: task runs named by stage (no random suffix), the flow's and the stages' own log
+    lines, and a markdown artifact with the gate decision and the link to the MLflow run."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowFilter, FlowFilterName, LogFilter, \
+        LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.tasks import STAGES
+
+    APILogHandler().flush()  # records still queued for the API
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["slimdiff-compress"])))
+            flow_run = sorted(runs, key=lambda r: r.start_time)[0]
+            tasks = await client.read_task_runs()
+            logs, page = [], None
+            while page is None or len(page) == 200:
+                page = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])), limit=200,
+                                              offset=len(logs))
+                logs += page
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[name])))
+            return (flow_run, [t for t in tasks if t.flow_run_id == flow_run.id], logs,
+                    [a for a in artifacts if a.flow_run_id == flow_run.id])
+
+    flow_run, tasks, logs, artifacts = asyncio.run(read())
+    assert sorted(t.name for t in tasks) == sorted([*STAGES, "track", "summary"]), [t.name for t in tasks]
+    messages = [log.message for log in logs]
+    assert any("stage curate: done in" in m for m in messages), messages[:20]  # a stage's own line, from its task
+    assert any(m.startswith("torch threads for every stage:") for m in messages), messages[:20]
+    assert any(m.startswith(f"registered {name} version {version} (champion)") for m in messages), messages[-10:]
+    assert len(artifacts) == 1, artifacts
+    markdown = artifacts[0].data
+    assert f"# {name} version {version} → `champion`" in markdown and "- gate: passed" in markdown, markdown
+    assert "- MLflow run: [" in markdown and "/#/experiments/" in markdown and "| fidelity.image_psnr_db |" in markdown
 
 
 @pytest.mark.parametrize("change,message", [
@@ -166,3 +246,117 @@ def test_quality_gate_fails_on_a_nan_or_missing_metric(value):
     assert not missing.passed and "metric fidelity.noise_sqnr_db is NaN/missing" in missing.reason
     with pytest.raises(ValueError, match=r"params.yaml gate.min_image_psnr_db must be a finite number, got nan"):
         quality_gate(metrics, {"min_image_psnr_db": float("nan")})
+
+
+# ---- issue 15: threads, Prefect log lines, the reference run, lineage that a fresh clone keeps clean ----------------
+
+
+@pytest.mark.parametrize("value,expected", [("1", 1), ("3", 3), (2, 2)])
+def test_threads_setting_whole_numbers(value, expected):
+    from slimdiff.device import choose_threads
+
+    assert choose_threads(value) == (expected, f"SLIMDIFF_THREADS={expected}")
+
+
+def test_threads_auto_fits_the_machine(monkeypatch):
+    from slimdiff import device
+
+    monkeypatch.setattr(device, "usable_cores", lambda: 2)
+    monkeypatch.setattr(device, "busy_cores", lambda interval=0.2: 1.2)  # one core busy elsewhere: one thread
+    assert device.choose_threads("auto")[0] == 1
+    monkeypatch.setattr(device, "busy_cores", lambda interval=0.2: 5.0)  # overloaded: still at least one
+    assert device.choose_threads("auto") == (1, "SLIMDIFF_THREADS=auto: 2 usable core(s), 5.0 busy elsewhere")
+    monkeypatch.setattr(device, "usable_cores", lambda: 16)
+    monkeypatch.setattr(device, "busy_cores", lambda interval=0.2: 0.3)
+    assert device.choose_threads("auto")[0] == 16
+    monkeypatch.setenv("SLIMDIFF_THREADS", "auto")
+    threads, _ = device.apply_threads()
+    import torch
+
+    try:
+        assert torch.get_num_threads() == threads == 16
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "1.5", "many", ""])
+def test_bad_threads_setting_names_the_value(value):
+    from slimdiff.device import DeviceError, choose_threads
+
+    with pytest.raises(DeviceError, match=rf"SLIMDIFF_THREADS must be a whole number >= 1 or 'auto', got '{value}'"):
+        choose_threads(value)
+
+
+def test_bad_threads_fails_a_stage_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "slimdiff.stages", "allocate", "--params", str(tmp_path / "none.yaml")],
+                            cwd=REPO, capture_output=True, text=True, env=dict(os.environ, SLIMDIFF_THREADS="lots"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "stage allocate: error: SLIMDIFF_THREADS must be a whole number >= 1 or 'auto', got 'lots'"
+
+
+def test_stage_output_lines_for_the_prefect_ui():
+    """Complete lines of a stage's output become log records; a progress bar redrawn with carriage returns becomes
+    one record, its last state."""
+    import logging
+
+    from flows.tasks import _LineLogger
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("test.stage_output")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(Keep())
+    lines = _LineLogger(logger)
+    for chunk in (b"Running stage 'capture':\n> python -m slimdiff", b".stages capture\ncapture:  10%|# | 1/10\r",
+                  b"capture:  50%|#####     | 5/10\rcapture: 100%|##########| 10/10\n\n", b"stage capture: done in 3.2 s"):
+        lines.feed(chunk)
+    lines.close()
+    assert records == ["Running stage 'capture':", "> python -m slimdiff.stages capture", "capture: 100%|##########| 10/10",
+                       "stage capture: done in 3.2 s"]
+
+
+def test_metrics_compared_with_the_committed_reference_run(tmp_path):
+    import json as _json
+    import shutil
+
+    from flows.tracking import compare_with_reference
+
+    params = yaml.safe_load((REPO / "docs" / "reference-run" / "params.yaml").read_text())
+    metrics = _json.loads((REPO / "docs" / "reference-run" / "metrics.json").read_text())
+    assert compare_with_reference(tmp_path, params, metrics).status == "no reference"
+    shutil.copytree(REPO / "docs" / "reference-run", tmp_path / "docs" / "reference-run")
+    same = compare_with_reference(tmp_path, params, metrics)
+    assert same.status == "match" and "largest relative difference 0.0e+00" in same.detail, same
+    nudged = _json.loads(_json.dumps(metrics))
+    nudged["fidelity"]["image_psnr_db"] *= 1 + 1e-8  # another machine's float sums: within tolerance
+    nudged["latency"]["denoiser"]["compressed_ms"] *= 3  # a measured time: never compared
+    assert compare_with_reference(tmp_path, params, nudged).status == "match"
+    nudged["alignment"]["compressed"]["overall"] -= 0.01
+    differs = compare_with_reference(tmp_path, params, nudged)
+    assert differs.status == "differs" and "alignment.compressed.overall" in differs.detail, differs
+    changed = yaml.safe_load(yaml.safe_dump(params))
+    changed["allocate"]["budget"] = 0.3
+    other = compare_with_reference(tmp_path, changed, metrics)
+    assert other.status == "not comparable" and "allocate.budget 0.4 -> 0.3" in other.detail, other
+    changed = yaml.safe_load(yaml.safe_dump(params))
+    changed["mlflow"]["experiment"] = "elsewhere"  # not a result-affecting setting
+    assert compare_with_reference(tmp_path, changed, metrics).status == "match"
+
+
+def test_files_the_job_rewrites_are_not_committed_outputs():
+    """Every metrics file of dvc.yaml (written by each run, not bit-reproducible across machines) is git-ignored, so a
+    fresh clone's run leaves the tracked tree as it was; the reference copy lives where the job does not write."""
+    if subprocess.run(["git", "rev-parse"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    metrics = [str(next(iter(m)) if isinstance(m, dict) else m) for s in spec["stages"].values() for m in s.get("metrics", [])]
+    assert metrics, "dvc.yaml declares no metrics"
+    for path in metrics:
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO)
+        assert ignored.returncode == 0, f"{path} is written by every run but not git-ignored"
+    for name in ("metrics.json", "plan_metrics.json", "params.yaml", "dvc.lock"):
+        assert (REPO / "docs" / "reference-run" / name).is_file()

@@ -1,0 +1,186 @@
+"""The registered model is servable (issue 15, item 2): ``mlflow models serve`` from the registry alias ``@champion``
+on a loopback port, in an environment where the checkout's ``slimdiff`` cannot be imported (the code must travel with
+the model), answers a real HTTP request with two prompts; the images equal the pipeline's own.
+
+The model is logged with the job's own function (``flows.tracking.log_pipeline_model``) from a tiny compressed
+pipeline built in-process, registered and aliased ``champion``: the flow end to end is ``tests/test_flows.py``.
+About a minute on a loaded 2-core machine (most of it the server's start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MLFLOW = str(BIN / "mlflow") if (BIN / "mlflow").exists() else "mlflow"
+NAME = "slimdiff-serve-test"
+SAMPLER = {"steps": 3, "guidance": 4.0, "height": None, "width": None, "seed": 0}
+PROMPTS = ["a small red circle at the top left", "a large blue square at the bottom right"]
+
+# Imported by every Python process of the server (PYTHONPATH): drops the checkout and its editable-install finder,
+# as on a machine that has only the registry alias and the model's pinned requirements.
+HIDE_CHECKOUT = """
+import sys
+_repo = {repo!r}
+sys.path[:] = [p for p in sys.path if p not in ("", ".", _repo, _repo + "/")]
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A tiny compressed pipeline logged by the job's function, registered as NAME and aliased champion."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    import slimdiff
+    from flows.tracking import log_pipeline_model
+    from slimdiff.capture import SamplerSettings
+    from slimdiff.compress import SlimDiffConfig, compress_pipeline
+    from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("serve")
+    pipe = tiny_sd_pipeline()
+    sampler = SamplerSettings(SAMPLER["steps"], SAMPLER["guidance"], seed=SAMPLER["seed"])
+    result = compress_pipeline(pipe, TINY_PROMPTS[:8], SlimDiffConfig(budget=0.4, batch_size=4), sampler, progress=False)
+    folder = root / "pipeline"
+    slimdiff.save(pipe, folder, result.info("tiny"), full_widths={m.name: m.full_width for m in result.plan.modules})
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.create_experiment("serve", artifact_location=(root / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_pipeline_model(folder, {"sampler": SAMPLER}, REPO)
+        version = mlflow.register_model(info.model_uri, NAME).version
+        MlflowClient().set_registered_model_alias(NAME, "champion", version)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return root, uri, folder, info
+
+
+def test_logged_model_has_signature_params_schema_code_and_pinned_requirements(registered):
+    from mlflow.models import Model
+
+    root, uri, folder, info = registered
+    signature = info.signature
+    assert [c.name for c in signature.inputs.inputs] == ["prompt"]
+    output = signature.outputs.inputs[0]
+    assert output.type == np.dtype("uint8") and output.shape == (-1, -1, -1, 3)
+    defaults = {p.name: p.default for p in signature.params.params}
+    assert defaults == {"steps": 3, "guidance": 4.0, "seed": 0, "height": None, "width": None}
+
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(root / "downloaded")))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    requirements = [line.strip() for line in (local / "requirements.txt").read_text().splitlines() if line.strip()]
+    assert all("==" in line for line in requirements), requirements  # every requirement pinned
+    assert not any(line.split("==")[0].lower() == "slimdiff" for line in requirements), requirements  # no unpublished package
+    assert {"mlflow", "torch", "diffusers", "safetensors"} <= {line.split("==")[0].lower() for line in requirements}
+    code = local / "code" / "slimdiff"
+    assert (code / "io.py").is_file() and (code / "__init__.py").is_file() and not list(code.rglob("__pycache__"))
+    assert Model.load(local / "MLmodel").flavors["python_function"]["code"] == "code"
+
+
+def test_serve_champion_from_the_registry_without_the_checkout(registered, tmp_path):
+    """One documented command, ``mlflow models serve -m models:/<name>@champion --env-manager local``, from a folder
+    outside the checkout and with the checkout hidden; a request of two prompts with params returns their images."""
+    import slimdiff
+    from slimdiff.capture import SamplerSettings
+
+    root, uri, folder, _ = registered
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(HIDE_CHECKOUT.format(repo=str(REPO)))
+    # the server execs `uvicorn`: the environment's bin folder on PATH, as after `source .venv/bin/activate`
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(hide), MLFLOW_TRACKING_URI=uri,
+               SLIMDIFF_THREADS="1",
+               MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", HF_HUB_OFFLINE="1")
+    # the check is real: in this environment the checkout's packages are not importable
+    probe = subprocess.run([sys.executable, "-c", "import slimdiff"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'slimdiff'" in probe.stderr, probe.stderr
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    start = time.monotonic()
+    with open(log, "wb") as out:
+        server = subprocess.Popen([MLFLOW, "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
+                                   "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        ready = time.monotonic() - start
+
+        def invoke(params: dict) -> tuple[int, bytes]:
+            body = json.dumps({"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]}, "params": params})
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=300) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read()
+
+        begin = time.monotonic()
+        status, answer = invoke({"steps": 2, "seed": 1})
+        first = time.monotonic() - begin
+        assert status == 200, answer[:2000]
+        images = np.asarray(json.loads(answer)["predictions"])
+        status, answer = invoke({"steps": 2, "seed": 2})
+        assert status == 200, answer[:2000]
+        other_seed = np.asarray(json.loads(answer)["predictions"])
+        status, answer = invoke({"steps": 0})
+        assert status >= 400 and b"steps must be a whole number >= 1, got 0" in answer, answer[:2000]
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.wait(timeout=60)
+    print(f"\nserver ready (model loaded) {ready:.1f} s after start; first request of {len(PROMPTS)} prompts {first:.2f} s")
+
+    # two prompts in, two uint8 RGB images out, equal to the pipeline's own images for the same sampler and seed
+    pipe = slimdiff.load(folder)
+    pipe.set_progress_bar_config(disable=True)
+    sampler = SamplerSettings(2, SAMPLER["guidance"], seed=1)
+    expected = (np.clip(pipe(**sampler.pipe_kwargs(pipe, PROMPTS), output_type="np").images, 0, 1) * 255).round().astype(np.uint8)
+    assert images.shape == expected.shape and images.shape[0] == 2 and images.shape[-1] == 3, images.shape
+    assert images.min() >= 0 and images.max() <= 255
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1  # thread counts may differ in the last bit
+    assert not np.array_equal(images[0], images[1])  # the two prompts give two images
+    assert not np.array_equal(images, other_seed)  # the seed param is honoured, not ignored
