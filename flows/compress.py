@@ -6,14 +6,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect import flow
 
-from flows.tasks import RESUMABLE_STAGES, STAGES, StageError, run_resumable, run_stage, track
+from flows.tasks import (RESUMABLE_STAGES, STAGES, StageError, configure_run_logging, publish_summary, run_resumable,
+                         run_stage, track)
 from flows.tracking import TrackingError, check_tracking_uri, folder_hash, tracking_uri
+from flows.distributed import check_cluster, fan_out_capture
 
 
 def preflight(workspace: Path) -> dict[str, Any]:
@@ -39,23 +44,59 @@ def preflight(workspace: Path) -> dict[str, Any]:
         if key not in params["model"]:
             raise ValueError(f"params.yaml has no model.{key} (the DVC stages read it); e.g. model.device: auto, model.dtype: float32")
     device_settings(params)  # a device or dtype this machine cannot run fails here, before any stage
+    check_cluster(params)  # capture.shards / capture.cluster: an unreachable cluster fails here (flows/distributed.py)
+    if os.environ.get("SLIMDIFF_THREADS", "auto").strip().lower() != "auto":
+        from slimdiff.device import choose_threads
+
+        choose_threads()  # a bad SLIMDIFF_THREADS fails here, naming the value
     check_tracking_uri(tracking_uri(workspace))
     return params
+
+
+@contextmanager
+def stage_threads() -> Iterator[int]:
+    """One thread count for every stage of this job: ``SLIMDIFF_THREADS`` (``auto`` by default) is resolved once,
+    here, and the stage commands inherit the number, so the latency table and the evaluate stage's measurement
+    run with the same threads. The caller's environment is restored afterwards."""
+    from slimdiff.device import THREADS_ENV, choose_threads
+
+    threads, why = choose_threads()
+    print(f"torch threads for every stage: {threads} ({why})")
+    previous = os.environ.get(THREADS_ENV)
+    os.environ[THREADS_ENV] = str(threads)
+    try:
+        yield threads
+    finally:
+        if previous is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = previous
 
 
 @flow(name="slimdiff-compress", log_prints=True)
 def compress(workspace: str = ".", checkpoint_hash: str | None = None) -> dict[str, Any]:
     """Run curate -> ... -> report (DVC skips unchanged stages) and track the result in MLflow."""
+    configure_run_logging()
+    started_at = time.time()  # the MLflow run starts here: its duration is the whole job's
     root = Path(workspace).resolve()
     params = preflight(root)
     stages_run: dict[str, bool] = {}
-    for stage in STAGES:
-        task = run_resumable if stage in RESUMABLE_STAGES else run_stage
-        stages_run[stage] = task(str(root), stage)
+    durations: dict[str, float] = {}
+    with stage_threads() as threads:
+        for stage in STAGES:
+            task = run_resumable if stage in RESUMABLE_STAGES else run_stage
+            begin = time.perf_counter()
+            if stage == "capture":
+                fan_out_capture(root, params)  # sharded capture: the shards run on Dask workers first
+            stages_run[stage] = task(str(root), stage)
+            durations[stage] = time.perf_counter() - begin
     checkpoint = checkpoint_hash or folder_hash(root / str(params["model"]["path"]))
-    result = track(str(root), params, checkpoint, stages_run)
+    result = track(str(root), params, checkpoint, stages_run, started_at=started_at, durations=durations, threads=threads)
     result["stages_run"] = stages_run
-    print(f"registered {result['name']} version {result['version']} ({'champion' if result['gate'] else 'candidate'}): {result['reason']}")
+    result["durations"] = durations
+    publish_summary(str(root), params, result, durations)
+    print(f"registered {result['name']} version {result['version']} ({'champion' if result['gate'] else 'candidate'}): {result['reason']}"
+          + (f"; MLflow run {result['run_url']}" if result.get("run_url") else ""))
     return result
 
 

@@ -196,16 +196,197 @@ def quality_gate(metrics: dict[str, Any], gate: dict[str, Any]) -> GateDecision:
     return GateDecision(True, "passed: " + "; ".join(passes) if passes else "passed: no thresholds set")
 
 
-def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: str, stages_run: dict[str, bool]) -> dict[str, Any]:
+# Headline metrics stay MLflow metrics; per-group parameter counts, per-bucket breakdowns and the evaluation's
+# settings go to logged tables / the metrics.json artifact instead of one single-bar chart each.
+_NOT_HEADLINE = re.compile(r"^(params\.(original|compressed)\.groups\.|settings\.)|_by_bucket\.")
+# the metrics a version description compares with the champion's
+KEY_METRICS = ("plan.removed_fraction", "params.removed_fraction_of_total", "fidelity.image_psnr_db", "fidelity.noise_sqnr_db",
+               "alignment.ratio_to_original", "frechet_distance_to_original", "latency.denoiser_speedup", "macs.ratio")
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the MLflow UI opens on runs, not GenAI traces
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics logged as MLflow metrics: every finite number of ``metrics.json`` except per-group parameter
+    counts, per-timestep-bucket breakdowns and the evaluation settings (those are :func:`metric_tables`)."""
+    return {re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k): float(v) for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and not _NOT_HEADLINE.search(k)}
+
+
+def metric_tables(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``{artifact file: DataFrame}``: parameters by group (original, compressed, kept fraction) and every
+    ``*_by_bucket`` metric by timestep bucket."""
+    import pandas as pd
+
+    tables: dict[str, Any] = {}
+    params = metrics.get("params") or {}
+    original, compressed = (params.get("original") or {}).get("groups") or {}, (params.get("compressed") or {}).get("groups") or {}
+    if original:
+        rows = [{"group": g, "kind": g.rsplit(".", 1)[-1], "params_original": int(n), "params_compressed": int(compressed.get(g, n)),
+                 "kept_fraction": (compressed.get(g, n) / n) if n else None} for g, n in original.items()]
+        tables["tables/params_by_group.json"] = pd.DataFrame(rows)
+    buckets: dict[str, dict[str, Any]] = {}
+    for key, value in flatten(metrics).items():
+        match = re.match(r"^(.+)_by_bucket\.(.+)$", key)
+        if match and isinstance(value, (int, float)) and not isinstance(value, bool):
+            buckets.setdefault(match.group(2), {"bucket": match.group(2)})[match.group(1)] = value
+    if buckets:
+        tables["tables/metrics_by_bucket.json"] = pd.DataFrame(list(buckets.values()))
+    return tables
+
+
+def champion_of(name: str):
+    """The version aliased ``champion`` of ``name`` and its run (``(version, run)``), or None when there is none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = (model.aliases or {}).get("champion")
+    if version is None:
+        return None
+    found = client.get_model_version(name, str(version))
+    return found, (client.get_run(found.run_id) if found.run_id else None)
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def changes_vs_champion(params: dict[str, Any], metrics: dict[str, float], champion) -> list[str]:
+    """Markdown lines: the settings that differ from the champion's run and the key metrics side by side."""
+    if champion is None:
+        return ["- no champion yet: this is the first version measured against the gate"]
+    version, run = champion
+    if run is None:
+        return [f"- champion: version {version.version} (its run is not available to compare)"]
+    theirs = run.data.params
+    changed = [f"`{k}` {theirs.get(k, '(unset)')} → {str(v)[:500]}" for k, v in flatten(params).items()
+               if k in theirs and theirs[k] != str(v)[:500]]
+    lines = [f"- vs champion (version {version.version}, run `{run.info.run_id}`): "
+             + (f"settings changed: {'; '.join(changed[:12])}{' …' if len(changed) > 12 else ''}" if changed else "same settings")]
+    for key in KEY_METRICS:
+        if key in metrics and key in run.data.metrics:
+            before, after = run.data.metrics[key], metrics[key]
+            lines.append(f"  - {key}: {_number(before)} → {_number(after)} ({after - before:+.3g})")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{seconds:.1f} s"
+
+
+def describe(name: str, params: dict[str, Any], plan: dict[str, Any], metrics: dict[str, float], decision: "GateDecision",
+             champion, durations: dict[str, float] | None, total: float | None, reference: "ReferenceCheck | None" = None) -> str:
+    """The run's and the registered version's description (markdown): what was compressed how, the gate, and what
+    changed against the champion."""
+    from slimdiff.report import budget_text
+
+    alias = "champion" if decision.passed else "candidate"
+    lines = [f"**{name}**: {budget_text(plan)}, allocator `{plan['allocator']}`; compressible parameters "
+             f"{plan['params']['compressible_before']:,} → {plan['params']['compressible_after']:,}.",
+             "", f"- gate → `{alias}`: {decision.reason}", *changes_vs_champion(params, metrics, champion)]
+    if reference is not None:
+        lines.append(f"- reference run ({REFERENCE_DIR}/): {reference}")
+    if durations:
+        times = ", ".join(f"{stage} {_duration(seconds)}" for stage, seconds in durations.items())
+        lines.append(f"- job {_duration(total) if total else '?'}: {times}")
+    return "\n".join(lines)
+
+
+# The committed reference run of the embedded default (docs/reference-run/): the job rewrites dvc.lock and the metric
+# files in every run, so they are not tracked by git; this copy is, and every job compares its metrics with it.
+REFERENCE_DIR = Path("docs") / "reference-run"
+# params.yaml sections whose settings change what the stages compute
+RESULT_SECTIONS = ("model", "curate", "sampler", "capture", "score", "allocate", "evaluate", "report")
+# metrics that are measured times or derived from them (and the thread count): they differ between any two runs
+TIMED_METRIC = re.compile(r"latency|_ms$|speedup|prediction_error|measured_fraction|predicted_fraction|upper_bound|threads")
+
+
+@dataclass(frozen=True)
+class ReferenceCheck:
+    status: str  # "match" | "differs" | "not comparable" | "no reference"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.detail}"
+
+
+def compare_with_reference(workspace: Path, params: dict[str, Any], metrics: dict[str, Any],
+                           rtol: float = 1e-5, atol: float = 1e-9) -> ReferenceCheck:
+    """This run's metrics against the committed reference run (``docs/reference-run/``), within ``rtol``/``atol``.
+
+    Comparable when every result-affecting setting present in both ``params.yaml`` files is equal (a setting only
+    one of them has is listed, not counted: new settings default to the old behaviour). Measured times are left
+    out (``TIMED_METRIC``); a metric missing on either side is a difference. Floating-point sums differ slightly
+    between machines (BLAS, thread count), which is why the outputs are not bit-reproducible and not committed.
+    """
+    folder = workspace / REFERENCE_DIR
+    if not (folder / "metrics.json").is_file() or not (folder / "params.yaml").is_file():
+        return ReferenceCheck("no reference", f"{REFERENCE_DIR}/ has no metrics.json and params.yaml in this workspace")
+    reference_params = yaml.safe_load((folder / "params.yaml").read_text()) or {}
+    mine = {k: v for k, v in flatten({s: params.get(s, {}) for s in RESULT_SECTIONS}).items()}
+    theirs = {k: v for k, v in flatten({s: reference_params.get(s, {}) for s in RESULT_SECTIONS}).items()}
+    differing = sorted(k for k in mine.keys() & theirs.keys() if mine[k] != theirs[k])
+    if differing:
+        shown = ", ".join(f"{k} {theirs[k]!r} -> {mine[k]!r}" for k in differing[:5])
+        return ReferenceCheck("not comparable", f"settings differ from the reference run's: {shown}"
+                              + (f" (+{len(differing) - 5} more)" if len(differing) > 5 else ""))
+    only = sorted(mine.keys() ^ theirs.keys())
+    reference = json.loads((folder / "metrics.json").read_text())
+
+    def numbers(tree: dict[str, Any]) -> dict[str, float]:
+        return {k: float(v) for k, v in flatten(tree).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not TIMED_METRIC.search(k)}
+
+    a, b = numbers(metrics), numbers(reference)
+    missing = sorted(a.keys() ^ b.keys())
+    worst, worst_key, off = 0.0, "", []
+    for key in sorted(a.keys() & b.keys()):
+        x, y = a[key], b[key]
+        if math.isnan(x) and math.isnan(y):
+            continue
+        gap = abs(x - y)
+        if not gap <= atol + rtol * abs(y):
+            off.append(f"{key} {y:.6g} -> {x:.6g}")
+        relative = gap / abs(y) if y else gap
+        if relative > worst:
+            worst, worst_key = relative, key
+    settings_note = f"; settings only one side has: {', '.join(only)}" if only else ""
+    if off or missing:
+        parts = off[:5] + [f"{k} only on one side" for k in missing[:5]]
+        return ReferenceCheck("differs", f"{len(off) + len(missing)} of {len(a.keys() | b.keys())} untimed metrics outside "
+                              f"rtol {rtol:g}: {'; '.join(parts)}{settings_note}")
+    return ReferenceCheck("match", f"{len(a)} untimed metrics within rtol {rtol:g} of {REFERENCE_DIR}/metrics.json "
+                          f"(largest relative difference {worst:.1e}{f' in {worst_key}' if worst_key else ''}){settings_note}")
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where the MLflow UI shows the run: the tracking server itself, or ``mlflow ui``'s default address for a
+    local database (README: 'Open the UIs')."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: str, stages_run: dict[str, bool], *,
+                    started_at: float | None = None, durations: dict[str, float] | None = None,
+                    threads: int | None = None) -> dict[str, Any]:
     """Log one MLflow run for the workspace's current outputs and register the compressed model.
 
-    Returns run id, registered name, version, and the gate decision.
+    ``started_at`` (epoch seconds, when the job started) becomes the run's start, so the run's duration is the
+    job's; ``durations`` (seconds per stage) are logged as ``duration.<stage>_s`` with ``duration.total_s``.
+    Returns run id, its UI link, registered name, version, and the gate decision.
     """
+    import time
+
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
-
-    from slimdiff.evaluate import flatten_metrics
 
     outputs = workspace / "outputs"
     uri = tracking_uri(workspace)
@@ -217,17 +398,29 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
     if existing is not None:
         # nothing changed since that version was registered: a re-run registers nothing new
         passed = existing.tags.get("gate.decision") == "champion"
+        client = MlflowClient()
+        with _tracking_step(uri, f"reading the run of {name!r} version {existing.version}"):
+            run = client.get_run(existing.run_id) if existing.run_id else None
         if existing.tags.get(REGISTRATION_TAG) == "pending":
             # an earlier try registered it and stopped before its aliases (server gone, job killed): finish it
+            description = run.data.tags.get("mlflow.note.content", "") if run is not None else ""
             with _tracking_step(uri, f"setting the aliases of {name!r} version {existing.version}"):
-                _complete_registration(MlflowClient(), name, str(existing.version), passed)
+                _complete_registration(client, name, str(existing.version), passed, description)
         return {"run_id": existing.run_id, "name": name, "version": str(existing.version), "reused": True,
-                "gate": passed, "reason": existing.tags.get("gate.reason", ""), "tracking_uri": uri}
+                "gate": passed, "reason": existing.tags.get("gate.reason", ""), "tracking_uri": uri,
+                "reference": existing.tags.get("reference.check"),
+                "run_url": run_url(uri, run.info.experiment_id, run.info.run_id) if run is not None else None}
     experiment = params["mlflow"]["experiment"]
     with _tracking_step(uri, f"opening experiment {experiment!r}"):
-        if mlflow.get_experiment_by_name(experiment) is None:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
             location = (workspace / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-            mlflow.create_experiment(experiment, artifact_location=location)
+            experiment_id = mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+        else:
+            experiment_id = found.experiment_id
+            if any(found.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+                for key, value in EXPERIMENT_KIND.items():
+                    MlflowClient().set_experiment_tag(experiment_id, key, value)
         mlflow.set_experiment(experiment)
     metrics = json.loads((outputs / "metrics.json").read_text())
     plan = json.loads((outputs / "plan" / "width_plan.json").read_text())
@@ -237,6 +430,12 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
         raise ValueError(f"{stats_path} has no digest of the SlimSet; re-run the curate stage")
     # no gate section: the version is promoted with the recorded reason "passed: no thresholds set"
     decision = quality_gate(metrics, params.get("gate", {}))
+    headline = headline_metrics(metrics)
+    reference = compare_with_reference(workspace, params, metrics)
+    with _tracking_step(uri, f"reading the champion of {name!r}"):
+        champion = champion_of(name)
+    total = (time.time() - started_at) if started_at is not None else None
+    description = describe(name, params, plan, headline, decision, champion, durations, total, reference)
     tags = {f"lineage.{stage}": value for stage, value in lineage.items()}
     tags.update({
         "git.commit": git_commit(workspace),
@@ -245,38 +444,155 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
         "gate.decision": "champion" if decision.passed else "candidate",
         "gate.reason": decision.reason,
         "stages_run": ",".join(s for s, ran in stages_run.items() if ran) or "none",
+        "reference.check": str(reference)[:5000],
     })
+    from slimdiff.shards import shard_tags
+
+    tags.update(shard_tags(outputs / "capture.safetensors"))  # sharded capture: lineage.capture.shard.<i> = digest
+    timing = {f"duration.{stage}_s": seconds for stage, seconds in (durations or {}).items()}
     slimset = pd.read_json(outputs / "slimset" / "slimset.jsonl", lines=True)
-    with _tracking_step(uri, "logging the run"), mlflow.start_run(run_name=f"{name}-b{params['allocate']['budget']}") as run:
+    run_name = f"{name}-b{params['allocate']['budget']}"
+    with _tracking_step(uri, "logging the run"):
+        created = MlflowClient().create_run(experiment_id, run_name=run_name, tags={"mlflow.note.content": description},
+                                            start_time=int(started_at * 1000) if started_at is not None else None)
+    with _tracking_step(uri, "logging the run"), mlflow.start_run(run_id=created.info.run_id) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
-        mlflow.log_metrics({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k): v for k, v in flatten_metrics(metrics).items()})
+        if threads is not None:
+            mlflow.log_param("job.torch_threads", threads)
+        mlflow.log_metrics(headline)
+        if timing:
+            mlflow.log_metrics({**timing, "duration.total_s": total if total is not None else sum(durations.values())})
         dataset = mlflow.data.from_pandas(slimset, source=str((outputs / "slimset" / "slimset.jsonl").resolve()), name="slimset",
                                           digest=str(slimset_stats["digest"])[:36])
         mlflow.log_input(dataset, context="calibration")
         mlflow.set_tags(tags)
         mlflow.log_dict(plan, "width_plan.json")
         mlflow.log_dict(metrics, "metrics.json")
+        for artifact, table in metric_tables(metrics).items():
+            mlflow.log_table(table, artifact)
         mlflow.log_artifact(str(outputs / "plan" / "width_plan.png"))
         mlflow.log_artifacts(str(outputs / "report"), artifact_path="report")
         mlflow.log_artifact(str(workspace / "dvc.lock"))
         # logged, not yet registered: the version is created below with its lineage in the same request
-        model_info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_CODE), artifacts={"pipeline": str(outputs / "model")},
-            pip_requirements=["slimdiff", "torch", "diffusers", "transformers", "safetensors"],
-        )
+        model_info = log_pipeline_model(outputs / "model", params, workspace)
     # One request creates the version with every tag: a try that stops after it leaves a version that the
     # next try recognises by its lineage (and completes), never an untagged one that it would register again.
     with _tracking_step(uri, f"registering {name!r}"):
         version = str(mlflow.register_model(model_info.model_uri, name, tags={**tags, REGISTRATION_TAG: "pending"}).version)
     with _tracking_step(uri, f"setting the aliases of {name!r} version {version}"):
-        _complete_registration(MlflowClient(), name, version, decision.passed)
+        _complete_registration(MlflowClient(), name, version, decision.passed, description)
     return {"run_id": run.info.run_id, "name": name, "version": version, "reused": False, "gate": decision.passed,
-            "reason": decision.reason, "tracking_uri": uri}
+            "reason": decision.reason, "tracking_uri": uri, "run_url": run_url(uri, experiment_id, run.info.run_id),
+            "reference": str(reference)}
 
 
-def _complete_registration(client, name: str, version: str, passed: bool) -> None:
-    """Aliases of a newly registered version (``candidate``; ``champion`` when the gate passed), then the mark
-    that registration is complete. Each call is idempotent, so a retry may repeat any of them."""
+# ---- the registered model: a servable pyfunc -------------------------------------------------------------------------
+
+# what the pyfunc imports (flows/pyfunc_model.py, slimdiff.load), pinned to this environment's versions in the model's
+# requirements.txt; slimdiff itself travels as code with the model (code_paths), so no unpublished "slimdiff" is named
+SERVING_PACKAGES = ("mlflow", "torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "pandas", "scipy",
+                    "huggingface_hub", "pyyaml", "matplotlib", "tqdm")
+
+
+def serving_requirements() -> list[str]:
+    """``package==version`` for :data:`SERVING_PACKAGES` as installed here (torch without its local build tag, so that
+    a serving machine's pip picks its own CPU or CUDA build of the same version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in SERVING_PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            raise RuntimeError(f"{package} is not installed; the registered model's requirements name it") from None
+    return pins
+
+
+def pyfunc_signature(sampler: dict[str, Any]):
+    """Prompts in (a ``prompt`` string column), images out (uint8, N x H x W x 3), with the sampler as a params
+    schema whose defaults are the job's deployment sampler (``params.yaml: sampler``)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    def optional_int(value):
+        return None if value is None else int(value)
+
+    params = ParamSchema([
+        ParamSpec("steps", "long", int(sampler["steps"])),
+        ParamSpec("guidance", "double", float(sampler["guidance"])),
+        ParamSpec("seed", "long", int(sampler.get("seed", 0))),
+        ParamSpec("height", "long", optional_int(sampler.get("height"))),
+        ParamSpec("width", "long", optional_int(sampler.get("width"))),
+    ])
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
+                          outputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3))]), params=params)
+
+
+def slimdiff_package(workspace: Path | None = None) -> Path:
+    """The ``slimdiff`` package that travels with the model: the workspace's copy when it has one (the code its
+    stages ran), else the installed package."""
+    import slimdiff
+
+    local = workspace / "slimdiff" if workspace is not None else None
+    return local if local is not None and (local / "__init__.py").is_file() else Path(slimdiff.__file__).parent
+
+
+def log_pipeline_model(pipeline: Path, params: dict[str, Any], workspace: Path | None = None):
+    """Log the compressed pipeline folder as the ``model`` pyfunc of the active run: code (no pickle), weights as an
+    artifact read with safetensors, a signature with the sampler's params schema, pinned requirements and the
+    ``slimdiff`` package as code. Returns MLflow's ``ModelInfo``."""
+    import mlflow
+
+    import shutil
+    import tempfile
+
+    sampler = params["sampler"]
+    defaults = {"steps": int(sampler["steps"]), "guidance": float(sampler["guidance"]), "seed": int(sampler.get("seed", 0)),
+                "height": sampler.get("height"), "width": sampler.get("width")}
+    with tempfile.TemporaryDirectory(prefix="slimdiff-code-") as staging:
+        code = Path(staging) / "slimdiff"  # the package without its __pycache__ folders
+        shutil.copytree(slimdiff_package(workspace), code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_CODE), artifacts={"pipeline": str(pipeline)},
+            signature=pyfunc_signature(sampler), model_config={"sampler": defaults},
+            code_paths=[str(code)], pip_requirements=serving_requirements(),
+        )
+
+
+def summary_markdown(workspace: Path, params: dict[str, Any], result: dict[str, Any], durations: dict[str, float]) -> str:
+    """The Prefect artifact of a compress run: the gate decision, the MLflow run and version, stage times and the
+    headline metrics."""
+    metrics = headline_metrics(json.loads((workspace / "outputs" / "metrics.json").read_text()))
+    alias = "champion" if result["gate"] else "candidate"
+    link = f"[{result['run_id']}]({result['run_url']})" if result.get("run_url") else f"`{result['run_id']}`"
+    lines = [f"# {result['name']} version {result['version']} → `{alias}`", "",
+             f"- gate: {result['reason']}",
+             f"- MLflow run: {link} (tracking URI `{result['tracking_uri']}`)"
+             + (" — unchanged: the existing version was reused" if result.get("reused") else ""),
+             *([f"- reference run: {result['reference']}"] if result.get("reference") else []),
+             f"- serve it: `mlflow models serve -m models:/{result['name']}@{alias} --env-manager local -p 5001`",
+             "", "| stage | ran | seconds |", "|---|---|---|"]
+    ran = result.get("stages_run") or {}
+    for stage, seconds in durations.items():
+        lines.append(f"| {stage} | {'yes' if ran.get(stage) else 'up to date'} | {seconds:.1f} |")
+    lines += ["", "| metric | value |", "|---|---|"]
+    wanted = [k for k in KEY_METRICS if k in metrics] + [k for k in sorted(metrics) if k not in KEY_METRICS
+                                                         and k.startswith(("fidelity.", "alignment.ratio", "latency.", "macs."))]
+    lines += [f"| {k} | {_number(metrics[k])} |" for k in wanted]
+    return "\n".join(lines) + "\n"
+
+
+def _complete_registration(client, name: str, version: str, passed: bool, description: str = "") -> None:
+    """Descriptions (the version's; the registered model's: how to serve it), aliases of a newly registered version
+    (``candidate``; ``champion`` when the gate passed), then the mark that registration is complete. Each call is
+    idempotent, so a retry may repeat any of them."""
+    if description:
+        client.update_model_version(name, version, description=description)
+    client.update_registered_model(name, description=(
+        f"slimdiff-compressed text-to-image pipeline: prompts in (column `prompt`), uint8 images out (N x H x W x 3); "
+        f"params steps, guidance, seed, height, width. Serve the champion: "
+        f"`mlflow models serve -m models:/{name}@champion --env-manager local -p 5001` (docs/tracking.md)."))
     client.set_registered_model_alias(name, "candidate", version)
     if passed:
         client.set_registered_model_alias(name, "champion", version)

@@ -19,6 +19,9 @@ TORCH_VERSION=$(.venv/bin/python -c "import torch; print(torch.__version__.split
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
+# the distributed capture's engine (docs/distributed.md): pure-Python wheels, pinned so that they never move torch,
+# prefect or mlflow (checked with pip install --dry-run: they add only dask, distributed and small helpers)
+printf '%s\n' "dask==2026.8.0" "distributed==2026.8.0" "prefect-dask==0.3.7" >> "$CONSTRAINTS"
 # uv resolves in seconds; pip is the fallback. Either way torch stays the build installed above.
 if .venv/bin/pip install -q uv 2>/dev/null; then
   .venv/bin/uv pip install -q --python .venv/bin/python -c "$CONSTRAINTS" -e ".[dev]"

@@ -124,11 +124,33 @@ def stage_capture(params: dict[str, Any]) -> None:
     sampler = sampler_settings(params)
     prompts = read_slimset()
     pipe = _pipeline(params)
+    if int(params["capture"].get("shards", 1)) > 1 or int(params["capture"].get("site_groups", 1)) > 1:
+        capture_shards(params, pipe, prompts)  # docs/distributed.md
+        return
     stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
                     model_id=str(params["model"].get("id", params["model"]["path"])), checkpoint=CAPTURE_CHECKPOINT,
                     checkpoint_every=int(params["capture"].get("checkpoint_every", 100)))
     stats.save(CAPTURE_FILE)
     CAPTURE_CHECKPOINT.unlink(missing_ok=True)
+
+
+SHARD_DIR = CHECKPOINT_DIR / "shards"
+
+
+def capture_shards(params: dict[str, Any], pipe, prompts: list[str], folder: Path = SHARD_DIR, out: Path = CAPTURE_FILE):
+    """``capture.shards`` x ``capture.site_groups`` content-addressed shards in ``folder``: those missing (none after
+    the flow's distributed fan-out, ``flows.distributed``) are computed here, then all are verified and merged by
+    streaming into ``out``; the shard files are removed once merged. Returns the plan."""
+    from slimdiff.shards import capture_sharded
+
+    c = params["capture"]
+    plan, _ = capture_sharded(pipe, prompts, sampler_settings(params), folder, out, shards=int(c.get("shards", 1)),
+                              site_groups=int(c.get("site_groups", 1)), num_buckets=int(c["num_buckets"]),
+                              batch_size=int(c["batch_size"]), model_id=str(params["model"].get("id", params["model"]["path"])),
+                              checkpoint_every=int(c.get("checkpoint_every", 100)))
+    for shard in plan.shards:
+        plan.path(folder, shard).unlink(missing_ok=True)
+    return plan
 
 
 def stage_gains(params: dict[str, Any]) -> None:
@@ -286,7 +308,7 @@ def stage_report(params: dict[str, Any]) -> None:
     compressed.set_progress_bar_config(disable=True)
     prompts = evaluation_prompts(params)[: int(params.get("report", {}).get("samples", 8))]
     write_report(REPORT_DIR, params, json.loads(PLAN_FILE.read_text()), json.loads(METRICS_FILE.read_text()), PLAN_PLOT,
-                 original, compressed, prompts, sampler_settings(params))
+                 original, compressed, prompts, sampler_settings(params), progress=True)
 
 
 MODEL_STAGES = ("curate", "capture", "gains", "latency", "score", "decompose", "evaluate", "report")
@@ -314,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     start = time.perf_counter()
     try:
+        from slimdiff.device import apply_threads
+
+        threads, why = apply_threads()  # before any torch work; the compress flow passes one number to every stage
+        print(f"stage {args.stage}: {threads} torch thread(s) ({why})", flush=True)
         params = load_params(args.params)
         if args.stage in MODEL_STAGES:
             device_settings(params)  # a device or dtype this machine cannot run fails before any work
