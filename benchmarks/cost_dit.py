@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from slimdiff.arch import adapter_for  # noqa: E402
+from slimdiff.device import apply_threads  # noqa: E402
 from slimdiff.capture import ActivationRecorder, Capture, SiteStats, parse_site, sites_for, statistics_bytes  # noqa: E402
 from slimdiff.groups import ModuleGroup, find_groups  # noqa: E402
 from slimdiff.slim import decompose_group  # noqa: E402
@@ -1081,7 +1082,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out = args.out or ROOT / "benchmarks" / "results" / "cost_dit.json"
         args.plot = args.plot or ROOT / "docs" / "img" / "adaln_spectrum.png"
         args.doc = args.doc or ROOT / "docs" / "benchmarks-cost.md"
-    torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     given = sys.argv[1:] if argv is None else list(argv)

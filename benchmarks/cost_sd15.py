@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from slimdiff.device import apply_threads  # noqa: E402
 from slimdiff.allocate import allocate  # noqa: E402
 from slimdiff.capture import ActivationRecorder, Capture, sites_for  # noqa: E402
 from slimdiff.groups import compressible_groups  # noqa: E402
@@ -63,12 +64,11 @@ def main() -> None:
     parser.add_argument("--buckets", type=int, default=4)
     parser.add_argument("--budget", type=float, default=0.4)
     parser.add_argument("--latency-repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: SLIMDIFF_THREADS, else auto)")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only re-measure the capture overhead (interleaved) and update the JSON and page")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     results: dict = {"machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)",
                      "torch": torch.__version__, "args": vars(args)}
     torch.manual_seed(0)

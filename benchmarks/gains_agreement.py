@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from slimdiff.device import apply_threads  # noqa: E402
 from slimdiff.allocate import allocate  # noqa: E402
 from slimdiff.capture import SamplerSettings, capture, denoiser_of  # noqa: E402
 from slimdiff.compress import load_pipeline, read_prompts  # noqa: E402
@@ -138,7 +139,7 @@ def plan_with_gains(scores, gains: dict[str, float], budget: float):
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 

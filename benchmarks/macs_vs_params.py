@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> dict:
     from slimdiff.slim import decompose
     from slimdiff.stages import config_from, evaluation_prompts, load_params, read_slimset, sampler_settings
 
-    torch.set_num_threads(args.threads)
+    from slimdiff.device import apply_threads
+
+    apply_threads(args.threads)
     params = load_params(ROOT / "params.yaml")
     config = config_from(params)
     sampler = sampler_settings(params)

@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from slimdiff.device import apply_threads  # noqa: E402
 from slimdiff.baselines import BASELINES, baseline_sites, compress_with  # noqa: E402
 from slimdiff.capture import SamplerSettings, capture  # noqa: E402
 from slimdiff.compress import read_prompts  # noqa: E402
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--latency-repeats", type=int, default=3)
     parser.add_argument("--name", default="quality", help="results name: benchmarks/results/<name>.csv, docs/<doc>")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: SLIMDIFF_THREADS, else auto)")
     parser.add_argument("--from-csv", action="store_true", help="only rewrite the doc and plots from the saved CSV")
     args = parser.parse_args()
     if args.from_csv:
@@ -107,8 +108,7 @@ def main() -> None:
             r["calibration_prompts"] = int(r["calibration_prompts"])
         write_doc(rows, args)
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
 
     torch.manual_seed(0)
     pipe = load_reference_pipeline()

@@ -32,6 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from slimdiff.device import apply_threads  # noqa: E402
 from slimdiff.reference import REFERENCE_DIR, load_reference_pipeline  # noqa: E402
 from slimdiff.reference.data import load_split, make_split  # noqa: E402
 from slimdiff.reference.evaluator import FD_NAME, load_evaluator  # noqa: E402
@@ -264,8 +265,7 @@ def main() -> None:
         parser.error("give at least two --model NAME=FOLDER to compare")
     if len({n for n, _ in args.models}) != len(args.models):
         parser.error("--model names must be unique")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     params = yaml.safe_load(args.params.read_text())
     dataset = args.dataset if args.dataset.is_dir() else None
     start = time.time()

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    from slimdiff.device import apply_threads
+
+    apply_threads(args.threads)
     if not args.scores.is_file():
         print(f"{args.scores}: not found; run `bash scripts/run.sh` first or pass --scores", file=sys.stderr)
         return 2

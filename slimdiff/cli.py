@@ -180,12 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     args = _parser().parse_args(argv)
     handlers = {"compress": _compress, "info": _info, "allocate": _allocate}
+    import torch
+
+    previous_threads = torch.get_num_threads()
     try:
+        if args.command == "compress":
+            from slimdiff.device import apply_threads
+
+            apply_threads()  # SLIMDIFF_THREADS, else auto: the cores not busy elsewhere
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"slimdiff {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(previous_threads)  # main() also runs in-process (tests, notebooks)
 
 
 if __name__ == "__main__":
