@@ -72,7 +72,6 @@ def _warm(workspace: str) -> int:
 
 
 def scaling(args) -> dict:
-    import torch
     from distributed import Client, LocalCluster
     from prefect import flow, task
     from prefect_dask import DaskTaskRunner
@@ -80,6 +79,7 @@ def scaling(args) -> dict:
     from flows.distributed import capture_shards, local_worker_environment
     from slimdiff.capture import capture
     from slimdiff.compress import read_prompts
+    from slimdiff.device import apply_threads
     from slimdiff.shards import merge_shards
     from slimdiff.stages import SHARD_DIR, _pipeline, load_params, sampler_settings
 
@@ -124,7 +124,7 @@ def scaling(args) -> dict:
             out["runs"][str(workers)] = run
             print(f"{workers} worker(s): {wall:.1f} s for {args.shards} shards (startup {startup:.1f} s)", flush=True)
     # the merge of the last run's shards, and the plain single-process capture of the same prompts
-    torch.set_num_threads(1)
+    apply_threads(1)
     pipe = _pipeline(params)
     from slimdiff.shards import plan_shards
 
@@ -162,12 +162,10 @@ def flux_config() -> dict:
 
 
 def memory_per_worker(buckets: int) -> dict:
-    import torch
-
     from benchmarks.memory_table import MODELS, build_on_meta
-    from slimdiff.capture import sites_for, statistics_bytes
+    from slimdiff.capture import site_width, sites_for, statistics_bytes
     from slimdiff.groups import compressible_groups
-    from slimdiff.shards import _site_width, split_sites
+    from slimdiff.shards import split_sites
 
     models = {"SD 1.5": MODELS["SD 1.5 UNet"], "SDXL base": MODELS["SDXL base UNet"],
               "Flux-dev": ("FluxTransformer2DModel", flux_config())}
@@ -175,7 +173,7 @@ def memory_per_worker(buckets: int) -> dict:
     for name, (class_name, config) in models.items():
         model = build_on_meta(class_name, config)
         sites = sites_for(compressible_groups(model))
-        widths = [_site_width(model, s) for s in sites]
+        widths = [site_width(model, s) for s in sites]
         params = sum(p.numel() for p in model.parameters())
         row = {"parameters": params, "weights_bf16_gib": 2 * params / GIB, "sites": len(sites), "largest_site": max(widths),
                "site_groups": {}}
@@ -187,7 +185,6 @@ def memory_per_worker(buckets: int) -> dict:
             row["site_groups"][groups] = {"statistics_gib": worst / GIB, "pooled_float64_gib": pooled / GIB}
         out[name] = row
         del model
-    torch.set_num_threads(torch.get_num_threads())
     return out
 
 
@@ -203,9 +200,10 @@ def flux_block_costs(token_sets: list[tuple[int, int]], repeats: int) -> dict:
 
     from slimdiff.arch import adapter_for
     from slimdiff.capture import ActivationRecorder, sites_for
+    from slimdiff.device import apply_threads
     from slimdiff.groups import compressible_groups
 
-    torch.set_num_threads(1)
+    apply_threads(1)
 
     def call_for(image_tokens: int, text_tokens: int) -> dict:
         side = int(image_tokens ** 0.5)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from slimdiff.arch import adapter_for  # noqa: E402
 from slimdiff.device import apply_threads  # noqa: E402
-from slimdiff.capture import ActivationRecorder, Capture, SiteStats, parse_site, sites_for, statistics_bytes  # noqa: E402
+from slimdiff.capture import ActivationRecorder, Capture, SiteStats, parse_site, site_width, sites_for, statistics_bytes  # noqa: E402
 from slimdiff.groups import ModuleGroup, find_groups  # noqa: E402
 from slimdiff.slim import decompose_group  # noqa: E402
 
@@ -303,11 +303,6 @@ def block_summary(model: nn.Module, block: str, groups: list[ModuleGroup]) -> di
             "attention_mlp_share": shares["qk"] + shares["vo"] + shares["mlp"],
             "attention_mlp_adaln_share": shares["qk"] + shares["vo"] + shares["mlp"] + shares["adaln"],
             "reachable_share": reachable / total, "reachable_share_without_adaln": (reachable - reachable_adaln) / total}
-
-
-def site_width(model: nn.Module, site: str) -> int:
-    path, columns = parse_site(site)
-    return model.get_submodule(path).in_features if columns is None else columns.stop - columns.start
 
 
 def shared_modulation_site(groups: list[ModuleGroup]) -> str | None:

@@ -104,13 +104,12 @@ _WORKER: dict[tuple, tuple] = {}
 
 def _worker_pipeline(workspace: str, threads: int | None):
     """(params, pipe, plan) for this workspace, built once per worker process (keyed by the model files' stamps)."""
-    import torch
-
-    from slimdiff.stages import load_params, read_slimset
+    from slimdiff.device import apply_threads
     from slimdiff.shards import plan_shards
+    from slimdiff.stages import load_params, read_slimset
 
     if threads:
-        torch.set_num_threads(threads)
+        apply_threads(threads)
     root = Path(workspace)
     params = load_params(root / "params.yaml")
     model = root / str(params["model"]["path"])

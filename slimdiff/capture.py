@@ -198,6 +198,12 @@ def sites_for(groups: Sequence[ModuleGroup]) -> list[str]:
     return list(sites)
 
 
+def site_width(denoiser: nn.Module, site: str) -> int:
+    """Width of a site's statistics: its linear's input width, or the width of its column slice."""
+    path, columns = parse_site(site)
+    return int(denoiser.get_submodule(path).in_features) if columns is None else columns.stop - columns.start
+
+
 def parse_site(site: str) -> tuple[str, slice | None]:
     """(module path, input columns) of a site name: ``"a.b.to_q"`` (the whole input of that linear) or
     ``"a.b.proj_out[3072:15360]"`` (columns 3072..15359 of its input: one part of a fused linear)."""
@@ -470,9 +476,7 @@ class ActivationRecorder:
             stats = {}
             for site, module in self._modules.items():
                 weight = module.weight
-                columns = self._columns[site]
-                dim = module.in_features if columns is None else columns.stop - columns.start
-                stats[site] = SiteStats.zeros(num_buckets, dim, weight.device, gram_dtype(weight.dtype))
+                stats[site] = SiteStats.zeros(num_buckets, site_width(denoiser, site), weight.device, gram_dtype(weight.dtype))
         elif set(stats) != set(self.site_names):
             raise ValueError("statistics to continue hold other sites than the ones to hook")
         self.stats = stats

@@ -47,6 +47,7 @@ from slimdiff.capture import (
     model_content_hash,
     prompt_hash,
     prompts_digest_from_hashes,
+    site_width,
     sites_for,
 )
 from slimdiff.utils import atomic_path
@@ -174,7 +175,7 @@ def plan_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, shard
     prompt_runs = split_prompts(prompts, batch_size, shards)
     _, denoiser = denoiser_of(pipe)
     sites = list(dict.fromkeys([*sites_for(compressible_groups(denoiser)), *extra_sites]))
-    site_runs = split_sites(sites, [_site_width(denoiser, s) for s in sites], site_groups)
+    site_runs = split_sites(sites, [site_width(denoiser, s) for s in sites], site_groups)
     model_hash = model_content_hash(denoiser)
     planned: list[Shard] = []
     for s_index, site_run in enumerate(site_runs):
@@ -188,15 +189,6 @@ def plan_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, shard
 
 def _identity(fingerprint: dict) -> dict:
     return {k: fingerprint[k] for k in IDENTITY_KEYS}
-
-
-def _site_width(denoiser: torch.nn.Module, site: str) -> int:
-    from slimdiff.capture import parse_site
-
-    path, columns = parse_site(site)
-    if columns is not None:
-        return columns.stop - columns.start
-    return int(denoiser.get_submodule(path).in_features)
 
 
 # ------------------------------------------------------------------------------------------------ computing

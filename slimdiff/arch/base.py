@@ -8,7 +8,7 @@ attention, an ``ffn``, or an adaLN modulation linear (``adaln``). Adapters (one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -117,8 +117,6 @@ class ModuleGroup:
 
 def intact(group: ModuleGroup, note: str) -> ModuleGroup:
     """``group`` reported but left intact, with the reason."""
-    from dataclasses import replace
-
     return replace(group, compressible=False, note=note)
 
 
