@@ -65,10 +65,9 @@ def make_workspace(args) -> Path:
 
 
 def _warm(workspace: str) -> int:
-    from flows.distributed import _worker_pipeline
+    from flows.distributed import warm_worker
 
-    _worker_pipeline(workspace, 1)
-    return os.getpid()
+    return warm_worker(workspace, 1)
 
 
 def scaling(args) -> dict:
@@ -76,7 +75,7 @@ def scaling(args) -> dict:
     from prefect import flow, task
     from prefect_dask import DaskTaskRunner
 
-    from flows.distributed import capture_shards, local_worker_environment
+    from flows.distributed import capture_shards, local_cluster_kwargs
     from slimdiff.capture import capture
     from slimdiff.compress import read_prompts
     from slimdiff.device import apply_threads
@@ -86,7 +85,8 @@ def scaling(args) -> dict:
     workspace = make_workspace(args)
     params = load_params(workspace / "params.yaml")
     out: dict = {"prompts": args.prompts, "shards": args.shards, "batch_size": int(params["capture"]["batch_size"]),
-                 "steps": int(params["sampler"]["steps"]), "runs": {}}
+                 "steps": int(params["sampler"]["steps"]), "rounds": args.rounds,
+                 "runs": {str(w): [] for w in args.workers}}
 
     @task
     def noop(i: int) -> int:
@@ -101,28 +101,34 @@ def scaling(args) -> dict:
         return None
 
     warm_prefect()  # the temporary Prefect server starts outside the timings
-    local_worker_environment()  # as flows.distributed.task_runner does for its local clusters
-    for workers in args.workers:
+    # rounds alternate the worker counts (1, 2, 1, 2, ...): each ratio compares neighbours in time on a noisy box
+    for round_index, workers in [(r, w) for r in range(args.rounds) for w in args.workers]:
         began = time.perf_counter()
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
+        # the cluster flows.distributed.task_runner starts for capture.cluster: local
+        with LocalCluster(**local_cluster_kwargs(workers)) as cluster, Client(cluster) as client:
             client.run(_warm, str(workspace))
             startup = time.perf_counter() - began
             shutil.rmtree(workspace / SHARD_DIR, ignore_errors=True)
             print(f"load before {workers} worker(s): {load_average()}", flush=True)
-            began = time.perf_counter()
-            result = capture_shards.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(str(workspace), 1)
+            began, began_epoch = time.perf_counter(), time.time()
+            result = capture_shards.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(
+                str(workspace), args.shards, 1)
             wall = time.perf_counter() - began
             run = {"workers": workers, "startup_s": startup, "wall_s": wall,
                    "shard_s": [r["seconds"] for r in result["computed"]], "pids": sorted({r["pid"] for r in result["computed"]}),
+                   # per worker: when its first shard started and its last one ended, from the flow's start
+                   "timeline": {str(pid): {"first_start_s": min(r["started"] for r in result["computed"] if r["pid"] == pid) - began_epoch,
+                                           "last_end_s": max(r["ended"] for r in result["computed"] if r["pid"] == pid) - began_epoch,
+                                           "shards": sum(r["pid"] == pid for r in result["computed"])}
+                                for pid in {r["pid"] for r in result["computed"]}},
                    "load_after": load_average()}
-            if workers == max(args.workers) and args.noop:
+            if workers == max(args.workers) and args.noop and round_index == args.rounds - 1:
                 began = time.perf_counter()
                 noops.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(args.noop)
                 run["noop_tasks"] = args.noop
                 run["noop_wall_s"] = time.perf_counter() - began
-            out["runs"][str(workers)] = run
-            print(f"{workers} worker(s): {wall:.1f} s for {args.shards} shards (startup {startup:.1f} s)", flush=True)
+            out["runs"][str(workers)].append(run)
+            print(f"round {round_index + 1}, {workers} worker(s): {wall:.1f} s for {args.shards} shards (startup {startup:.1f} s)", flush=True)
     # the merge of the last run's shards, and the plain single-process capture of the same prompts
     apply_threads(1)
     pipe = _pipeline(params)
@@ -145,10 +151,15 @@ def scaling(args) -> dict:
     shutil.rmtree(workspace, ignore_errors=True)
     one, two = out["runs"].get("1"), out["runs"].get("2")
     if one and two:
-        out["speedup_2_vs_1"] = one["wall_s"] / two["wall_s"]
-    if two and "noop_wall_s" in two:
+        out["speedup_by_round"] = [a["wall_s"] / b["wall_s"] for a, b in zip(one, two)]
+        out["speedup_2_vs_1"] = sum(r["wall_s"] for r in one) / sum(r["wall_s"] for r in two)
+        # with the cluster's start and warm-up (process spawn, imports, model load) counted, as a cold local cluster pays
+        out["speedup_with_startup"] = (sum(r["wall_s"] + r["startup_s"] for r in one)
+                                       / sum(r["wall_s"] + r["startup_s"] for r in two))
+    last = two[-1] if two else None
+    if last and "noop_wall_s" in last:
         # each worker runs noop_tasks / workers tasks one after another
-        out["overhead_per_shard_s"] = two["noop_wall_s"] / (two["noop_tasks"] / two["workers"])
+        out["overhead_per_shard_s"] = last["noop_wall_s"] / (last["noop_tasks"] / last["workers"])
     return out
 
 
@@ -342,25 +353,46 @@ def render(result: dict) -> str:
              f"one torch thread per worker. Load average (1, 5, 15 min) before: {result['load_before']}, after: "
              f"{result['load_after']}.", ""]
     if s:
-        one, two = s["runs"].get("1", {}), s["runs"].get("2", {})
+        one, two = s["runs"].get("1", []), s["runs"].get("2", [])
+
+        def mean(runs: list, key: str) -> float:
+            return sum(r[key] for r in runs) / len(runs) if runs else float("nan")
+
+        def per_round(runs: list, fmt) -> str:
+            return ", ".join(fmt(r) for r in runs) or "-"
+
+        def wall(run: dict) -> str:
+            return f"{run['wall_s']:.1f} s"
+
         lines += [f"Reference model capture: {s['prompts']} SlimSet prompts x {s['steps']} steps, batch {s['batch_size']}, "
                   f"{s['shards']} shards, through `flows.distributed.capture_shards` (Prefect + DaskTaskRunner) on a "
-                  "warm local cluster (workers started, model loaded before the clock).", "",
+                  "local cluster from `flows.distributed.local_cluster_kwargs` (the one the flow starts), warm: workers "
+                  f"started and the model loaded before the clock. {s.get('rounds', 1)} round(s), alternating 1 and 2 "
+                  "workers, each on a fresh cluster.", "",
                   "| | 1 worker | 2 workers |", "|---|---|---|",
-                  f"| capture flow wall time (plan + {s['shards']} shards) | {one.get('wall_s', float('nan')):.1f} s | "
-                  f"{two.get('wall_s', float('nan')):.1f} s |",
-                  f"| sum of shard task times | {sum(one.get('shard_s', [])):.1f} s | {sum(two.get('shard_s', [])):.1f} s |",
-                  f"| cluster start + warm-up (not in the wall time) | {one.get('startup_s', float('nan')):.1f} s | "
-                  f"{two.get('startup_s', float('nan')):.1f} s |", "",
-                  f"**Speed-up with 2 workers: x{s.get('speedup_2_vs_1', float('nan')):.2f}** (goal >= 1.7)."]
+                  f"| capture flow wall time ({s['shards']} shard tasks), per round | "
+                  f"{per_round(one, wall)} | {per_round(two, wall)} |",
+                  f"| sum of shard task times (mean per round) | {sum(sum(r['shard_s']) for r in one) / max(len(one), 1):.1f} s | "
+                  f"{sum(sum(r['shard_s']) for r in two) / max(len(two), 1):.1f} s |",
+                  "| latest first-shard start (flow start to the last worker's first shard), per round | "
+                  + " | ".join(per_round(runs, lambda r: f"{max(t['first_start_s'] for t in r['timeline'].values()):.1f} s")
+                               for runs in (one, two)) + " |",
+                  "| shards per worker, per round | " + " | ".join(
+                      per_round(runs, lambda r: "/".join(str(t["shards"]) for t in r["timeline"].values())) for runs in (one, two)) + " |",
+                  f"| cluster start + warm-up (not in the wall time), mean | {mean(one, 'startup_s'):.1f} s | "
+                  f"{mean(two, 'startup_s'):.1f} s |", "",
+                  f"**Speed-up with 2 workers: x{s.get('speedup_2_vs_1', float('nan')):.2f}** (total 1-worker wall time over "
+                  f"total 2-worker wall time; per round {', '.join(f'x{x:.2f}' for x in s.get('speedup_by_round', []))}; "
+                  "goal >= 1.7). Counting each cluster's start and warm-up as well (a cold local cluster's cost, paid once "
+                  f"per fan-out): x{s.get('speedup_with_startup', float('nan')):.2f}."]
         if "single_process_s" in s:
             lines.append(f"The same capture in one plain process (no Dask, no Prefect, 1 thread): {s['single_process_s']:.1f} s.")
         lines.append(f"Streaming merge of the {s['shards']} shards into one capture file ({s['capture_bytes'] / 2**20:.1f} MiB): "
                      f"{s['merge_s']:.2f} s.")
         if "overhead_per_shard_s" in s:
             lines += ["", f"Scheduling overhead per shard: {s['overhead_per_shard_s'] * 1000:.0f} ms "
-                      f"({two['noop_tasks']} empty Prefect tasks through the DaskTaskRunner on the 2-worker cluster in "
-                      f"{two['noop_wall_s']:.1f} s; each worker ran half of them one after another)."]
+                      f"({two[-1]['noop_tasks']} empty Prefect tasks through the DaskTaskRunner on the 2-worker cluster in "
+                      f"{two[-1]['noop_wall_s']:.1f} s; each worker ran half of them one after another)."]
     m = result.get("memory")
     if m:
         lines += ["", "Statistics per worker (GiB; 4 timestep buckets: pooled float64 + per-bucket float32; computed from "
@@ -425,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: params.yaml capture.batch_size")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--noop", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of (1 worker, 2 workers), alternating")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-flux", action="store_true")

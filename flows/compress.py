@@ -18,7 +18,7 @@ from prefect import flow
 from flows.tasks import (RESUMABLE_STAGES, STAGES, StageError, configure_run_logging, publish_summary, run_resumable,
                          run_stage, track)
 from flows.tracking import TrackingError, check_tracking_uri, folder_hash, tracking_uri
-from flows.distributed import check_cluster, fan_out_capture
+from flows.distributed import check_cluster, fan_out_capture, fan_out_gains
 
 
 def preflight(workspace: Path) -> dict[str, Any]:
@@ -82,18 +82,23 @@ def compress(workspace: str = ".", checkpoint_hash: str | None = None) -> dict[s
     params = preflight(root)
     stages_run: dict[str, bool] = {}
     durations: dict[str, float] = {}
+    fanned_out: dict[str, list[int]] = {}  # stage -> the shard indices computed on the cluster
     with stage_threads() as threads:
         for stage in STAGES:
             task = run_resumable if stage in RESUMABLE_STAGES else run_stage
             begin = time.perf_counter()
-            if stage == "capture":
-                fan_out_capture(root, params)  # sharded capture: the shards run on Dask workers first
+            fan_out = {"capture": fan_out_capture, "gains": fan_out_gains}.get(stage)
+            if fan_out is not None:  # sharded capture / gains: the shards run on Dask workers before the stage merges
+                done = fan_out(root, params)
+                if done is not None:
+                    fanned_out[stage] = [entry["index"] for entry in done["computed"]]
             stages_run[stage] = task(str(root), stage)
             durations[stage] = time.perf_counter() - begin
     checkpoint = checkpoint_hash or folder_hash(root / str(params["model"]["path"]))
     result = track(str(root), params, checkpoint, stages_run, started_at=started_at, durations=durations, threads=threads)
     result["stages_run"] = stages_run
     result["durations"] = durations
+    result["fanned_out"] = fanned_out
     publish_summary(str(root), params, result, durations)
     print(f"registered {result['name']} version {result['version']} ({'champion' if result['gate'] else 'candidate'}): {result['reason']}"
           + (f"; MLflow run {result['run_url']}" if result.get("run_url") else ""))

@@ -2,8 +2,8 @@
 
 With ``capture.shards`` (or ``capture.site_groups``) above 1, the compress flow runs this fan-out just before the
 DVC ``capture`` stage, when DVC says the stage is out of date: a sub-flow on a ``prefect_dask.DaskTaskRunner``
-plans the shards on a worker, then runs one Prefect task per missing shard on the workers (each writes its
-content-addressed file atomically, see ``slimdiff.shards``). The stage then finds every shard, verifies and merges
+runs one Prefect task per shard on the workers. Each plans the capture itself (cached per worker), skips a shard
+whose file is there and writes its content-addressed file atomically (``slimdiff.shards``). The stage then finds every shard, verifies and merges
 them; it computes in its own process only shards that are still missing (a plain ``dvc repro``).
 
 ``capture.cluster``: ``local`` starts a Dask ``LocalCluster`` of worker processes (nanny-supervised: a killed
@@ -41,6 +41,9 @@ def sharding(params: dict[str, Any]) -> dict[str, Any]:
     out["workers"] = workers
     out["cluster"] = parse_cluster(c.get("cluster", LOCAL))
     out["sharded"] = out["shards"] * out["site_groups"] > 1
+    from slimdiff.stages import gain_shards
+
+    out["gain_shards"] = gain_shards(params)
     return out
 
 
@@ -62,7 +65,7 @@ def check_cluster(params: dict[str, Any], timeout: float = 5.0) -> dict[str, Any
     """Preflight: the sharding settings are valid and, for a sharded capture on an existing cluster, its scheduler
     answers. An unreachable address fails here with one line, before any stage runs."""
     settings = sharding(params)
-    if not settings["sharded"] or settings["cluster"] == LOCAL:
+    if not (settings["sharded"] or settings["gain_shards"] > 1) or settings["cluster"] == LOCAL:
         return settings
     address = settings["cluster"]
     host, _, port = address.partition("://")[2].rpartition(":")
@@ -84,10 +87,10 @@ def check_cluster(params: dict[str, Any], timeout: float = 5.0) -> dict[str, Any
     return settings
 
 
-def capture_is_stale(workspace: Path) -> bool:
-    """Whether DVC would run the ``capture`` stage (so a fan-out is worth starting)."""
+def stage_is_stale(workspace: Path, stage: str) -> bool:
+    """Whether DVC would run ``stage`` (so a fan-out is worth starting)."""
     dvc = Path(sys.executable).with_name("dvc")
-    result = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json", "capture"], cwd=workspace,
+    result = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json", stage], cwd=workspace,
                             capture_output=True, text=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
     if result.returncode != 0:
         return True  # the stage itself will report what is wrong
@@ -99,14 +102,14 @@ def capture_is_stale(workspace: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------ worker side
 
-_WORKER: dict[tuple, tuple] = {}
+_WORKER: dict[tuple, dict[str, Any]] = {}
 
 
-def _worker_pipeline(workspace: str, threads: int | None):
-    """(params, pipe, plan) for this workspace, built once per worker process (keyed by the model files' stamps)."""
+def _worker_state(workspace: str, threads: int | None) -> dict[str, Any]:
+    """This worker's params, pipeline and plans for ``workspace``, built once per worker process (keyed by the model
+    files', SlimSet's and params.yaml's stamps, so a changed input is never served from the cache)."""
     from slimdiff.device import apply_threads
-    from slimdiff.shards import plan_shards
-    from slimdiff.stages import load_params, read_slimset
+    from slimdiff.stages import load_params
 
     if threads:
         apply_threads(threads)
@@ -117,18 +120,49 @@ def _worker_pipeline(workspace: str, threads: int | None):
     slimset = root / "outputs" / "slimset" / "slimset.jsonl"
     key = (workspace, stamp, slimset.stat().st_mtime_ns, (root / "params.yaml").stat().st_mtime_ns)
     if key not in _WORKER:
-        from slimdiff.stages import _pipeline, sampler_settings
+        from slimdiff.stages import _pipeline
 
         params["model"]["path"] = str(model)
         params["model"]["device"] = _worker_device(params["model"].get("device", "auto"))
-        pipe = _pipeline(params)
-        c = params["capture"]
-        plan = plan_shards(pipe, read_slimset(slimset), sampler_settings(params), shards=int(c.get("shards", 1)),
-                           site_groups=int(c.get("site_groups", 1)), num_buckets=int(c["num_buckets"]),
-                           batch_size=int(c["batch_size"]), model_id=str(params["model"].get("id", "")))
         _WORKER.clear()
-        _WORKER[key] = (params, pipe, plan)
+        _WORKER[key] = {"params": params, "pipe": _pipeline(params), "slimset": slimset}
     return _WORKER[key]
+
+
+def _capture_plan(state: dict[str, Any]):
+    """The capture's shard plan (cached in ``state``)."""
+    if "capture_plan" not in state:
+        from slimdiff.shards import plan_shards
+        from slimdiff.stages import read_slimset, sampler_settings
+
+        params = state["params"]
+        c = params["capture"]
+        state["capture_plan"] = plan_shards(
+            state["pipe"], read_slimset(state["slimset"]), sampler_settings(params), shards=int(c.get("shards", 1)),
+            site_groups=int(c.get("site_groups", 1)), num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]),
+            model_id=str(params["model"].get("id", "")))
+    return state["capture_plan"]
+
+
+def _gain_plan(state: dict[str, Any]):
+    """(plan, prompts, sampler) of the gains shards (cached in ``state``), as ``slimdiff.stages.stage_gains`` plans."""
+    if "gain_plan" not in state:
+        from slimdiff.gain_shards import plan_gain_shards
+        from slimdiff.stages import config_from, gain_shards, read_slimset, sampler_settings
+
+        params = state["params"]
+        config, sampler = config_from(params), sampler_settings(params)
+        prompts = read_slimset(state["slimset"])[: config.gain_prompts]
+        plan = plan_gain_shards(state["pipe"], prompts, sampler, shards=gain_shards(params), num_calls=config.gain_calls,
+                                rel_noise=config.rel_noise, seed=sampler.seed)
+        state["gain_plan"] = (plan, prompts, sampler)
+    return state["gain_plan"]
+
+
+def warm_worker(workspace: str, threads: int | None = None) -> int:
+    """Load the pipeline and plan the capture on this worker (what a benchmark does before its clock starts)."""
+    _capture_plan(_worker_state(workspace, threads))
+    return os.getpid()
 
 
 def _worker_device(setting: str) -> str:
@@ -147,56 +181,120 @@ def _worker_device(setting: str) -> str:
     return f"cuda:{index % torch.cuda.device_count()}"
 
 
-@task(name="capture-plan", retries=1, retry_delay_seconds=2)
-def plan_task(workspace: str, threads: int | None) -> dict[str, Any]:
-    """The shard plan (computed on a worker: it loads and hashes the model) and which shards are missing."""
-    from slimdiff.stages import SHARD_DIR
+def plan_digest(manifest: list[dict]) -> str:
+    """One hash of a whole shard plan (every shard's digest in order): workers that planned alike agree on it."""
+    import hashlib
 
-    _, _, plan = _worker_pipeline(workspace, threads)
-    folder = Path(workspace) / SHARD_DIR
-    missing = {s.index for s in plan.missing(folder)}
-    return {"shards": [{**entry, "missing": entry["index"] in missing} for entry in plan.manifest()]}
+    return hashlib.sha256("".join(entry["digest"] for entry in manifest).encode()).hexdigest()
 
 
 @task(name="capture-shard", task_run_name="capture-shard-{index}", retries=2, retry_delay_seconds=2)
-def shard_task(workspace: str, index: int, digest: str, threads: int | None) -> dict[str, Any]:
-    """Capture one shard on this worker (resuming from its checkpoint when a killed try left one)."""
+def shard_task(workspace: str, index: int, threads: int | None) -> dict[str, Any]:
+    """Plan on this worker (cached per worker) and capture shard ``index`` of the plan, resuming from its checkpoint
+    when a killed try left one; a shard whose file is there is not recomputed. Every task plans for itself, so all
+    workers load their model at once instead of one planning while the others wait."""
     import time
 
     from slimdiff.shards import capture_shard
     from slimdiff.stages import SHARD_DIR
 
-    start = time.perf_counter()
-    params, pipe, plan = _worker_pipeline(workspace, threads)
+    started, start = time.time(), time.perf_counter()
+    state = _worker_state(workspace, threads)
+    params, pipe, plan = state["params"], state["pipe"], _capture_plan(state)
+    manifest = plan.manifest()
+    out = {"index": index, "plan_digest": plan_digest(manifest), "shards": manifest, "pid": os.getpid(),
+           "host": socket.gethostname(), "started": started}
+    if index >= len(plan.shards):  # fewer shards than capture.shards x site_groups (fewer prompts or sites)
+        return {**out, "computed": False, "seconds": time.perf_counter() - start, "ended": time.time()}
     shard = plan.shards[index]
-    if shard.digest != digest:
-        raise ValueError(f"shard {index}: this worker plans digest {shard.digest[:12]}, the flow planned {digest[:12]}: "
-                         "the model, prompts or params changed during the run")
-    capture_shard(pipe, plan, shard, Path(workspace) / SHARD_DIR, checkpoint_every=int(params["capture"].get("checkpoint_every", 100)))
-    return {"index": index, "digest": digest, "seconds": time.perf_counter() - start, "pid": os.getpid(),
-            "host": socket.gethostname()}
+    folder = Path(workspace) / SHARD_DIR
+    computed = not plan.path(folder, shard).is_file()
+    capture_shard(pipe, plan, shard, folder, checkpoint_every=int(params["capture"].get("checkpoint_every", 100)))
+    return {**out, "digest": shard.digest, "computed": computed, "seconds": time.perf_counter() - start,
+            "ended": time.time()}
 
 
 @flow(name="slimdiff-capture-shards", log_prints=True)
-def capture_shards(workspace: str, threads: int | None = None) -> dict[str, Any]:
-    """Plan on a worker, then one task per missing shard across the workers; fails if any shard fails for good."""
+def capture_shards(workspace: str, jobs: int, threads: int | None = None) -> dict[str, Any]:
+    """One task per shard index below ``jobs`` (shards x site groups) across the workers; fails if any shard fails
+    for good, or if two workers planned different shards (the model, prompts or params changed during the run)."""
     root = str(Path(workspace).resolve())
-    plan = plan_task.submit(root, threads).result()
-    todo = [entry for entry in plan["shards"] if entry["missing"]]
-    futures = [shard_task.submit(root, entry["index"], entry["digest"], threads) for entry in todo]
-    done = [future.result() for future in futures]
-    print(f"capture: {len(done)} of {len(plan['shards'])} shards computed on the cluster "
-          f"({len(plan['shards']) - len(todo)} were already there)")
-    return {"shards": plan["shards"], "computed": done}
+    results = [future.result() for future in [shard_task.submit(root, i, threads) for i in range(jobs)]]
+    return _collect("capture", results)
+
+
+@task(name="gains-shard", task_run_name="gains-shard-{index}", retries=2, retry_delay_seconds=2)
+def gain_shard_task(workspace: str, index: int, threads: int | None) -> dict[str, Any]:
+    """Plan the gains on this worker (cached) and measure shard ``index``'s modules, resuming from its checkpoint;
+    a shard whose file is there is not measured again."""
+    import time
+
+    from slimdiff.gain_shards import measure_gain_shard
+    from slimdiff.stages import GAIN_SHARD_DIR
+
+    started, start = time.time(), time.perf_counter()
+    state = _worker_state(workspace, threads)
+    plan, prompts, sampler = _gain_plan(state)
+    manifest = plan.manifest()
+    out = {"index": index, "plan_digest": plan_digest(manifest), "shards": manifest, "pid": os.getpid(),
+           "host": socket.gethostname(), "started": started}
+    if index >= len(plan.shards):  # fewer modules than score.gain_shards
+        return {**out, "computed": False, "seconds": time.perf_counter() - start, "ended": time.time()}
+    shard = plan.shards[index]
+    folder = Path(workspace) / GAIN_SHARD_DIR
+    computed = not plan.path(folder, shard).is_file()
+    measure_gain_shard(state["pipe"], plan, shard, prompts, sampler, folder)
+    return {**out, "digest": shard.digest, "computed": computed, "seconds": time.perf_counter() - start,
+            "ended": time.time()}
+
+
+@flow(name="slimdiff-gains-shards", log_prints=True)
+def gains_shards(workspace: str, jobs: int, threads: int | None = None) -> dict[str, Any]:
+    """One task per gains shard index below ``jobs`` across the workers (module subsets; see slimdiff.gain_shards)."""
+    root = str(Path(workspace).resolve())
+    results = [future.result() for future in [gain_shard_task.submit(root, i, threads) for i in range(jobs)]]
+    return _collect("gains", results)
+
+
+def _collect(what: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    plans = {r["plan_digest"] for r in results}
+    if len(plans) > 1:
+        raise ValueError(f"the workers planned {len(plans)} different {what} runs: the model, prompts or params.yaml "
+                         "changed during the run; re-run it")
+    manifest = results[0]["shards"]
+    computed = [r for r in results if r["computed"]]
+    print(f"{what}: {len(computed)} of {len(manifest)} shards computed on the cluster "
+          f"({len(manifest) - len(computed)} were already there)")
+    return {"shards": manifest, "computed": computed}
 
 
 def local_worker_environment() -> None:
     """Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (its default ``pre-spawn-environ``): glibc
     then maps and unmaps every large tensor, and a capture runs 1.8x slower (measured: 25 reference prompts 6.3 s
-    against 11.2 s on one thread). Unset it for the workers of a local cluster; OMP/MKL stay at one thread each."""
+    against 11.2 s on one thread). Unset it for the workers of a local cluster; OMP/MKL stay at one thread each.
+    Dask's statistical profiler (a stack sample every 10 ms, for the dashboard) is off: a local capture cluster
+    starts no dashboard, and the sampler would take the GIL from the shard's thread on a core it shares."""
     import dask
 
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                     "distributed.worker.profile.enabled": False})
+
+
+def prefect_api_url() -> str:
+    """The Prefect API this process talks to: the configured server, or the temporary one Prefect started here."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
+
+
+def local_cluster_kwargs(workers: int) -> dict[str, Any]:
+    """``LocalCluster`` arguments for ``workers`` one-thread worker processes that report to this process's Prefect
+    API. Without ``PREFECT_API_URL`` each worker's first task starts a Prefect server of its own (measured: 9 s
+    before a worker runs its first shard, and one more server process per worker competing for the cores)."""
+    local_worker_environment()
+    return dict(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                env={"PREFECT_API_URL": prefect_api_url()})
 
 
 def task_runner(settings: dict[str, Any], jobs: int):
@@ -204,6 +302,11 @@ def task_runner(settings: dict[str, Any], jobs: int):
     from prefect_dask import DaskTaskRunner
 
     if settings["cluster"] != LOCAL:
+        api = prefect_api_url()
+        if any(host in api for host in ("://127.0.0.1", "://localhost", "://[::1]")):
+            print(f"capture: warning: this flow's Prefect API is {api}, which the workers of {settings['cluster']} "
+                  "cannot reach: each records its shard tasks in a Prefect server of its own. Set PREFECT_API_URL "
+                  "to a server both sides reach (docs/distributed.md)", file=sys.stderr)
         return DaskTaskRunner(address=settings["cluster"]), None
     import torch
 
@@ -211,22 +314,32 @@ def task_runner(settings: dict[str, Any], jobs: int):
     workers = settings["workers"] or (torch.cuda.device_count() if torch.cuda.is_available() else cores)
     workers = max(1, min(workers, jobs))
     threads = max(1, cores // workers)
-    kwargs = dict(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-    local_worker_environment()
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs), threads
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(workers)), threads
 
 
 def fan_out_capture(workspace: Path, params: dict[str, Any]) -> dict[str, Any] | None:
     """Run the capture's shards on the cluster when the capture is sharded and out of date; None otherwise."""
     settings = sharding(params)
-    if not settings["sharded"] or not capture_is_stale(workspace):
+    if not settings["sharded"] or not stage_is_stale(workspace, "capture"):
         return None
+    return _fan_out("capture", capture_shards, workspace, settings, settings["shards"] * settings["site_groups"])
+
+
+def fan_out_gains(workspace: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """Run the gains shards on the cluster when ``score.gain_shards`` > 1 and the gains are out of date; None otherwise."""
+    settings = sharding(params)
+    if settings["gain_shards"] <= 1 or not stage_is_stale(workspace, "gains"):
+        return None
+    return _fan_out("gains", gains_shards, workspace, settings, settings["gain_shards"])
+
+
+def _fan_out(stage: str, sub_flow, workspace: Path, settings: dict[str, Any], jobs: int) -> dict[str, Any]:
     from flows.tasks import StageError
 
-    runner, threads = task_runner(settings, settings["shards"] * settings["site_groups"])
+    runner, threads = task_runner(settings, jobs)
     try:
-        return capture_shards.with_options(task_runner=runner)(str(workspace), threads)
+        return sub_flow.with_options(task_runner=runner)(str(workspace), jobs, threads)
     except Exception as error:  # a shard that failed for good (its retries spent, or Dask's KilledWorker)
         message = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise StageError(f"stage capture: error: the shard fan-out on {settings['cluster']} failed "
+        raise StageError(f"stage {stage}: error: the shard fan-out on {settings['cluster']} failed "
                          f"({type(error).__name__}: {message}); re-run: finished shards are kept") from error

@@ -446,9 +446,11 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
         "stages_run": ",".join(s for s, ran in stages_run.items() if ran) or "none",
         "reference.check": str(reference)[:5000],
     })
+    from slimdiff.gain_shards import gain_shard_tags
     from slimdiff.shards import shard_tags
 
     tags.update(shard_tags(outputs / "capture.safetensors"))  # sharded capture: lineage.capture.shard.<i> = digest
+    tags.update(gain_shard_tags(outputs / "gains.json"))  # sharded gains: lineage.gains.shard.<i> = digest
     timing = {f"duration.{stage}_s": seconds for stage, seconds in (durations or {}).items()}
     slimset = pd.read_json(outputs / "slimset" / "slimset.jsonl", lines=True)
     run_name = f"{name}-b{params['allocate']['budget']}"

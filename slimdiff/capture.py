@@ -239,7 +239,20 @@ class Capture:
 
     @property
     def num_buckets(self) -> int:
+        """Timestep buckets: from the recorded ``bucket_edges`` (a lazily read capture then reads no site; ``load``
+        and ``open_capture`` check that the sites agree), else from the first site."""
+        edges = self.metadata.get("bucket_edges")
+        if isinstance(edges, (list, tuple)) and len(edges) >= 2:
+            return len(edges) - 1
         return next(iter(self.sites.values())).num_buckets
+
+    def subset(self, sites: Sequence[str]) -> "Capture":
+        """The statistics of ``sites`` only, each read once (one access each to ``self.sites``), with this metadata:
+        what one group's moments need, so that a lazily read capture reads each of its sites once per group."""
+        for site in sites:
+            if site not in self.sites:
+                raise KeyError(f"capture has no statistics for {site!r}")
+        return Capture({site: self.sites[site] for site in dict.fromkeys(sites)}, self.metadata)
 
     @property
     def nbytes(self) -> int:
@@ -312,32 +325,63 @@ class Capture:
             raise FileNotFoundError(f"capture file not found: {path}")
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as handle:
-                raw = (handle.metadata() or {}).get("slimdiff")
-                if raw is None:
-                    raise ValueError(f"{path} is not a slimdiff capture (no 'slimdiff' metadata)")
-                header = json.loads(raw)
-                if header.get("format") != CAPTURE_FORMAT:
-                    raise ValueError(f"{path}: capture format {header.get('format')!r}, this slimdiff reads {CAPTURE_FORMAT!r}; "
-                                     "re-run the capture")
+                header = capture_header(path, handle)
                 parts: dict[str, dict[str, Tensor]] = {}
                 for key in handle.keys():
                     site, part = key.rsplit("|", 1)
                     parts.setdefault(site, {})[part] = handle.get_tensor(key)
         except (SafetensorError, json.JSONDecodeError, OSError) as error:
-            # not re-raised as is: a raw parser traceback would not say which artifact to re-create
-            raise ValueError(f"{path}: unreadable capture ({str(error).splitlines()[0][:160]}); the file is truncated or "
-                             "corrupt, re-run the capture") from None
+            raise unreadable_capture(path, error) from None
         if not parts:
             raise ValueError(f"{path}: the capture holds no statistics")
         sites = {site: _site_stats(path, site, p) for site, p in parts.items()}
-        buckets = {s.num_buckets for s in sites.values()}
-        if len(buckets) != 1:
-            raise ValueError(f"{path}: sites disagree on the number of timestep buckets ({sorted(buckets)}); the file is corrupt")
-        return cls(sites, header.get("metadata", {}))
+        metadata = header.get("metadata", {})
+        check_buckets(path, {s.num_buckets for s in sites.values()}, metadata)
+        return cls(sites, metadata)
+
+
+def capture_header(path: Path, handle) -> dict:
+    """The slimdiff header of the capture file open in ``handle`` (a safetensors ``safe_open``), checked: slimdiff
+    metadata in the format this slimdiff reads. Raises ``json.JSONDecodeError`` for a garbled header."""
+    raw = (handle.metadata() or {}).get("slimdiff")
+    if raw is None:
+        raise ValueError(f"{path} is not a slimdiff capture (no 'slimdiff' metadata)")
+    header = json.loads(raw)
+    if header.get("format") != CAPTURE_FORMAT:
+        raise ValueError(f"{path}: capture format {header.get('format')!r}, this slimdiff reads {CAPTURE_FORMAT!r}; "
+                         "re-run the capture")
+    return header
+
+
+def unreadable_capture(path: Path, error: Exception, site: str | None = None) -> ValueError:
+    """The one line for a capture file the safetensors reader refuses (truncated, corrupt, changed under us)."""
+    # not re-raised as is: a raw parser traceback would not say which artifact to re-create
+    where = f"{path}: site {site}" if site is not None else f"{path}"
+    return ValueError(f"{where}: unreadable capture ({str(error).splitlines()[0][:160]}); the file is truncated or "
+                      "corrupt, re-run the capture")
+
+
+def check_buckets(path: Path, buckets: set[int], metadata: dict) -> None:
+    """Every site has the same number of timestep buckets, the one the metadata's ``bucket_edges`` record (when
+    recorded): then ``Capture.num_buckets`` may answer from the metadata."""
+    if len(buckets) != 1:
+        raise ValueError(f"{path}: sites disagree on the number of timestep buckets ({sorted(buckets)}); the file is corrupt")
+    edges = metadata.get("bucket_edges")
+    if isinstance(edges, (list, tuple)) and len(edges) >= 2 and len(edges) - 1 not in buckets:
+        raise ValueError(f"{path}: its metadata records {len(edges) - 1} timestep buckets, its statistics hold "
+                         f"{next(iter(buckets))}; the file is corrupt, re-run the capture")
 
 
 def _site_stats(path: Path, site: str, parts: dict[str, Tensor]) -> SiteStats:
     """One site's sums, after checking that every part is there with consistent shapes and dtypes."""
+    check_site_parts(path, site, parts)
+    bucket_outer, bucket_first = parts.get("bucket_sum_outer"), parts.get("bucket_sum")
+    return SiteStats(parts["sum_outer"], parts["sum"], parts["count"].cpu(), bucket_outer, bucket_first)
+
+
+def check_site_parts(path: Path, site: str, parts: dict[str, Tensor]) -> None:
+    """Fail with one line when a site's parts are missing or of inconsistent shapes or dtypes (shapes and dtypes
+    only: meta tensors check a file's layout without reading it)."""
     missing = [part for part in ("sum_outer", "sum", "count") if part not in parts]
     if missing:
         raise ValueError(f"{path}: site {site} lacks {', '.join(missing)}; the file is incomplete")
@@ -354,15 +398,14 @@ def _site_stats(path: Path, site: str, parts: dict[str, Tensor]) -> SiteStats:
     if (bucket_outer is None) != (bucket_first is None):
         problems.append("only one of bucket_sum_outer and bucket_sum is present")
     elif bucket_outer is not None:
-        buckets = count.shape[0]
+        buckets = count.shape[0] if count.dim() == 1 else -1  # a count of another shape is named above
         if tuple(bucket_outer.shape) != (buckets, dim, dim) or tuple(bucket_first.shape) != (buckets, dim):
             problems.append(f"bucket sums {tuple(bucket_outer.shape)}/{tuple(bucket_first.shape)} do not match "
                             f"{buckets} buckets of width {dim}")
-    elif count.shape[0] > 1:
+    elif count.dim() == 1 and count.shape[0] > 1:
         problems.append(f"{count.shape[0]} buckets but no per-bucket sums")
     if problems:
         raise ValueError(f"{path}: site {site}: {problems[0]}; the file is corrupt, re-run the capture")
-    return SiteStats(outer, first, count.cpu(), bucket_outer, bucket_first)
 
 
 # Metadata keys that must agree between shards (everything that defines the sampling distribution).

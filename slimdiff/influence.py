@@ -428,7 +428,8 @@ class LogitNoise:
 
 def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups: Sequence[ModuleGroup] | None = None,
                       rel_noise: float = 0.05, seed: int = 0, progress: bool = False, noise_chunk: int = DEFAULT_NOISE_CHUNK,
-                      known: dict[str, float] | None = None, after_each=None) -> tuple[dict[str, float], dict[str, float]]:
+                      known: dict[str, float] | None = None, after_each=None,
+                      only: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Gradient-free propagation gains and block influence.
 
     For each module, noise of known energy per token (per query-key pair and head for QK logits)
@@ -437,6 +438,8 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
     allocator) is mean(1 - cos(x_in, x_out)) of each transformer block on the clean passes. Noise is
     drawn on the model's device from a generator seeded per module, so modules already in ``known``
     are skipped and the rest come out the same; ``after_each(gains)`` is called after every module.
+    With ``only`` (module names), just those are measured, with the seeds they have in the whole run: the gains of
+    disjoint module subsets, measured anywhere, together equal the one-process gains (``slimdiff.gain_shards``).
     """
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
@@ -446,6 +449,12 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
     if not 0 < rel_noise < 1:
         raise ValueError(f"rel_noise must be in (0, 1), got {rel_noise}")
     groups = list(groups) if groups is not None else compressible_groups(denoiser)
+    if only is not None:
+        unknown = sorted(set(only) - {g.name for g in groups})
+        if unknown:
+            raise ValueError(f"gains: {len(unknown)} module(s) to measure are not compressible groups of this denoiser, "
+                             f"e.g. {unknown[0]!r}")
+    wanted = set(only) if only is not None else None
     device = module_device(denoiser)
     influence_sum: dict[str, float] = {}
     influence_count: dict[str, int] = {}
@@ -469,9 +478,10 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
         for h in handles:
             h.remove()
 
-    gains: dict[str, float] = {g.name: known[g.name] for g in groups if known and g.name in known}
+    measured = [(index, g) for index, g in enumerate(groups) if wanted is None or g.name in wanted]
+    gains: dict[str, float] = {g.name: known[g.name] for _, g in measured if known and g.name in known}
     with torch.no_grad():
-        for index, group in enumerate(tqdm(groups, desc="gains", unit="module", disable=not progress)):
+        for index, group in tqdm(measured, desc="gains", unit="module", disable=not progress):
             if group.name in gains:
                 continue
             generator = torch.Generator(device=device).manual_seed(seed * 100003 + index)
@@ -558,15 +568,22 @@ def gains_fingerprint(denoiser: nn.Module, prompts: Sequence[str], sampler: Samp
 
 def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int = 4, rel_noise: float = 0.05,
                   seed: int = 0, progress: bool = False, noise_chunk: int = DEFAULT_NOISE_CHUNK,
-                  checkpoint: str | Path | None = None) -> Gains:
+                  checkpoint: str | Path | None = None, only: Sequence[str] | None = None,
+                  expect: dict[str, Any] | None = None) -> Gains:
     """Measure propagation gains (and block influence) on a few prompts and timesteps, on the model's device.
 
     With ``checkpoint``, the gains measured so far are written there after every module, and a
     checkpoint with the same model and settings is resumed (modules already measured are skipped).
+    With ``only``, just those modules are measured (one shard of the gains, see ``slimdiff.gain_shards``), and
+    with ``expect`` (a fingerprint) nothing is measured unless this model and these settings have that fingerprint.
     """
     _, denoiser = denoiser_of(pipe)
     model_hash = model_content_hash(denoiser)
     fingerprint = gains_fingerprint(denoiser, prompts, sampler, num_calls, rel_noise, seed, noise_chunk, model_hash)
+    if expect is not None and expect != fingerprint:
+        differ = sorted(k for k in set(expect) | set(fingerprint) if expect.get(k) != fingerprint.get(k))
+        raise ValueError(f"gains were planned for another {', '.join(differ)} than this model and these settings; "
+                         "re-plan them")
     known: dict[str, float] = {}
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.is_file():
@@ -587,7 +604,7 @@ def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_ca
 
     calls = record_denoiser_calls(pipe, prompts, sampler, num_calls)
     gains, block_influence = propagation_gains(denoiser, calls, rel_noise=rel_noise, seed=seed, progress=progress,
-                                               noise_chunk=noise_chunk, known=known, after_each=save_partial)
+                                               noise_chunk=noise_chunk, known=known, after_each=save_partial, only=only)
     metadata = {"model_hash": model_hash, "prompts": len(prompts), "prompts_digest": prompts_digest(prompts),
                 "calls": len(calls), "rel_noise": rel_noise, "seed": seed, "noise_chunk": noise_chunk,
                 "sampler": sampler.to_dict(), "dtype": fingerprint["dtype"], "device_type": fingerprint["device_type"]}

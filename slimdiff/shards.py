@@ -447,28 +447,57 @@ def capture_sharded(pipe, prompts: Sequence[str], sampler: SamplerSettings, fold
 
 
 class _LazySites(Mapping):
-    """Sites of a capture file, each read from disk when asked for (nothing is kept)."""
+    """Sites of a capture file, each read from disk when asked for (nothing is kept).
+
+    Opening checks what ``Capture.load`` checks, from the header alone (no tensor is read): the file is there,
+    readable and fully covered by its tensors, a capture in this slimdiff's format, and every site's parts are
+    present with consistent shapes, dtypes and bucket counts. A damaged file fails here with ``Capture.load``'s
+    one line, not half-way through a decomposition."""
 
     def __init__(self, path: Path, device: torch.device | str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
+
+        from slimdiff.capture import capture_header, check_buckets, check_site_parts, unreadable_capture
 
         self.path, self.device = path, device
-        with safe_open(str(path), framework="pt") as handle:
-            self._keys: dict[str, list[str]] = {}
-            for key in handle.keys():
-                site, part = key.rsplit("|", 1)
-                self._keys.setdefault(site, []).append(part)
+        if not path.is_file():
+            raise FileNotFoundError(f"capture file not found: {path}")
+        self._stamp = _file_stamp(path)
+        layout: dict[str, dict[str, torch.Tensor]] = {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:  # refuses a file its tensors do not exactly cover
+                header = capture_header(path, handle)
+                for key in handle.keys():
+                    site, _, part = key.rpartition("|")
+                    layout.setdefault(site, {})[part] = _meta_tensor(path, key, handle.get_slice(key))
+        except (SafetensorError, json.JSONDecodeError, OSError) as error:
+            raise unreadable_capture(path, error) from None
+        if not layout:
+            raise ValueError(f"{path}: the capture holds no statistics")
+        for site, parts in layout.items():
+            check_site_parts(path, site, parts)
+        self.metadata: dict = header.get("metadata", {})
+        check_buckets(path, {int(parts["count"].shape[0]) for parts in layout.values()}, self.metadata)
+        self._keys = {site: list(parts) for site, parts in layout.items()}
 
     def __getitem__(self, site: str) -> SiteStats:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        from slimdiff.capture import _site_stats
+        from slimdiff.capture import _site_stats, unreadable_capture
 
         if site not in self._keys:
             raise KeyError(site)
-        with safe_open(str(self.path), framework="pt", device=str(self.device)) as handle:
-            parts = {part: handle.get_tensor(f"{site}|{part}") for part in self._keys[site]}
+        try:
+            if _file_stamp(self.path) != self._stamp:
+                raise ValueError(f"{self.path}: site {site}: the capture file changed since it was opened; re-run the stage")
+            with safe_open(str(self.path), framework="pt", device=str(self.device)) as handle:
+                parts = {part: handle.get_tensor(f"{site}|{part}") for part in self._keys[site]}
+        except (SafetensorError, OSError) as error:
+            raise unreadable_capture(self.path, error, site) from None
         return _site_stats(self.path, site, parts)
+
+    def __contains__(self, site: object) -> bool:
+        return site in self._keys  # from the index: Mapping's own __contains__ would read the site
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -477,16 +506,33 @@ class _LazySites(Mapping):
         return len(self._keys)
 
 
-def open_capture(path: str | Path, device: torch.device | str = "cpu") -> Capture:
-    """A ``Capture`` whose sites are read from ``path`` one at a time, on access: a decomposition that asks for one
-    group's statistics at a time holds only those (``Capture.load`` reads every site at once)."""
-    path = Path(path)
-    header = read_header(path)
-    from slimdiff.capture import CAPTURE_FORMAT
+# safetensors' dtype names -> torch's: any a file may hold, so that a wrong dtype is named as Capture.load names it
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+                       "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
-    if header.get("format") != CAPTURE_FORMAT:
-        raise ValueError(f"{path}: capture format {header.get('format')!r}, this slimdiff reads {CAPTURE_FORMAT!r}")
-    return Capture(_LazySites(path, device), header.get("metadata", {}))  # type: ignore[arg-type]
+
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns, status.st_ino
+
+
+def _meta_tensor(path: Path, key: str, piece) -> torch.Tensor:
+    """A tensor of the stored shape and dtype on the meta device (no data): what the layout checks read."""
+    dtypes = {name: getattr(torch, dtype) for name, dtype in _SAFETENSORS_DTYPES.items() if hasattr(torch, dtype)}
+    name = piece.get_dtype()
+    if name not in dtypes:
+        raise ValueError(f"{path}: {key} holds {name} values, no capture part does; the file is corrupt, re-run the capture")
+    return torch.empty(tuple(piece.get_shape()), dtype=dtypes[name], device="meta")
+
+
+def open_capture(path: str | Path, device: torch.device | str = "cpu") -> Capture:
+    """A ``Capture`` whose sites are read from ``path`` onto ``device`` one at a time, on access: a decomposition
+    asks for one group's statistics at a time (``group_statistics``) and holds only those (``Capture.load`` reads
+    every site at once). Membership (``in``) and ``num_buckets`` read no site. A missing, truncated, corrupt,
+    foreign or inconsistent file fails here, with the one line ``Capture.load`` gives for it."""
+    sites = _LazySites(Path(path), device)
+    return Capture(sites, sites.metadata)  # type: ignore[arg-type]
 
 
 def shard_tags(capture_path: str | Path, prefix: str = "lineage.capture.shard") -> dict[str, str]:

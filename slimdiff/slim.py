@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimdiff.capture import Capture, group_input_sites
+from slimdiff.capture import Capture, group_input_sites, group_sites
 from slimdiff.decompose import (DEFAULT_REG, FFNDecomposition, QKDecomposition, VODecomposition, decompose_ffn, decompose_lowrank,
                                 decompose_qk, decompose_vo)
 from slimdiff.device import linalg_device, module_device
@@ -346,7 +346,9 @@ def group_statistics(denoiser: nn.Module, group: ModuleGroup, capture: Capture, 
                      device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """(cov_x, cov_y): the second moments a group's decomposition reads, over ``buckets`` (all by default), on
     ``device``. QK: query input and key input (stacked block-diagonally over the streams of a joint attention,
-    bias rows included); VO: the value input, twice; FFN: the hidden activation, twice; adaLN: its input, twice."""
+    bias rows included); VO: the value input, twice; FFN: the hidden activation, twice; adaLN: its input, twice.
+    Each site the group reads is taken from ``capture`` once (a capture from ``open_capture`` reads it from disk)."""
+    capture = capture.subset(group_sites(group))
     module = denoiser.get_submodule(group.path)
     has_bias = lambda name: module.get_submodule(name).bias is not None  # noqa: E731
     if group.kind == "qk_joint":

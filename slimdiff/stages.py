@@ -153,13 +153,37 @@ def capture_shards(params: dict[str, Any], pipe, prompts: list[str], folder: Pat
     return plan
 
 
+GAIN_SHARD_DIR = CHECKPOINT_DIR / "gain_shards"
+
+
+def gain_shards(params: dict[str, Any]) -> int:
+    """``score.gain_shards``: module subsets the gains are measured in (1 = one process), checked."""
+    value = params["score"].get("gain_shards", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"params.yaml score.gain_shards must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def stage_gains(params: dict[str, Any]) -> None:
-    """Propagation gains on the first ``score.gain_prompts`` SlimSet prompts, checkpointed after every module."""
+    """Propagation gains on the first ``score.gain_prompts`` SlimSet prompts, checkpointed after every module; with
+    ``score.gain_shards`` > 1, merged from module-subset shards (those the flow's fan-out did not write are measured
+    here; docs/distributed.md)."""
+    from slimdiff.gain_shards import measure_gains_sharded
     from slimdiff.influence import measure_gains
 
     config = config_from(params)
     sampler = sampler_settings(params)
     prompts = read_slimset()[: config.gain_prompts]
+    shards = gain_shards(params)
+    if shards > 1:
+        gains, plan, measured = measure_gains_sharded(_pipeline(params), prompts, sampler, GAIN_SHARD_DIR, shards=shards,
+                                                      num_calls=config.gain_calls, rel_noise=config.rel_noise,
+                                                      seed=sampler.seed, progress=True)
+        print(f"gains: merged {len(plan.shards)} shards ({len(measured)} measured in this process)")
+        gains.save(GAINS_FILE)
+        for shard in plan.shards:
+            plan.path(GAIN_SHARD_DIR, shard).unlink(missing_ok=True)
+        return
     gains = measure_gains(_pipeline(params), prompts, sampler, config.gain_calls, config.rel_noise, seed=sampler.seed,
                           progress=True, checkpoint=GAINS_CHECKPOINT)
     gains.save(GAINS_FILE)
@@ -217,15 +241,18 @@ def stage_allocate(params: dict[str, Any]) -> None:
 
 def stage_decompose(params: dict[str, Any]) -> None:
     from slimdiff.allocate import WidthPlan
-    from slimdiff.capture import Capture, check_model, denoiser_of
+    from slimdiff.capture import check_model, denoiser_of
     from slimdiff.compress import CompressionResult
     from slimdiff.io import save
+    from slimdiff.shards import open_capture
     from slimdiff.slim import decompose
 
     config = config_from(params)
     pipe = _pipeline(params)
     _, denoiser = denoiser_of(pipe)
-    stats = Capture.load(CAPTURE_FILE)
+    # streamed: one group's sites in memory at a time (docs/distributed.md). Read onto the CPU as Capture.load did;
+    # each group's moments move to the model's linalg device in group_statistics.
+    stats = open_capture(CAPTURE_FILE, device="cpu")
     check_model(stats, denoiser, str(CAPTURE_FILE))
     plan = WidthPlan.load(PLAN_FILE)
     planned_for = plan.settings.get("model_hash")

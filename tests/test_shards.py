@@ -10,6 +10,7 @@ relative (observed 0 on this machine; rounding of the shard additions could show
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -204,7 +205,8 @@ class WorkerKiller:
 @pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
 def test_flow_on_two_local_workers_with_a_killed_worker(prefect_env, tmp_path, monkeypatch):
     """4 shards on a local Dask cluster of 2 worker processes; one worker is SIGKILLed during a shard; the flow
-    finishes, the statistics equal the single-process capture, and the MLflow lineage names the shard digests."""
+    finishes, the statistics equal the single-process capture, and the MLflow lineage names the shard digests.
+    The gains run as 3 module shards on the same kind of cluster and equal the one-process gains."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -215,7 +217,8 @@ def test_flow_on_two_local_workers_with_a_killed_worker(prefect_env, tmp_path, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     workspace = testing.make_workspace(tmp_path / "ws", {
         "curate": {"n": 24}, "sampler": {"steps": 4},
-        "capture": {"batch_size": 3, "checkpoint_every": 3, "shards": 4, "cluster": "local", "workers": 2}})
+        "capture": {"batch_size": 3, "checkpoint_every": 3, "shards": 4, "cluster": "local", "workers": 2},
+        "score": {"gain_shards": 3}})
     killer = WorkerKiller(workspace / SHARD_DIR)
     try:
         result = compress(str(workspace))
@@ -223,6 +226,8 @@ def test_flow_on_two_local_workers_with_a_killed_worker(prefect_env, tmp_path, m
         killer.stop.set()
     assert killer.killed, "no shard was caught mid-way (after its checkpoint) to kill its worker"
     assert result["stages_run"]["capture"]
+    assert sorted(result["fanned_out"]["capture"]) == [0, 1, 2, 3]  # every shard ran on the cluster
+    assert sorted(result["fanned_out"]["gains"]) == [0, 1, 2]
     assert not list((workspace / SHARD_DIR).glob("*.safetensors"))  # merged shards are removed
 
     merged = Capture.load(workspace / "outputs" / "capture.safetensors")
@@ -238,3 +243,199 @@ def test_flow_on_two_local_workers_with_a_killed_worker(prefect_env, tmp_path, m
     version = MlflowClient().get_model_version_by_alias("slimdiff-tiny-sd", "candidate")
     assert version.tags["lineage.capture.shards"] == "4"
     assert [version.tags[f"lineage.capture.shard.{i}"] for i in range(4)] == [s.digest for s in plan.shards]
+
+    from slimdiff.gain_shards import plan_gain_shards
+    from slimdiff.influence import Gains, measure_gains
+    from slimdiff.stages import GAIN_SHARD_DIR, load_params, sampler_settings
+
+    params = load_params(workspace / "params.yaml")
+    score, sampler = params["score"], sampler_settings(params)
+    gain_prompts = prompts[: score["gain_prompts"]]
+    gains = Gains.load(workspace / "outputs" / "gains.json")
+    one_process = measure_gains(pipe, gain_prompts, sampler, score["gain_calls"], score["rel_noise"], seed=sampler.seed)
+    assert gains.gains == one_process.gains and gains.block_influence == one_process.block_influence
+    gain_plan = plan_gain_shards(pipe, gain_prompts, sampler, shards=3, num_calls=score["gain_calls"],
+                                 rel_noise=score["rel_noise"], seed=sampler.seed)
+    assert [e["digest"] for e in gains.metadata["shards"]] == [s.digest for s in gain_plan.shards]
+    assert not list((workspace / GAIN_SHARD_DIR).glob("*.json"))  # merged shards are removed
+    assert version.tags["lineage.gains.shards"] == "3"
+    assert [version.tags[f"lineage.gains.shard.{i}"] for i in range(3)] == [s.digest for s in gain_plan.shards]
+
+
+# ------------------------------------------------------------------------------------------------ streamed decompose
+
+
+def tiny_capture(family: str, pipe, reference: Capture) -> tuple[torch.nn.Module, Capture]:
+    """(model, capture): the tiny SD UNet with the real capture of the module (its metadata records bucket_edges),
+    or a tiny Flux transformer (joint and fused groups) with a recorded capture whose metadata records nothing."""
+    import copy
+
+    if family == "unet":
+        return copy.deepcopy(pipe.unet), reference
+    model = testing.tiny_flux_transformer()
+    return model, testing.record_capture(model, testing.TINY_DIT_DENOISERS["flux"], (100, 400, 700, 950), batch=2)
+
+
+def half_widths(model) -> dict[str, int]:
+    from slimdiff.groups import compressible_groups
+
+    return {g.name: max(1, g.width // 2) for g in compressible_groups(model)}
+
+
+class ReadCounter:
+    """Counts the sites a lazily read capture reads and the safetensors files opened."""
+
+    def __init__(self, monkeypatch):
+        import collections
+
+        import safetensors
+
+        self.sites: collections.Counter = collections.Counter()
+        self.opened = 0
+        read, open_file = S._LazySites.__getitem__, safetensors.safe_open
+
+        def counted_read(lazy, site):
+            self.sites[site] += 1
+            return read(lazy, site)
+
+        def counted_open(*args, **kwargs):
+            self.opened += 1
+            return open_file(*args, **kwargs)
+
+        monkeypatch.setattr(S._LazySites, "__getitem__", counted_read)
+        monkeypatch.setattr(safetensors, "safe_open", counted_open)
+
+
+@pytest.mark.parametrize("family", ["unet", "flux"])
+def test_streamed_decompose_reads_each_site_once_per_group(pipe, reference, tmp_path, monkeypatch, family):
+    import collections
+
+    from slimdiff.capture import group_sites
+    from slimdiff.groups import compressible_groups
+    from slimdiff.slim import decompose
+
+    model, stats = tiny_capture(family, pipe, reference)
+    lazy = S.open_capture(stats.save(tmp_path / "capture.safetensors"))
+    reads = ReadCounter(monkeypatch)
+    site = next(iter(stats.sites))
+    assert site in lazy.sites and "no.such.site" not in lazy.sites and set(lazy.sites) == set(stats.sites)
+    assert reads.opened == 0 and not reads.sites  # membership answers from the index
+    widths = half_widths(model)
+    needed = collections.Counter(s for g in compressible_groups(model) if g.name in widths for s in group_sites(g))
+    decompose(model, lazy, widths)
+    assert reads.sites == needed  # once per group that reads it (a self-attention input: its QK and its VO group)
+    assert reads.opened == sum(needed.values())
+
+
+def test_num_buckets_answers_from_the_metadata(pipe, reference, tmp_path, monkeypatch):
+    one = capture(pipe, PROMPTS[:2], SAMPLER, num_buckets=1, batch_size=2, progress=False)
+    for stats, buckets in ((reference, 4), (one, 1)):
+        path = stats.save(tmp_path / f"capture{buckets}.safetensors")
+        loaded, lazy = Capture.load(path), S.open_capture(path)
+        reads = ReadCounter(monkeypatch)
+        assert lazy.num_buckets == loaded.num_buckets == buckets == next(iter(stats.sites.values())).num_buckets
+        assert reads.opened == 0 and not reads.sites
+        monkeypatch.undo()
+    # no recorded bucket_edges (e.g. a capture checkpoint): the first site answers, as before
+    recorded = Capture(reference.sites, {k: v for k, v in reference.metadata.items() if k != "bucket_edges"})
+    assert S.open_capture(recorded.save(tmp_path / "bare.safetensors")).num_buckets == 4
+    # edges that contradict the statistics are refused by both readers, up front
+    Capture(reference.sites, {**reference.metadata, "bucket_edges": [0.0, 500.0, 1000.0]}).save(tmp_path / "odd.safetensors")
+    odd = r"odd\.safetensors: its metadata records 2 timestep buckets, its statistics hold 4; the file is corrupt"
+    for read in (Capture.load, S.open_capture):
+        with pytest.raises(ValueError, match=odd):
+            read(tmp_path / "odd.safetensors")
+
+
+@pytest.mark.parametrize("family", ["unet", "flux"])
+def test_streamed_decompose_equals_the_loaded_one(pipe, reference, tmp_path, family):
+    import copy
+
+    from slimdiff.slim import decompose
+
+    model, stats = tiny_capture(family, pipe, reference)
+    path = stats.save(tmp_path / "capture.safetensors")
+    loaded, streamed, widths = copy.deepcopy(model), copy.deepcopy(model), half_widths(model)
+    a = decompose(loaded, Capture.load(path), widths)
+    b = decompose(streamed, S.open_capture(path), widths)
+    assert a == b
+    left, right = loaded.state_dict(), streamed.state_dict()
+    assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_decompose_stage_streams_and_writes_the_loaded_result(pipe, reference, tmp_path, monkeypatch, capsys):
+    import copy
+
+    from slimdiff.allocate import allocate
+    from slimdiff.influence import score
+    from slimdiff.io import _read_weights
+    from slimdiff.slim import decompose
+    from slimdiff.stages import config_from, main
+
+    repo = Path(__file__).resolve().parents[1]
+    pipe.save_pretrained(tmp_path / "model")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update({"path": "model", "device": "cpu"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "outputs" / "plan").mkdir(parents=True)
+    reference.save(tmp_path / "outputs" / "capture.safetensors")
+    plan = allocate(score(pipe.unet, reference, None, require_gains=False), 0.3)
+    plan.save(tmp_path / "outputs" / "plan" / "width_plan.json")
+    monkeypatch.chdir(tmp_path)
+    loads = []
+    monkeypatch.setattr(Capture, "load", classmethod(lambda cls, *a, **k: loads.append(a) or pytest.fail("Capture.load")))
+    assert main(["decompose"]) == 0, capsys.readouterr().err
+    assert not loads
+    monkeypatch.undo()
+    expected = copy.deepcopy(pipe.unet)
+    decompose(expected, Capture.load(tmp_path / "outputs" / "capture.safetensors"), plan.widths, config_from(params).reg)
+    written = _read_weights(tmp_path / "outputs" / "model" / "unet")
+    state = expected.state_dict()
+    assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state)
+
+
+def test_a_damaged_capture_fails_at_open_with_the_capture_line(reference, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    path = reference.save(tmp_path / "capture.safetensors")
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError) as loaded:
+        Capture.load(truncated)
+    with pytest.raises(ValueError, match=r"truncated\.safetensors: unreadable capture \(.*\); the file is truncated or "
+                                         r"corrupt, re-run the capture") as opened:
+        S.open_capture(truncated)
+    assert str(opened.value) == str(loaded.value) and len(str(opened.value).splitlines()) == 1
+    # a site whose parts are missing or disagree: the same line as Capture.load's, from the header alone
+    site = next(iter(reference.sites))
+    header = {"slimdiff": json.dumps({"format": S._capture_format(), "metadata": reference.metadata}, sort_keys=True)}
+    changes = {"lacks count": lambda t: t.pop(f"{site}|count"),
+               "count is torch.int32": lambda t: t.__setitem__(f"{site}|count", t[f"{site}|count"].int()),
+               "expected float64": lambda t: t.__setitem__(f"{site}|sum_outer", t[f"{site}|sum_outer"].float()),
+               "do not match 4 buckets": lambda t: t.__setitem__(f"{site}|bucket_sum", t[f"{site}|bucket_sum"][:2].clone())}
+    for message, change in changes.items():
+        tensors = {f"{s}|{part}": getattr(stats, part) for s, stats in reference.sites.items()
+                   for part in ("sum_outer", "sum", "count", "bucket_sum_outer", "bucket_sum")}
+        change(tensors)
+        save_file(tensors, str(tmp_path / "parts.safetensors"), metadata=header)
+        with pytest.raises(ValueError) as loaded:
+            Capture.load(tmp_path / "parts.safetensors")
+        with pytest.raises(ValueError, match=message) as opened:
+            S.open_capture(tmp_path / "parts.safetensors")
+        assert str(opened.value) == str(loaded.value)
+    with pytest.raises(FileNotFoundError, match="capture file not found"):
+        S.open_capture(tmp_path / "missing.safetensors")
+    # the file changes or goes away after opening: the capture's wording, naming the file and the site
+    lazy = S.open_capture(path)
+    path.write_bytes(data[:-8] + bytes(8))
+    changed = rf"capture\.safetensors: site {re.escape(site)}: the capture file changed since it was opened"
+    with pytest.raises(ValueError, match=changed):
+        lazy.sites[site]
+    lazy = S.open_capture(path)
+    path.unlink()
+    gone = rf"capture\.safetensors: site {re.escape(site)}: unreadable capture \(.*\); the file is truncated or corrupt"
+    with pytest.raises(ValueError, match=gone):
+        lazy.second_moment(site)
