@@ -23,6 +23,7 @@ from typing import Sequence
 
 from slimdiff.capture import SamplerSettings, denoiser_of, model_content_hash
 from slimdiff.influence import DEFAULT_NOISE_CHUNK, Gains, gains_fingerprint, measure_gains
+from slimdiff.shards import ContentAddressedPlan
 from slimdiff.utils import read_json_artifact, write_json
 
 GAIN_SHARD_FORMAT = "slimdiff-gains-shard/1"
@@ -44,18 +45,12 @@ class GainShard:
 
 
 @dataclass
-class GainShardPlan:
+class GainShardPlan(ContentAddressedPlan):
     """Every gains shard of one measurement, and the fingerprint each must carry."""
 
     shards: list[GainShard]
     fingerprint: dict
     modules: list[str]
-
-    def path(self, folder: str | Path, shard: GainShard) -> Path:
-        return Path(folder) / shard.filename()
-
-    def missing(self, folder: str | Path) -> list[GainShard]:
-        return [s for s in self.shards if not self.path(folder, s).is_file()]
 
     def manifest(self) -> list[dict]:
         return [{"index": s.index, "digest": s.digest, "modules": len(s.modules)} for s in self.shards]

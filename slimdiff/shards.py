@@ -134,8 +134,21 @@ class Shard:
         return f"{self.digest}.safetensors"
 
 
+class ContentAddressedPlan:
+    """Shards stored as ``<folder>/<digest>.<suffix>`` (each shard's ``filename()``): where each lives, which are missing."""
+
+    shards: list
+
+    def path(self, folder: str | Path, shard) -> Path:
+        return Path(folder) / shard.filename()
+
+    def missing(self, folder: str | Path) -> list:
+        """Shards without a file under their digest in ``folder`` (what a re-run computes)."""
+        return [s for s in self.shards if not self.path(folder, s).is_file()]
+
+
 @dataclass
-class ShardPlan:
+class ShardPlan(ContentAddressedPlan):
     """Every shard of one capture, in merge order (site group major, prompt shard minor)."""
 
     shards: list[Shard]
@@ -151,13 +164,6 @@ class ShardPlan:
     @property
     def site_groups(self) -> int:
         return 1 + max(s.site_index for s in self.shards)
-
-    def path(self, folder: str | Path, shard: Shard) -> Path:
-        return Path(folder) / shard.filename()
-
-    def missing(self, folder: str | Path) -> list[Shard]:
-        """Shards without a file under their digest in ``folder`` (what a re-run computes)."""
-        return [s for s in self.shards if not self.path(folder, s).is_file()]
 
     def manifest(self) -> list[dict]:
         return [{"index": s.index, "digest": s.digest, "prompt_shard": s.prompt_index, "site_group": s.site_index,

@@ -203,6 +203,24 @@ TINY_PROMPTS = [
 ]
 
 
+def stage_workspace(root, pipe, capture_file: bytes) -> dict:
+    """A folder where ``python -m slimdiff.stages decompose`` can run: ``pipe`` saved as ``model/``, this checkout's
+    ``params.yaml`` pointing at it (CPU), and ``capture_file`` (a capture's bytes) as ``outputs/capture.safetensors``.
+    The caller writes ``outputs/plan/width_plan.json``. Returns the params."""
+    from pathlib import Path
+
+    import yaml
+
+    repo, root = Path(__file__).resolve().parents[1], Path(root)
+    pipe.save_pretrained(root / "model")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update({"path": "model", "device": "cpu"})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "outputs" / "plan").mkdir(parents=True)
+    (root / "outputs" / "capture.safetensors").write_bytes(capture_file)
+    return params
+
+
 def make_workspace(root, overrides: dict | None = None):
     """A git+DVC workspace for flow tests: this checkout's ``dvc.yaml``, ``params.yaml`` and ``slimdiff/`` code, a tiny
     pipeline and small prompt files (24 calibration prompts, 4 evaluation prompts, 2 sampler steps).

@@ -12,7 +12,7 @@ import yaml
 from slimdiff.allocate import allocate
 from slimdiff.capture import Capture, SamplerSettings, capture, check_model
 from slimdiff.compress import SlimDiffConfig
-from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+from slimdiff.testing import TINY_PROMPTS, stage_workspace, tiny_sd_pipeline
 
 SAMPLER = SamplerSettings(num_inference_steps=2, guidance_scale=4.0, seed=5)
 
@@ -168,19 +168,11 @@ def test_a_gain_that_cannot_be_measured_is_an_error_not_zero():
 
 def test_decompose_stage_refuses_a_plan_for_another_model(saved, tmp_path, monkeypatch, capsys):
     """A width plan carries the model hash of its scores; decompose refuses it for another capture/model."""
-    from pathlib import Path
-
     from slimdiff.influence import score
     from slimdiff.stages import main
 
     pipe, stats, path = saved
-    repo = Path(__file__).resolve().parents[1]
-    pipe.save_pretrained(tmp_path / "model")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["model"].update({"path": "model", "device": "cpu"})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "outputs" / "plan").mkdir(parents=True)
-    (tmp_path / "outputs" / "capture.safetensors").write_bytes(path.read_bytes())
+    stage_workspace(tmp_path, pipe, path.read_bytes())
     plan = allocate(score(pipe.unet, stats, None, require_gains=False), 0.3)
     assert plan.settings["model_hash"] == stats.metadata["model_hash"]
     plan.settings["model_hash"] = "0" * 64

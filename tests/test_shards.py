@@ -372,13 +372,8 @@ def test_decompose_stage_streams_and_writes_the_loaded_result(pipe, reference, t
     from slimdiff.slim import decompose
     from slimdiff.stages import config_from, main
 
-    repo = Path(__file__).resolve().parents[1]
-    pipe.save_pretrained(tmp_path / "model")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["model"].update({"path": "model", "device": "cpu"})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "outputs" / "plan").mkdir(parents=True)
-    reference.save(tmp_path / "outputs" / "capture.safetensors")
+    reference.save(tmp_path / "capture.safetensors")
+    params = testing.stage_workspace(tmp_path, pipe, (tmp_path / "capture.safetensors").read_bytes())
     plan = allocate(score(pipe.unet, reference, None, require_gains=False), 0.3)
     plan.save(tmp_path / "outputs" / "plan" / "width_plan.json")
     monkeypatch.chdir(tmp_path)
