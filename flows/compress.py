@@ -82,7 +82,7 @@ def compress(workspace: str = ".", checkpoint_hash: str | None = None) -> dict[s
     params = preflight(root)
     stages_run: dict[str, bool] = {}
     durations: dict[str, float] = {}
-    fanned_out: dict[str, list[int]] = {}  # stage -> the shard indices computed on the cluster
+    fanned_out: dict[str, dict[str, list[int]]] = {}  # stage -> shard indices the cluster finished / computed itself
     with stage_threads() as threads:
         for stage in STAGES:
             task = run_resumable if stage in RESUMABLE_STAGES else run_stage
@@ -91,7 +91,8 @@ def compress(workspace: str = ".", checkpoint_hash: str | None = None) -> dict[s
             if fan_out is not None:  # sharded capture / gains: the shards run on Dask workers before the stage merges
                 done = fan_out(root, params)
                 if done is not None:
-                    fanned_out[stage] = [entry["index"] for entry in done["computed"]]
+                    fanned_out[stage] = {"finished": done["finished"],
+                                         "computed": sorted(entry["index"] for entry in done["computed"])}
             stages_run[stage] = task(str(root), stage)
             durations[stage] = time.perf_counter() - begin
     checkpoint = checkpoint_hash or folder_hash(root / str(params["model"]["path"]))

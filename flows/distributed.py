@@ -263,9 +263,10 @@ def _collect(what: str, results: list[dict[str, Any]]) -> dict[str, Any]:
                          "changed during the run; re-run it")
     manifest = results[0]["shards"]
     computed = [r for r in results if r["computed"]]
+    finished = sorted(r["index"] for r in results if "digest" in r)  # each has its file now (computed or not)
     print(f"{what}: {len(computed)} of {len(manifest)} shards computed on the cluster "
           f"({len(manifest) - len(computed)} were already there)")
-    return {"shards": manifest, "computed": computed}
+    return {"shards": manifest, "computed": computed, "finished": finished}
 
 
 def local_worker_environment() -> None:
