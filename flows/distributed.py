@@ -1,10 +1,12 @@
-"""The capture fanned out over Dask workers from Prefect (docs/distributed.md).
+"""The capture and the gains fanned out over Dask workers from Prefect (docs/distributed.md).
 
 With ``capture.shards`` (or ``capture.site_groups``) above 1, the compress flow runs this fan-out just before the
 DVC ``capture`` stage, when DVC says the stage is out of date: a sub-flow on a ``prefect_dask.DaskTaskRunner``
 runs one Prefect task per shard on the workers. Each plans the capture itself (cached per worker), skips a shard
-whose file is there and writes its content-addressed file atomically (``slimdiff.shards``). The stage then finds every shard, verifies and merges
-them; it computes in its own process only shards that are still missing (a plain ``dvc repro``).
+whose file is there and writes its content-addressed file atomically (``slimdiff.shards``). The stage then finds
+every shard, verifies and merges them; it computes in its own process only shards that are still missing (a plain
+``dvc repro``). With ``score.gain_shards`` above 1 the gains go the same way before the ``gains`` stage, one task
+per module subset (``slimdiff.gain_shards``).
 
 ``capture.cluster``: ``local`` starts a Dask ``LocalCluster`` of worker processes (nanny-supervised: a killed
 worker is restarted and its shard re-run, resuming from the shard's checkpoint) for the length of the sub-flow;
