@@ -23,7 +23,7 @@ from typing import Sequence
 
 from slimdiff.capture import SamplerSettings, denoiser_of, model_content_hash
 from slimdiff.influence import DEFAULT_NOISE_CHUNK, Gains, gains_fingerprint, measure_gains
-from slimdiff.shards import ContentAddressedPlan
+from slimdiff.shards import ContentAddressedPlan, contiguous_runs
 from slimdiff.utils import read_json_artifact, write_json
 
 GAIN_SHARD_FORMAT = "slimdiff-gains-shard/1"
@@ -61,14 +61,7 @@ def split_modules(modules: Sequence[str], shards: int) -> list[list[str]]:
     the gain calls once more)."""
     if shards < 1:
         raise ValueError(f"gain shards must be a whole number >= 1, got {shards!r}")
-    count = min(shards, len(modules))
-    size, extra = divmod(len(modules), count)
-    out, start = [], 0
-    for i in range(count):
-        stop = start + size + (1 if i < extra else 0)
-        out.append(list(modules[start:stop]))
-        start = stop
-    return out
+    return contiguous_runs(modules, min(shards, len(modules)))
 
 
 def gain_shard_digest(fingerprint: dict, modules: Sequence[str]) -> str:

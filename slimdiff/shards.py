@@ -99,12 +99,18 @@ def split_sites(sites: Sequence[str], widths: Sequence[int], groups: int) -> lis
         done += weight
     empty = [i for i, o in enumerate(out) if not o]
     if empty:  # very unequal widths: fall back to equal counts (still contiguous and disjoint)
-        size, extra = divmod(len(sites), groups)
-        out, start = [], 0
-        for i in range(groups):
-            stop = start + size + (1 if i < extra else 0)
-            out.append(list(sites[start:stop]))
-            start = stop
+        out = contiguous_runs(sites, groups)
+    return out
+
+
+def contiguous_runs(items: Sequence, count: int) -> list[list]:
+    """``items`` in ``count`` contiguous runs whose lengths differ by at most one (the longer ones first)."""
+    size, extra = divmod(len(items), count)
+    out, start = [], 0
+    for i in range(count):
+        stop = start + size + (1 if i < extra else 0)
+        out.append(list(items[start:stop]))
+        start = stop
     return out
 
 
