@@ -122,12 +122,16 @@ def _worker_state(workspace: str, threads: int | None) -> dict[str, Any]:
     slimset = root / "outputs" / "slimset" / "slimset.jsonl"
     key = (workspace, stamp, slimset.stat().st_mtime_ns, (root / "params.yaml").stat().st_mtime_ns)
     if key not in _WORKER:
+        from slimdiff.capture import denoiser_of, model_content_hash
         from slimdiff.stages import _pipeline
 
         params["model"]["path"] = str(model)
         params["model"]["device"] = _worker_device(params["model"].get("device", "auto"))
         _WORKER.clear()
-        _WORKER[key] = {"params": params, "pipe": _pipeline(params), "slimset": slimset}
+        pipe = _pipeline(params)
+        # hashed once per loaded model: the plans and every shard on this worker check against it
+        _WORKER[key] = {"params": params, "pipe": pipe, "slimset": slimset,
+                        "model_hash": model_content_hash(denoiser_of(pipe)[1])}
     return _WORKER[key]
 
 
@@ -142,7 +146,7 @@ def _capture_plan(state: dict[str, Any]):
         state["capture_plan"] = plan_shards(
             state["pipe"], read_slimset(state["slimset"]), sampler_settings(params), shards=int(c.get("shards", 1)),
             site_groups=int(c.get("site_groups", 1)), num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]),
-            model_id=str(params["model"].get("id", "")))
+            model_id=str(params["model"].get("id", "")), model_hash=state["model_hash"])
     return state["capture_plan"]
 
 
@@ -156,7 +160,7 @@ def _gain_plan(state: dict[str, Any]):
         config, sampler = config_from(params), sampler_settings(params)
         prompts = read_slimset(state["slimset"])[: config.gain_prompts]
         plan = plan_gain_shards(state["pipe"], prompts, sampler, shards=gain_shards(params), num_calls=config.gain_calls,
-                                rel_noise=config.rel_noise, seed=sampler.seed)
+                                rel_noise=config.rel_noise, seed=sampler.seed, model_hash=state["model_hash"])
         state["gain_plan"] = (plan, prompts, sampler)
     return state["gain_plan"]
 
@@ -211,7 +215,8 @@ def shard_task(workspace: str, index: int, threads: int | None) -> dict[str, Any
     shard = plan.shards[index]
     folder = Path(workspace) / SHARD_DIR
     computed = not plan.path(folder, shard).is_file()
-    capture_shard(pipe, plan, shard, folder, checkpoint_every=int(params["capture"].get("checkpoint_every", 100)))
+    capture_shard(pipe, plan, shard, folder, checkpoint_every=int(params["capture"].get("checkpoint_every", 100)),
+                  model_hash=state["model_hash"])
     return {**out, "digest": shard.digest, "computed": computed, "seconds": time.perf_counter() - start,
             "ended": time.time()}
 
@@ -245,7 +250,7 @@ def gain_shard_task(workspace: str, index: int, threads: int | None) -> dict[str
     shard = plan.shards[index]
     folder = Path(workspace) / GAIN_SHARD_DIR
     computed = not plan.path(folder, shard).is_file()
-    measure_gain_shard(state["pipe"], plan, shard, prompts, sampler, folder)
+    measure_gain_shard(state["pipe"], plan, shard, prompts, sampler, folder, model_hash=state["model_hash"])
     return {**out, "digest": shard.digest, "computed": computed, "seconds": time.perf_counter() - start,
             "ended": time.time()}
 

@@ -715,6 +715,7 @@ def capture(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 100,
+    model_hash: str | None = None,
 ) -> Capture:
     """Run ``pipe`` over ``prompts`` with the deployment sampler and return the accumulated statistics.
 
@@ -723,7 +724,8 @@ def capture(
     ``checkpoint``, the partial sums are written there atomically every ``checkpoint_every`` prompts
     (rounded up to whole batches), and a checkpoint left by an interrupted run with the same model,
     prompts and settings is resumed; the result equals an uninterrupted capture. The caller removes
-    the checkpoint once the final capture is saved.
+    the checkpoint once the final capture is saved. ``model_hash``: the denoiser's ``model_content_hash``
+    when the caller already computed it for this loaded model (hashing a 12 B model takes a while).
     """
     from tqdm.auto import tqdm
 
@@ -742,7 +744,7 @@ def capture(
     # every diffusers scheduler config has it; 1000 is diffusers' own default for the few that omit it
     num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
     sites = list(dict.fromkeys([*sites_for(groups), *extra_sites]))
-    model_hash = model_content_hash(denoiser)
+    model_hash = model_hash or model_content_hash(denoiser)
     fingerprint = capture_fingerprint(denoiser, prompts, sampler, sites, num_buckets, batch_size, pipe.scheduler, model_hash)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     stats, done, calls = _resume_point(checkpoint, fingerprint, device) if checkpoint else (None, 0, 0)

@@ -70,8 +70,10 @@ def gain_shard_digest(fingerprint: dict, modules: Sequence[str]) -> str:
 
 
 def plan_gain_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, shards: int, num_calls: int,
-                     rel_noise: float, seed: int, noise_chunk: int = DEFAULT_NOISE_CHUNK) -> GainShardPlan:
-    """The shards of a gains measurement on ``pipe`` (hashes the model once; runs no denoiser call)."""
+                     rel_noise: float, seed: int, noise_chunk: int = DEFAULT_NOISE_CHUNK,
+                     model_hash: str | None = None) -> GainShardPlan:
+    """The shards of a gains measurement on ``pipe`` (hashes the model once, unless given ``model_hash``; runs no
+    denoiser call)."""
     from slimdiff.groups import compressible_groups
 
     if not prompts:
@@ -81,14 +83,14 @@ def plan_gain_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, 
     if not modules:
         raise ValueError(f"{type(denoiser).__name__} has no compressible groups to measure gains for")
     fingerprint = gains_fingerprint(denoiser, prompts, sampler, num_calls, rel_noise, seed, noise_chunk,
-                                    model_content_hash(denoiser))
+                                    model_hash or model_content_hash(denoiser))
     runs = split_modules(modules, shards)
     planned = [GainShard(i, tuple(run), gain_shard_digest(fingerprint, run)) for i, run in enumerate(runs)]
     return GainShardPlan(planned, fingerprint, modules)
 
 
 def measure_gain_shard(pipe, plan: GainShardPlan, shard: GainShard, prompts: Sequence[str], sampler: SamplerSettings,
-                       folder: str | Path, *, progress: bool = False) -> Path:
+                       folder: str | Path, *, progress: bool = False, model_hash: str | None = None) -> Path:
     """Measure one shard's modules into ``<folder>/<digest>.json`` (atomically; kept when already there), resuming
     from the shard's checkpoint; refused before any denoiser call when this model or these settings are not the
     plan's."""
@@ -100,7 +102,7 @@ def measure_gain_shard(pipe, plan: GainShardPlan, shard: GainShard, prompts: Seq
     checkpoint = folder / f".{shard.digest}.ckpt"
     gains = measure_gains(pipe, prompts, sampler, num_calls=f["calls"], rel_noise=f["rel_noise"], seed=f["seed"],
                           progress=progress, noise_chunk=f["noise_chunk"], checkpoint=checkpoint, only=shard.modules,
-                          expect=plan.fingerprint)
+                          expect=plan.fingerprint, model_hash=model_hash)
     write_json(target, {"format": GAIN_SHARD_FORMAT, "digest": shard.digest, "index": shard.index,
                         "fingerprint": plan.fingerprint, "modules": list(shard.modules), "gains": gains.gains,
                         "block_influence": gains.block_influence, "metadata": gains.metadata})
@@ -155,11 +157,13 @@ def measure_gains_sharded(pipe, prompts: Sequence[str], sampler: SamplerSettings
                           progress: bool = False) -> tuple[Gains, GainShardPlan, list[int]]:
     """Plan, measure the missing shards here (one after another), verify and merge. Returns the gains, the plan and
     the indices this call measured (none when a distributed run, ``flows.distributed``, wrote them all)."""
+    _, denoiser = denoiser_of(pipe)
+    model_hash = model_content_hash(denoiser)  # once, for the plan and every shard measured here
     plan = plan_gain_shards(pipe, prompts, sampler, shards=shards, num_calls=num_calls, rel_noise=rel_noise, seed=seed,
-                            noise_chunk=noise_chunk)
+                            noise_chunk=noise_chunk, model_hash=model_hash)
     missing = plan.missing(folder)
     for shard in missing:
-        measure_gain_shard(pipe, plan, shard, prompts, sampler, folder, progress=progress)
+        measure_gain_shard(pipe, plan, shard, prompts, sampler, folder, progress=progress, model_hash=model_hash)
     return merge_gain_shards(plan, folder), plan, [s.index for s in missing]
 
 

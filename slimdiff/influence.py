@@ -569,16 +569,17 @@ def gains_fingerprint(denoiser: nn.Module, prompts: Sequence[str], sampler: Samp
 def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int = 4, rel_noise: float = 0.05,
                   seed: int = 0, progress: bool = False, noise_chunk: int = DEFAULT_NOISE_CHUNK,
                   checkpoint: str | Path | None = None, only: Sequence[str] | None = None,
-                  expect: dict[str, Any] | None = None) -> Gains:
+                  expect: dict[str, Any] | None = None, model_hash: str | None = None) -> Gains:
     """Measure propagation gains (and block influence) on a few prompts and timesteps, on the model's device.
 
     With ``checkpoint``, the gains measured so far are written there after every module, and a
     checkpoint with the same model and settings is resumed (modules already measured are skipped).
     With ``only``, just those modules are measured (one shard of the gains, see ``slimdiff.gain_shards``), and
     with ``expect`` (a fingerprint) nothing is measured unless this model and these settings have that fingerprint.
+    ``model_hash``: the denoiser's ``model_content_hash`` when the caller computed it for this loaded model.
     """
     _, denoiser = denoiser_of(pipe)
-    model_hash = model_content_hash(denoiser)
+    model_hash = model_hash or model_content_hash(denoiser)
     fingerprint = gains_fingerprint(denoiser, prompts, sampler, num_calls, rel_noise, seed, noise_chunk, model_hash)
     if expect is not None and expect != fingerprint:
         differ = sorted(k for k in set(expect) | set(fingerprint) if expect.get(k) != fingerprint.get(k))

@@ -177,8 +177,10 @@ class ShardPlan(ContentAddressedPlan):
 
 
 def plan_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, shards: int, site_groups: int = 1,
-                num_buckets: int = 4, batch_size: int = 8, model_id: str = "", extra_sites: Sequence[str] = ()) -> ShardPlan:
-    """The shards of a capture of ``prompts`` on ``pipe`` (hashes the model once; runs no denoiser call)."""
+                num_buckets: int = 4, batch_size: int = 8, model_id: str = "", extra_sites: Sequence[str] = (),
+                model_hash: str | None = None) -> ShardPlan:
+    """The shards of a capture of ``prompts`` on ``pipe`` (hashes the model once, unless given ``model_hash``, its
+    ``model_content_hash``; runs no denoiser call)."""
     from slimdiff.groups import compressible_groups
 
     prompts = list(prompts)
@@ -188,7 +190,7 @@ def plan_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, shard
     _, denoiser = denoiser_of(pipe)
     sites = list(dict.fromkeys([*sites_for(compressible_groups(denoiser)), *extra_sites]))
     site_runs = split_sites(sites, [site_width(denoiser, s) for s in sites], site_groups)
-    model_hash = model_content_hash(denoiser)
+    model_hash = model_hash or model_content_hash(denoiser)
     planned: list[Shard] = []
     for s_index, site_run in enumerate(site_runs):
         for p_index, run in enumerate(prompt_runs):
@@ -207,20 +209,23 @@ def _identity(fingerprint: dict) -> dict:
 
 
 def capture_shard(pipe, plan: ShardPlan, shard: Shard, folder: str | Path, *, checkpoint_every: int = 100,
-                  progress: bool = False) -> Path:
+                  progress: bool = False, model_hash: str | None = None) -> Path:
     """Capture one shard into ``<folder>/<digest>.safetensors`` (atomically) and return the path.
 
     A shard file already there is kept (content-addressed: same digest, same sums). The shard checkpoints
     its partial sums to ``<folder>/.<digest>.ckpt`` and resumes from it, so a retried shard continues where
-    a killed worker stopped. While it runs, ``<folder>/.<digest>.lease`` names the process (host, pid)."""
+    a killed worker stopped. While it runs, ``<folder>/.<digest>.lease`` names the process (host, pid).
+    ``model_hash``: ``pipe``'s denoiser's ``model_content_hash``, when the caller computed it for this loaded
+    model (a worker hashes its model once, not once per shard)."""
     folder = Path(folder)
     target = plan.path(folder, shard)
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     _, denoiser = denoiser_of(pipe)
+    model_hash = model_hash or model_content_hash(denoiser)
     here = _identity(capture_fingerprint(denoiser, shard.prompts, plan.sampler, shard.sites, plan.num_buckets,
-                                         plan.batch_size, pipe.scheduler, model_content_hash(denoiser)))
+                                         plan.batch_size, pipe.scheduler, model_hash))
     if here != shard.identity:
         differ = sorted(k for k in IDENTITY_KEYS if here[k] != shard.identity[k])
         raise ValueError(f"shard {shard.index} ({shard.digest[:12]}) was planned for another {', '.join(differ)} than "
@@ -235,7 +240,7 @@ def capture_shard(pipe, plan: ShardPlan, shard: Shard, folder: str | Path, *, ch
     try:
         stats = capture(pipe, list(shard.prompts), plan.sampler, num_buckets=plan.num_buckets, batch_size=plan.batch_size,
                         groups=[], extra_sites=shard.sites, model_id=plan.model_id, progress=progress,
-                        checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+                        checkpoint=checkpoint, checkpoint_every=checkpoint_every, model_hash=model_hash)
         stats.metadata["shard"] = {"format": SHARD_FORMAT, "digest": shard.digest, "identity": shard.identity,
                                    "prompt_hashes_in_order": [prompt_hash(p) for p in shard.prompts],
                                    "prompt_shard": shard.prompt_index, "site_group": shard.site_index}
@@ -246,11 +251,16 @@ def capture_shard(pipe, plan: ShardPlan, shard: Shard, folder: str | Path, *, ch
     return target
 
 
-def run_shards(pipe, plan: ShardPlan, folder: str | Path, *, checkpoint_every: int = 100, progress: bool = False) -> list[int]:
+def run_shards(pipe, plan: ShardPlan, folder: str | Path, *, checkpoint_every: int = 100, progress: bool = False,
+               model_hash: str | None = None) -> list[int]:
     """Compute the shards of ``plan`` missing from ``folder`` in this process; returns their indices."""
     missing = plan.missing(folder)
+    if missing:
+        _, denoiser = denoiser_of(pipe)
+        model_hash = model_hash or model_content_hash(denoiser)  # once for all the shards
     for shard in missing:
-        capture_shard(pipe, plan, shard, folder, checkpoint_every=checkpoint_every, progress=progress)
+        capture_shard(pipe, plan, shard, folder, checkpoint_every=checkpoint_every, progress=progress,
+                      model_hash=model_hash)
     return [s.index for s in missing]
 
 
@@ -444,13 +454,15 @@ def capture_sharded(pipe, prompts: Sequence[str], sampler: SamplerSettings, fold
 
     Returns the plan and the indices of the shards this call computed (none when a distributed run, e.g.
     ``flows.distributed``, already wrote them all)."""
+    _, denoiser = denoiser_of(pipe)
+    model_hash = model_content_hash(denoiser)  # once, for the plan and every shard computed here
     plan = plan_shards(pipe, prompts, sampler, shards=shards, site_groups=site_groups, num_buckets=num_buckets,
-                       batch_size=batch_size, model_id=model_id)
+                       batch_size=batch_size, model_id=model_id, model_hash=model_hash)
     missing = plan.missing(folder)
     if missing:
         print(f"capture: computing {len(missing)} of {len(plan.shards)} shards in this process "
               f"({len(plan.shards) - len(missing)} already in {folder})", file=sys.stderr)
-    computed = run_shards(pipe, plan, folder, checkpoint_every=checkpoint_every, progress=progress)
+    computed = run_shards(pipe, plan, folder, checkpoint_every=checkpoint_every, progress=progress, model_hash=model_hash)
     merge_shards(plan, folder, out)
     return plan, computed
 
