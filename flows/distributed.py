@@ -30,21 +30,16 @@ LOCAL = "local"
 
 def sharding(params: dict[str, Any]) -> dict[str, Any]:
     """(shards, site_groups, cluster, workers) of ``params.yaml: capture``, checked; one-line errors."""
+    from slimdiff.stages import gain_shards, shard_count
+
     c = params["capture"]
-    out: dict[str, Any] = {}
-    for key in ("shards", "site_groups"):
-        value = c.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"params.yaml capture.{key} must be a whole number >= 1, got {value!r}")
-        out[key] = value
+    out: dict[str, Any] = {key: shard_count(params, "capture", key) for key in ("shards", "site_groups")}
     workers = c.get("workers")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"params.yaml capture.workers must be null or a whole number >= 1, got {workers!r}")
     out["workers"] = workers
     out["cluster"] = parse_cluster(c.get("cluster", LOCAL))
     out["sharded"] = out["shards"] * out["site_groups"] > 1
-    from slimdiff.stages import gain_shards
-
     out["gain_shards"] = gain_shards(params)
     return out
 
@@ -139,14 +134,15 @@ def _capture_plan(state: dict[str, Any]):
     """The capture's shard plan (cached in ``state``)."""
     if "capture_plan" not in state:
         from slimdiff.shards import plan_shards
-        from slimdiff.stages import read_slimset, sampler_settings
+        from slimdiff.stages import read_slimset, sampler_settings, shard_count
 
         params = state["params"]
         c = params["capture"]
         state["capture_plan"] = plan_shards(
-            state["pipe"], read_slimset(state["slimset"]), sampler_settings(params), shards=int(c.get("shards", 1)),
-            site_groups=int(c.get("site_groups", 1)), num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]),
-            model_id=str(params["model"].get("id", "")), model_hash=state["model_hash"])
+            state["pipe"], read_slimset(state["slimset"]), sampler_settings(params),
+            shards=shard_count(params, "capture", "shards"), site_groups=shard_count(params, "capture", "site_groups"),
+            num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]), model_id=str(params["model"].get("id", "")),
+            model_hash=state["model_hash"])
     return state["capture_plan"]
 
 

@@ -124,7 +124,7 @@ def stage_capture(params: dict[str, Any]) -> None:
     sampler = sampler_settings(params)
     prompts = read_slimset()
     pipe = _pipeline(params)
-    if int(params["capture"].get("shards", 1)) > 1 or int(params["capture"].get("site_groups", 1)) > 1:
+    if shard_count(params, "capture", "shards") * shard_count(params, "capture", "site_groups") > 1:
         capture_shards(params, pipe, prompts)  # docs/distributed.md
         return
     stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
@@ -144,8 +144,9 @@ def capture_shards(params: dict[str, Any], pipe, prompts: list[str], folder: Pat
     from slimdiff.shards import capture_sharded
 
     c = params["capture"]
-    plan, _ = capture_sharded(pipe, prompts, sampler_settings(params), folder, out, shards=int(c.get("shards", 1)),
-                              site_groups=int(c.get("site_groups", 1)), num_buckets=int(c["num_buckets"]),
+    plan, _ = capture_sharded(pipe, prompts, sampler_settings(params), folder, out,
+                              shards=shard_count(params, "capture", "shards"),
+                              site_groups=shard_count(params, "capture", "site_groups"), num_buckets=int(c["num_buckets"]),
                               batch_size=int(c["batch_size"]), model_id=str(params["model"].get("id", params["model"]["path"])),
                               checkpoint_every=int(c.get("checkpoint_every", 100)))
     for shard in plan.shards:
@@ -156,12 +157,18 @@ def capture_shards(params: dict[str, Any], pipe, prompts: list[str], folder: Pat
 GAIN_SHARD_DIR = CHECKPOINT_DIR / "gain_shards"
 
 
+def shard_count(params: dict[str, Any], section: str, key: str) -> int:
+    """``params[section][key]`` (default 1), a whole number >= 1: ``capture.shards``, ``capture.site_groups``,
+    ``score.gain_shards``. Bad values fail with one line naming the key."""
+    value = params[section].get(key, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"params.yaml {section}.{key} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def gain_shards(params: dict[str, Any]) -> int:
     """``score.gain_shards``: module subsets the gains are measured in (1 = one process), checked."""
-    value = params["score"].get("gain_shards", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"params.yaml score.gain_shards must be a whole number >= 1, got {value!r}")
-    return value
+    return shard_count(params, "score", "gain_shards")
 
 
 def stage_gains(params: dict[str, Any]) -> None:
