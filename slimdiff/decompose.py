@@ -78,7 +78,9 @@ def whitening(cov: Tensor) -> Whitening:
         eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
         return Whitening(eye, eye, "zero")
     factor, info = torch.linalg.cholesky_ex(cov)
-    if int(info) == 0 and bool(torch.isfinite(factor).all()):  # CUDA can report success on a singular matrix, with NaNs
+    # CUDA can report success on a singular matrix, with NaNs; the CPU (some LAPACK builds) with a pivot at round-off
+    # level, whose inverse would blow the whitened weights up: both go to the eigendecomposition
+    if int(info) == 0 and bool(torch.isfinite(factor).all()) and _pivots_above_round_off(factor, cov):
         eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
         inv_t = torch.linalg.solve_triangular(factor.T, eye, upper=True)
         return Whitening(factor, inv_t, "cholesky")
@@ -99,15 +101,20 @@ def _spd_solve(matrix: Tensor, rhs: Tensor) -> tuple[Tensor, str]:
     that "succeeds" with a pivot at round-off level (a singular matrix) goes to the pseudo-inverse too."""
     chol, info = torch.linalg.cholesky_ex(matrix)
     # CUDA can report success on a singular matrix, with NaNs; the CPU with a round-off pivot
-    if int(info) == 0 and bool(torch.isfinite(chol).all()):
-        pivots = torch.diagonal(chol) ** 2
-        if bool(pivots.min() > _round_off(torch.diagonal(matrix).max(), matrix.shape[-1])):
-            return torch.cholesky_solve(rhs, chol), "cholesky"
+    if int(info) == 0 and bool(torch.isfinite(chol).all()) and _pivots_above_round_off(chol, matrix):
+        return torch.cholesky_solve(rhs, chol), "cholesky"
     eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     keep = eigenvalues > eigenvalues.abs().max() * matrix.shape[-1] * torch.finfo(torch.float64).eps
     inv = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), torch.zeros_like(eigenvalues))
     how = f"pinv ({matrix.shape[-1] - int(keep.sum())} of {matrix.shape[-1]} eigenvalues dropped)"
     return eigenvectors @ (inv[:, None] * (eigenvectors.T @ rhs)), how
+
+
+def _pivots_above_round_off(chol: Tensor, matrix: Tensor) -> bool:
+    """Whether every squared pivot of the Cholesky factor ``chol`` of ``matrix`` lies above round-off level: a
+    factorisation of a singular matrix can "succeed" with pivots of order eps * max diagonal."""
+    pivots = torch.diagonal(chol) ** 2
+    return bool(pivots.min() > _round_off(torch.diagonal(matrix).max(), matrix.shape[-1]))
 
 
 def _split_heads(weight: Tensor, heads: int) -> Tensor:
