@@ -50,11 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--save-capture", default=None, help="also write the capture (safetensors) here")
     c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="the model's dtype during capture, gains and in the saved model")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="the model's dtype during capture, gains and in the saved model (auto: as the checkpoint's "
+                        "denoiser is stored)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    i = sub.add_parser("info", help="parameter counts and widths of a compressed folder")
+    i = sub.add_parser("info", help="parameter counts and widths of a compressed folder (from the safetensors headers; "
+                       "the files are checked against the sizes and hashes recorded when it was saved)")
     i.add_argument("folder")
     i.add_argument("--json", action="store_true", help="print JSON")
 
@@ -110,8 +112,10 @@ def _compress(args: argparse.Namespace) -> int:
     from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype, resolve_rank_step
     from slimdiff.io import save
 
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    check_dtype_runs(device, dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, model=args.model) if args.dtype != "auto" or Path(args.model).exists() else None
+    if dtype is not None:
+        check_dtype_runs(device, dtype)
     budget, budget_kind = _budget_of(args)
     config = SlimDiffConfig(budget=budget.value, budget_kind=budget_kind, tie_qk_vo=args.tie_qk_vo, allocator=args.allocator,
                             min_keep=args.min_keep, reg=args.reg, num_buckets=args.buckets, ffn_step=args.ffn_step,
@@ -144,8 +148,8 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
     p = info["params"]
-    print(f"{info['model']}: {info['denoiser']}, {p['total']:,} parameters; compressible {p['compressible_before']:,} -> "
-          f"{p['compressible_after']:,} ({p['removed_fraction']:.1%} removed)")
+    print(f"{info['model']}: {info['denoiser']}, {p['total']:,} parameters ({info['dtype']}, {info['bytes'] / 2**20:,.1f} MiB); "
+          f"compressible {p['compressible_before']:,} -> {p['compressible_after']:,} ({p['removed_fraction']:.1%} removed)")
     for name, m in info["modules"].items():
         # an adaLN modulation's width is a rank: below full it is two linears (factorised), at full the original one
         shape = " factorised" if m["kind"] == "adaln" and m["width"] < m["full_width"] else ""

@@ -203,18 +203,37 @@ def _prompt_of(item: Any, path: Path) -> str:
     raise ValueError(f"prompt file {path}: entry {str(item)[:60]!r} is not a string nor has a prompt/text/caption field")
 
 
+def checkpoint_dtype(model: str | Path) -> str:
+    """The floating dtype a local diffusers folder's denoiser (``unet`` or ``transformer``) is stored in, read from its
+    safetensors header (no tensor is read): what ``--dtype auto`` / ``model.dtype: auto`` resolve to."""
+    from slimdiff.io import CompressedModelError, stored_dtype, weight_layout
+
+    path = Path(model)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"dtype auto reads the stored dtype of a local diffusers folder; {model!r} is not one "
+                                "(no model_index.json): give the dtype (float32, float16 or bfloat16)")
+    for key in ("unet", "transformer"):
+        if (path / key).is_dir():
+            try:
+                return str(stored_dtype(weight_layout(path / key))).removeprefix("torch.")
+            except CompressedModelError as error:
+                raise ValueError(f"dtype auto: {error}") from None
+    raise FileNotFoundError(f"{path} has no unet/ or transformer/ folder to read the stored dtype from")
+
+
 def load_pipeline(model: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, **kwargs):
-    """A diffusers pipeline from a local folder or a hub id, on ``device`` in ``dtype`` (default: as stored, on the CPU),
-    with a clear error when it cannot be loaded. Device and dtype are checked before any weight is read."""
+    """A diffusers pipeline from a local folder or a hub id, on ``device`` in ``dtype`` (default: as stored, on the CPU;
+    ``auto``: the dtype the local folder's denoiser is stored in), with a clear error when it cannot be loaded. Device
+    and dtype are checked before any weight is read."""
     from diffusers import DiffusionPipeline
 
     from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype
 
     target = resolve_device(device) if device is not None else None
-    torch_dtype = resolve_dtype(dtype) if dtype is not None else None
+    torch_dtype = resolve_dtype(dtype, model=str(model)) if dtype is not None else None
     if torch_dtype is not None:
         check_dtype_runs(target or torch.device("cpu"), torch_dtype)
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs["dtype"] = torch_dtype  # diffusers' name (``torch_dtype`` is deprecated)
     path = Path(model)
     if path.exists():
         if not (path / "model_index.json").is_file():

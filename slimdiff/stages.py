@@ -83,7 +83,8 @@ def device_settings(params: dict[str, Any]):
     from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype
 
     model = params["model"]
-    device, dtype = resolve_device(model.get("device", "auto")), resolve_dtype(model.get("dtype", "float32"))
+    device = resolve_device(model.get("device", "auto"))
+    dtype = resolve_dtype(model.get("dtype", "float32"), model=str(model["path"]))
     check_dtype_runs(device, dtype)
     return device, dtype
 
@@ -93,6 +94,16 @@ def _pipeline(params: dict[str, Any]):
 
     device, dtype = device_settings(params)
     pipe = load_pipeline(str(params["model"]["path"]), device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _compressed_pipeline(params: dict[str, Any], folder: Path = MODEL_DIR):
+    """The compressed pipeline of ``folder`` on ``model.device`` in ``model.dtype``, beside the original."""
+    from slimdiff.io import load
+
+    device, dtype = device_settings(params)
+    pipe = load(folder, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -295,7 +306,6 @@ def evaluation_prompts(params: dict[str, Any]) -> list[str]:
 
 def stage_evaluate(params: dict[str, Any]) -> None:
     from slimdiff.evaluate import evaluate
-    from slimdiff.io import load
     from slimdiff.utils import write_json
 
     from slimdiff.capture import denoiser_of
@@ -303,8 +313,7 @@ def stage_evaluate(params: dict[str, Any]) -> None:
     e = params["evaluate"]
     original = _pipeline(params)
     check_compressed_from(denoiser_of(original)[1])
-    compressed = load(MODEL_DIR)
-    compressed.set_progress_bar_config(disable=True)
+    compressed = _compressed_pipeline(params)
     evaluator = _evaluator(params)
     metrics = evaluate(original, compressed, evaluation_prompts(params), sampler_settings(params), evaluator=evaluator,
                        latency_repeats=int(e.get("latency_repeats", 5)), progress=True)
@@ -333,13 +342,11 @@ def _evaluator(params: dict[str, Any]):
 
 def stage_report(params: dict[str, Any]) -> None:
     from slimdiff.capture import denoiser_of
-    from slimdiff.io import load
     from slimdiff.report import write_report
 
     original = _pipeline(params)
     check_compressed_from(denoiser_of(original)[1])
-    compressed = load(MODEL_DIR)
-    compressed.set_progress_bar_config(disable=True)
+    compressed = _compressed_pipeline(params)
     prompts = evaluation_prompts(params)[: int(params.get("report", {}).get("samples", 8))]
     write_report(REPORT_DIR, params, json.loads(PLAN_FILE.read_text()), json.loads(METRICS_FILE.read_text()), PLAN_PLOT,
                  original, compressed, prompts, sampler_settings(params), progress=True)
