@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from slimdiff.device import module_device
 from slimdiff.groups import ModuleGroup, adapter_for, compressible_groups
-from slimdiff.utils import atomic_path
+from slimdiff.utils import atomic_path, stream_safetensors
 
 CAPTURE_FORMAT = "slimdiff-capture/2"
 
@@ -299,19 +299,15 @@ class Capture:
                              "not finite; capture with --dtype float32 or bfloat16")
 
     def save(self, path: str | Path) -> Path:
-        """Write to a safetensors file (tensors on the CPU + JSON metadata), atomically."""
-        from safetensors.torch import save_file
-
-        tensors: dict[str, Tensor] = {}
-        for site, stats in self.sites.items():
-            for part in _PARTS:
-                value = getattr(stats, part)
-                if value is not None:
-                    tensors[f"{site}|{part}"] = value.detach().cpu().contiguous()
+        """Write to a safetensors file (JSON metadata + the sums), atomically, streaming: each tensor goes from its
+        device to the file in chunks, so a checkpoint of statistics on a GPU holds no host copy of them."""
+        parts = {f"{site}|{part}": getattr(stats, part) for site, stats in self.sites.items() for part in _PARTS
+                 if getattr(stats, part) is not None}
+        layout = [(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in sorted(parts.items())]
         header = {"format": CAPTURE_FORMAT, "metadata": self.metadata}
         path = Path(path)
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"slimdiff": json.dumps(header, sort_keys=True)})
+            stream_safetensors(tmp, layout, parts.__getitem__, {"slimdiff": json.dumps(header, sort_keys=True)})
         return path
 
     @classmethod

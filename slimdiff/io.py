@@ -257,13 +257,29 @@ def stored_dtype(layout: dict[str, tuple[tuple[int, ...], str, Path]]) -> torch.
     return next((_SAFETENSORS_FLOAT[dtype] for _, dtype, _ in layout.values() if dtype in _SAFETENSORS_FLOAT), torch.float32)
 
 
+def read_weights(subfolder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The denoiser's tensors, each read from its safetensors file straight onto ``device`` and cast to ``dtype``
+    (floating tensors only; default: as stored)."""
+    from safetensors import SafetensorError, safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for path in _weight_files(Path(subfolder)):
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                for name in handle.keys():
+                    tensor = handle.get_tensor(name)
+                    state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        except (SafetensorError, OSError) as error:
+            raise CompressedModelError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0][:160]}); "
+                                       "the file is truncated or damaged") from None
+    return state
+
+
 def build_denoiser(subfolder: str | Path, config: dict[str, Any], device: torch.device | str = "cpu",
                    dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild the compressed denoiser from its folder on ``device`` in ``dtype`` (default: as stored): config ->
     empty narrower structure -> header check -> each safetensors tensor read onto ``device``, cast, and assigned
     (strict). Peak memory is the model in ``dtype`` plus one tensor: no random or float32 copy."""
-    from safetensors import SafetensorError, safe_open
-
     subfolder = Path(subfolder)
     denoiser = empty_denoiser(subfolder, config)
     layout = weight_layout(subfolder)
@@ -271,17 +287,7 @@ def build_denoiser(subfolder: str | Path, config: dict[str, Any], device: torch.
                   else subfolder / WEIGHTS_INDEX_NAME)
     dtype = stored_dtype(layout) if dtype is None else dtype
     device = torch.device(device)
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted({p for *_, p in layout.values()}):
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as handle:
-                for name in handle.keys():
-                    tensor = handle.get_tensor(name)
-                    state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        except (SafetensorError, OSError) as error:
-            raise CompressedModelError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0][:160]}); "
-                                       "the file is truncated or damaged") from None
-    denoiser.load_state_dict(state, strict=True, assign=True)
+    denoiser.load_state_dict(read_weights(subfolder, device, dtype), strict=True, assign=True)
     # buffers the state dict does not hold (made at construction, on the CPU) follow the weights
     denoiser.to(device)
     left = [name for name, t in [*denoiser.named_parameters(), *denoiser.named_buffers()] if t.is_meta]

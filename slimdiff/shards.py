@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import socket
-import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -50,7 +49,7 @@ from slimdiff.capture import (
     site_width,
     sites_for,
 )
-from slimdiff.utils import atomic_path
+from slimdiff.utils import atomic_path, stream_safetensors
 
 SHARD_FORMAT = "slimdiff-capture-shard/1"
 # identity fields a shard digest covers besides its prompts (capture_fingerprint minus the prompt order)
@@ -331,9 +330,6 @@ def _short(value) -> str:
 
 # ------------------------------------------------------------------------------------------------ merging
 
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
-
-
 def merge_shards(plan: ShardPlan, folder: str | Path, out: str | Path) -> Path:
     """Sum the shards of ``plan`` in ``folder`` into the capture file ``out``, one tensor at a time.
 
@@ -414,37 +410,17 @@ def _merged_metadata(plan: ShardPlan, metas: dict[int, dict]) -> dict:
 
 
 def _stream_safetensors(path: Path, layout: dict, handles: dict, metadata: dict[str, str]) -> None:
-    """Write a safetensors file tensor by tensor: header first (shapes and offsets are known), then each tensor
-    as the sum of its shards' tensors, in shard order."""
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    order = sorted(layout)
-    for key in order:
-        dtype, shape, _ = layout[key]
-        size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-        header[key] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)))
-        handle.write(raw)
-        for key in order:
-            total = None
-            for index in layout[key][2]:
-                value = handles[index].get_tensor(key)
-                total = value if total is None else total + value  # same order and dtype as merge_captures
-            handle.write(total.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            del total
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Write the merged capture tensor by tensor (``slimdiff.utils.stream_safetensors``): each tensor is the sum of its
+    shards' tensors, in shard order, the same order and dtype as ``merge_captures``."""
+    def summed(key: str) -> torch.Tensor:
+        total = None
+        for index in layout[key][2]:
+            value = handles[index].get_tensor(key)
+            total = value if total is None else total + value
+        return total
 
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for d in shape:
-        count *= int(d)
-    return count
+    order = [(key, layout[key][0], layout[key][1]) for key in sorted(layout)]
+    stream_safetensors(path, order, summed, metadata)
 
 
 def capture_sharded(pipe, prompts: Sequence[str], sampler: SamplerSettings, folder: str | Path, out: str | Path, *,

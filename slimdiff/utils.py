@@ -1,14 +1,17 @@
-"""Small shared helpers: atomic writes, nested-dict flattening."""
+"""Small shared helpers: atomic writes, a streaming safetensors writer, nested-dict flattening."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
 
 
 def _umask() -> int:
@@ -101,3 +104,47 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+# host bytes one tensor passes through at a time while it is written (a device tensor is copied chunk by chunk)
+STREAM_CHUNK_BYTES = 64 << 20
+
+
+def stream_safetensors(path: str | Path, layout: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                       tensor_of: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file tensor by tensor: the header first (``layout``: name, dtype, shape of each tensor, in
+    file order), then each tensor as ``tensor_of(name)`` returns it, on any device, copied to the host in chunks of at
+    most ``STREAM_CHUNK_BYTES``. Host memory stays one chunk, never the file. The caller writes to a temporary path
+    (``atomic_path``)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name, dtype, shape in layout:
+        size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for name, dtype, shape in layout:
+            tensor = tensor_of(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(int(d) for d in shape):
+                raise ValueError(f"{path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, its header says {dtype} {tuple(shape)}")
+            flat = tensor.detach().contiguous().reshape(-1)
+            step = max(1, STREAM_CHUNK_BYTES // max(1, flat.element_size()))
+            for start in range(0, flat.numel(), step):
+                chunk = flat[start:start + step].cpu()
+                handle.write(memoryview(chunk.view(torch.uint8).numpy()))
+            del tensor, flat
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return count

@@ -369,7 +369,7 @@ def test_decompose_stage_streams_and_writes_the_loaded_result(pipe, reference, t
 
     from slimdiff.allocate import allocate
     from slimdiff.influence import score
-    from slimdiff.io import _read_weights
+    from slimdiff.io import read_weights
     from slimdiff.slim import decompose
     from slimdiff.stages import config_from, main
 
@@ -385,7 +385,7 @@ def test_decompose_stage_streams_and_writes_the_loaded_result(pipe, reference, t
     monkeypatch.undo()
     expected = copy.deepcopy(pipe.unet)
     decompose(expected, Capture.load(tmp_path / "outputs" / "capture.safetensors"), plan.widths, config_from(params).reg)
-    written = _read_weights(tmp_path / "outputs" / "model" / "unet")
+    written = read_weights(tmp_path / "outputs" / "model" / "unet")
     state = expected.state_dict()
     assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state)
 
