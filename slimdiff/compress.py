@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +20,7 @@ from slimdiff.allocate import (ALLOCATORS, BUDGET_KINDS, DEFAULT_MIN_KEEP, DEFAU
                                allocate, check_budget)
 from slimdiff.capture import Capture, SamplerSettings, capture, denoiser_of
 from slimdiff.decompose import DEFAULT_REG
+from slimdiff.factorisations import store_for
 from slimdiff.groups import compressible_groups
 from slimdiff.influence import Gains, Granularity, InfluenceScores, measure_gains, score, skeleton_scores
 from slimdiff.latency import LatencyTable, measure_pipeline_latency
@@ -152,10 +154,13 @@ def compress_pipeline(pipe, prompts: Sequence[str], config: SlimDiffConfig = Sli
                     groups=groups, model_id=model_id, progress=progress)
     gains = measure_gains(pipe, list(prompts)[: config.gain_prompts], sampler, config.gain_calls, config.rel_noise,
                           seed=sampler.seed, progress=progress)
-    scores = score(denoiser, stats, gains, config.granularity, config.reg, config.max_ffn_points, progress=progress)
-    plan = allocate(scores, Budget.parse(config.budget), config.allocator, config.min_keep, config.bucket_weights, config.temperature,
-                    config.budget_kind, config.tie_qk_vo, table)
-    results = decompose(denoiser, stats, plan.widths, config.reg, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="slimdiff-factorisations-") as folder:  # one factorisation per group
+        store = store_for(folder, stats, config.reg, denoiser)
+        scores = score(denoiser, stats, gains, config.granularity, config.reg, config.max_ffn_points, progress=progress,
+                       store=store)
+        plan = allocate(scores, Budget.parse(config.budget), config.allocator, config.min_keep, config.bucket_weights,
+                        config.temperature, config.budget_kind, config.tie_qk_vo, table)
+        results = decompose(denoiser, stats, plan.widths, config.reg, progress=progress, store=store)
     return CompressionResult(config, stats, scores, plan, results, gains, table)
 
 

@@ -12,8 +12,8 @@ equal the error measured on the calibration activations exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -296,9 +296,13 @@ class FFNDecomposition:
 
     cov_hidden: Tensor
     w_down: Tensor
-    eigenvalues: Tensor  # descending
-    eigenvectors_sq: Tensor  # (f, f): squared eigenvector entries, rows = channels
+    eigenvalues: Tensor | None  # descending (None: the channel sets were chosen beforehand, ``chosen``)
+    eigenvectors_sq: Tensor | None  # (f, f): squared eigenvector entries, rows = channels
     rank: int
+    # width -> kept channels, chosen by an earlier decomposition of the same statistics (the score stage's, read back
+    # from a ``slimdiff.factorisations.FactorisationStore``): no eigendecomposition needed to apply one of these widths
+    chosen: Mapping[int, Tensor] | None = None
+    _solves: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # width -> (keep, w_new, how)
 
     @property
     def full_width(self) -> int:
@@ -328,6 +332,8 @@ class FFNDecomposition:
 
     def _positive_eigenvalues(self) -> Tensor:
         """The eigenvalues with those at round-off level (beyond ``rank``) set to 0."""
+        if self.eigenvalues is None:
+            raise ValueError("this decomposition holds recorded channel sets, not the eigendecomposition")
         values = self.eigenvalues.clone()
         values[self.rank:] = 0
         return values
@@ -349,6 +355,11 @@ class FFNDecomposition:
         _check_width(width, self.full_width)
         if width == self.full_width:
             return torch.arange(width, device=self.cov_hidden.device)
+        if self.chosen is not None:
+            if width not in self.chosen:
+                raise ValueError(f"no channel set was recorded for width {width} (recorded: {len(self.chosen)} widths); "
+                                 "re-run the score stage")
+            return self.chosen[width].to(self.cov_hidden.device)
         if width >= self.rank:
             return _spanning_channels(self.cov_hidden, width, self.rank)
         leverage = self.ridge_leverage(width)
@@ -356,11 +367,38 @@ class FFNDecomposition:
         order = torch.argsort(-leverage, stable=True)
         return torch.sort(order[:width]).values
 
+    def channel_sets(self, widths: Sequence[int]) -> dict[int, Tensor]:
+        """The kept channels at each of ``widths`` (what ``channels`` gives), the ridge leverages of all of them from
+        one matrix product: what a later process needs to apply any of these widths without the eigendecomposition."""
+        widths = [int(w) for w in widths]
+        for width in widths:
+            _check_width(width, self.full_width)
+        if self.chosen is not None:
+            return {w: self.channels(w) for w in widths}
+        sets: dict[int, Tensor] = {}
+        by_leverage = [w for w in widths if w < min(self.rank, self.full_width)]
+        if by_leverage:
+            values = self._positive_eigenvalues()
+            tails = torch.flip(torch.cumsum(torch.flip(values, [0]), 0), [0])  # tails[k] = sum of eigenvalues from k
+            lam = torch.stack([tails[w] / w for w in by_leverage])
+            weights = values[:, None] / (values[:, None] + lam[None, :])  # (f, widths): lam > 0 below the rank
+            leverage = self.eigenvectors_sq @ weights
+            for column, width in enumerate(by_leverage):
+                order = torch.argsort(-leverage[:, column], stable=True)
+                sets[width] = torch.sort(order[:width]).values
+        for width in widths:
+            if width not in sets:
+                sets[width] = self.channels(width)
+        return {w: sets[w] for w in widths}
+
     def _solve(self, width: int) -> tuple[Tensor, Tensor, str]:
-        keep = self.channels(width)
-        cov_kept = self.cov_hidden[keep][:, keep]
-        rhs = self.cov_hidden[keep] @ self.w_down
-        return (keep, *_spd_solve(cov_kept, rhs))
+        """(kept channels, corrected down projection, how it was solved) at ``width``; solved once per width."""
+        if width not in self._solves:
+            keep = self.channels(width)
+            cov_kept = self.cov_hidden[keep][:, keep]
+            rhs = self.cov_hidden[keep] @ self.w_down
+            self._solves[width] = (keep, *_spd_solve(cov_kept, rhs))
+        return self._solves[width]
 
     def weights(self, width: int) -> tuple[Tensor, Tensor]:
         """(kept channel indices, W_d' = C[S,S]^-1 C[S,:] W_d of shape (width, d_out))."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -208,17 +208,26 @@ def _full_params(group: ModuleGroup) -> int:
 
 
 def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, granularity: Granularity,
-                 reg: float = DEFAULT_REG, max_ffn_points: int = 64, gain: float | None = None) -> ModuleScore:
+                 reg: float = DEFAULT_REG, max_ffn_points: int = 64, gain: float | None = None,
+                 store=None) -> ModuleScore:
     """Per-bucket predicted error of ``group`` at every grid width, from the capture alone.
 
     FFN curves are exact at up to ``max_ffn_points`` grid widths (always including the ends) and
     linearly interpolated in between, with one Nyström solve per width for all buckets; QK/VO/adaLN curves
-    are exact everywhere. The math runs in float64 on ``linalg_device`` of the model.
+    are exact everywhere. The math runs in float64 on ``linalg_device`` of the model. The group's sites are read
+    from the capture once (a lazily opened capture holds one group's statistics at a time). With ``store`` (a
+    ``slimdiff.factorisations.FactorisationStore``) the factorisation is recorded for the decompose stage; an FFN's
+    channels at every grid width are chosen once, here, and both the errors and the decomposition use them.
     """
     widths = group_widths(group, granularity)
     where = linalg_device(module_device(denoiser))
-    decomposition = decompose_group(denoiser, group, capture, reg)
     sites = group_sites(group)
+    capture = capture.subset(sites)
+    decomposition = decompose_group(denoiser, group, capture, reg)
+    if isinstance(decomposition, FFNDecomposition):
+        decomposition = replace(decomposition, chosen=decomposition.channel_sets(widths))
+    if store is not None:
+        store.put(group, decomposition, widths)
     seen = [b for b in range(capture.num_buckets) if all(int(capture.sites[site].count[b]) > 0 for site in sites)]
     errors: list[list[float] | None] = [None] * capture.num_buckets
     if isinstance(decomposition, FFNDecomposition):
@@ -287,11 +296,13 @@ def unit_macs_of(group: ModuleGroup, site_tokens: dict[str, int]) -> int:
 
 
 def score(denoiser: nn.Module, capture: Capture, gains: "Gains | None" = None, granularity: Granularity = Granularity(),
-          reg: float = DEFAULT_REG, max_ffn_points: int = 64, require_gains: bool = True, progress: bool = False) -> InfluenceScores:
+          reg: float = DEFAULT_REG, max_ffn_points: int = 64, require_gains: bool = True, progress: bool = False,
+          store=None) -> InfluenceScores:
     """Influence scores for every compressible group of ``denoiser`` (the uncompressed model of the capture).
 
     Without measured ``gains`` this fails, unless ``require_gains=False`` asks for unit gains (an
-    ablation; recorded as ``gains_measured: false`` in the scores).
+    ablation; recorded as ``gains_measured: false`` in the scores). Groups are scored one at a time, each reading
+    its own sites of the capture once; ``store`` records each group's factorisation for ``decompose``.
     """
     from tqdm.auto import tqdm
 
@@ -305,7 +316,7 @@ def score(denoiser: nn.Module, capture: Capture, gains: "Gains | None" = None, g
         if missing:
             raise ValueError(f"propagation gains hold none for {missing[:3]}; re-measure gains")
     values = gains.gains if gains is not None else {}
-    modules = [module_score(denoiser, g, capture, granularity, reg, max_ffn_points, values.get(g.name))
+    modules = [module_score(denoiser, g, capture, granularity, reg, max_ffn_points, values.get(g.name), store)
                for g in tqdm(groups, desc="score", unit="module", disable=not progress)]
     metadata = {
         "reg": reg,

@@ -400,19 +400,36 @@ def _decompose_group(denoiser: nn.Module, group: ModuleGroup, capture: Capture, 
             columns = slice(0, single_block_columns(module)[0])
         return decompose_vo(_stacked_x_w(module, group.value, where), _out_w(module, group.out, where, columns), cov_y,
                             group.heads, reg)
-    if group.kind == "ffn_single":
-        attention, mlp = single_block_columns(module)
-        return decompose_ffn(_out_w(module, group.out, where, slice(attention, attention + mlp)), cov_x, reg)
+    if group.kind in ("ffn", "ffn_single"):
+        return decompose_ffn(*ffn_operands(denoiser, group, cov_x, where), reg)
     if group.kind == "adaln":
         if isinstance(module, LowRankLinear):
             raise ValueError("already factorised; decompose the uncompressed model")
         return decompose_lowrank(module.weight.detach().to(where, torch.float64).T, cov_x, reg)
-    if group.kind == "ffn":
-        return decompose_ffn(_x_w(module.net[2], where)[: group.width], cov_x, reg)
     if group.kind.startswith("qk"):
         return decompose_qk(_x_w(module.to_q, where), _x_w(module.to_k, where), cov_x, cov_y, group.heads, reg)
     w_out = module.to_out[0].weight.detach().to(where, torch.float64).T
     return decompose_vo(_x_w(module.to_v, where), w_out, cov_y, group.heads, reg)
+
+
+def ffn_operands(denoiser: nn.Module, group: ModuleGroup, cov_hidden: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(down projection in X W layout, hidden covariance) of an FFN group on ``device``: what its Nyström selection
+    reads (a Flux single block's down projection is the MLP columns of its fused ``proj_out``)."""
+    module = denoiser.get_submodule(group.path)
+    if group.kind == "ffn_single":
+        attention, mlp = single_block_columns(module)
+        return _out_w(module, group.out, device, slice(attention, attention + mlp)), cov_hidden
+    return _x_w(module.net[2], device)[: group.width], cov_hidden
+
+
+def recorded_decomposition(store, denoiser: nn.Module, group: ModuleGroup, capture: Capture) -> Decomposition | None:
+    """``group``'s decomposition as the score stage recorded it in ``store`` (a ``FactorisationStore``), on the
+    model's linear-algebra device, or None when it holds none."""
+    where = linalg_device(module_device(denoiser))
+    if group.kind in ("ffn", "ffn_single") and group in store:
+        cov_hidden, _ = group_statistics(denoiser, group, capture, device=where)
+        return store.get(group, *reversed(ffn_operands(denoiser, group, cov_hidden, where)), device=where)
+    return store.get(group, device=where)
 
 
 @dataclass(frozen=True)
@@ -535,11 +552,13 @@ def _assign_weight_keep_bias(linear: nn.Linear, w: Tensor, bias: Tensor | None) 
 
 
 def decompose(denoiser: nn.Module, capture: Capture, widths: Mapping[str, int], reg: float = DEFAULT_REG,
-              progress: bool = False) -> list[GroupResult]:
+              progress: bool = False, store=None) -> list[GroupResult]:
     """Compress ``denoiser`` in place to the given per-group ``widths`` (group name -> width).
 
     Every group named is decomposed from the capture of the uncompressed model and replaced by
-    narrower dense linears; groups not named stay as they are.
+    narrower dense linears; groups not named stay as they are. With ``store`` (a
+    ``slimdiff.factorisations.FactorisationStore`` the scoring filled), a group's recorded factorisation is applied
+    instead of being computed again.
     """
     from tqdm.auto import tqdm
 
@@ -553,6 +572,8 @@ def decompose(denoiser: nn.Module, capture: Capture, widths: Mapping[str, int], 
         width = int(widths[name])
         if not 1 <= width <= group.width:
             raise ValueError(f"width for {name} must be in 1..{group.width}, got {width}")
-        decomposition = decompose_group(denoiser, group, capture, reg)
+        decomposition = recorded_decomposition(store, denoiser, group, capture) if store is not None else None
+        if decomposition is None:
+            decomposition = decompose_group(denoiser, group, capture, reg)
         results.append(apply_decomposition(denoiser, group, decomposition, width))
     return results

@@ -219,17 +219,28 @@ def stage_latency(params: dict[str, Any]) -> None:
           f"width {table.compressible_ms:.4g} ms ({len(table.curves)} units)")
 
 
+FACTORISATIONS_DIR = CHECKPOINT_DIR / "factorisations"
+
+
 def stage_score(params: dict[str, Any]) -> None:
-    from slimdiff.capture import Capture, check_calibration, check_model, denoiser_of
+    """Scores of every group, streaming the capture one group's sites at a time (host memory does not grow with the
+    number of sites); each group's factorisation is recorded for the decompose stage (``FACTORISATIONS_DIR``)."""
+    from slimdiff.capture import check_calibration, check_model, denoiser_of
+    from slimdiff.factorisations import store_for
     from slimdiff.influence import Gains, score
+    from slimdiff.shards import open_capture
 
     config = config_from(params)
     _, denoiser = denoiser_of(_pipeline(params))
-    stats = Capture.load(CAPTURE_FILE)
+    stats = open_capture(CAPTURE_FILE, device="cpu")
     check_model(stats, denoiser, str(CAPTURE_FILE))
     check_calibration(stats, read_slimset(), sampler_settings(params), str(CAPTURE_FILE))
-    scores = score(denoiser, stats, Gains.load(GAINS_FILE), config.granularity, config.reg, config.max_ffn_points, progress=True)
+    store = store_for(FACTORISATIONS_DIR, stats, config.reg, denoiser)
+    store.clear_others()
+    scores = score(denoiser, stats, Gains.load(GAINS_FILE), config.granularity, config.reg, config.max_ffn_points,
+                   progress=True, store=store)
     scores.save(SCORES_FILE)
+    print(f"score: factorisations recorded for the decompose stage: {store.nbytes() / 2**20:,.1f} MiB in {store.folder}")
 
 
 def stage_allocate(params: dict[str, Any]) -> None:
@@ -261,6 +272,7 @@ def stage_decompose(params: dict[str, Any]) -> None:
     from slimdiff.allocate import WidthPlan
     from slimdiff.capture import check_model, denoiser_of
     from slimdiff.compress import CompressionResult
+    from slimdiff.factorisations import store_for
     from slimdiff.io import save
     from slimdiff.shards import open_capture
     from slimdiff.slim import decompose
@@ -277,7 +289,9 @@ def stage_decompose(params: dict[str, Any]) -> None:
     if planned_for != stats.metadata["model_hash"]:
         raise ValueError(f"{PLAN_FILE} was allocated for model {str(planned_for)[:12]}, but the capture and model are "
                          f"{stats.metadata['model_hash'][:12]}; re-run the score and allocate stages")
-    groups = decompose(denoiser, stats, plan.widths, config.reg, progress=True)
+    # the factorisations the score stage recorded for this capture (a missing one is computed here)
+    store = store_for(FACTORISATIONS_DIR, stats, config.reg, denoiser)
+    groups = decompose(denoiser, stats, plan.widths, config.reg, progress=True, store=store)
     result = CompressionResult(config, stats, None, plan, groups)
     save(pipe, MODEL_DIR, result.info(str(params["model"].get("id", ""))), full_widths={m.name: m.full_width for m in plan.modules},
          overwrite=True, methods={g.name: g.method for g in groups})
