@@ -1,4 +1,9 @@
-"""DVC `evaluate_reference` stage: quality of the reference model measured with the evaluator.
+"""DVC `evaluate_reference` stage: quality of a reference model measured with the evaluator.
+
+Any text-to-image pipeline of the reference domain: the UNet reference (`StableDiffusionPipeline`, classifier-free
+guidance through `guidance_scale`) and the Flux-style one (`FluxPipeline`: true CFG through `true_cfg_scale` with an
+empty negative prompt, plus the call arguments of `evaluate.call_kwargs`). The pipeline class is read from the
+folder's `model_index.json`.
 
     python -m slimdiff.reference.metrics --params data/reference/params.yaml --dataset DIR \
         --model data/reference/model --evaluator data/reference/evaluator \
@@ -13,7 +18,7 @@ import os
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,11 @@ class EvaluateConfig:
     batch_size: int = 50
     seed: int = 1234
     grid_prompts: int = 16
+    # The call argument that takes the guidance scale: "guidance_scale" (Stable Diffusion pipelines) or
+    # "true_cfg_scale" (FluxPipeline's classifier-free guidance; an empty negative prompt is passed with it).
+    guidance_argument: str = "guidance_scale"
+    # Further keyword arguments of every pipeline call (a FluxPipeline's height, width, max_sequence_length).
+    call_kwargs: dict = field(default_factory=dict)
 
 
 def select_prompts(captions: list[str], n_objects: int, n: int) -> list[int]:
@@ -45,23 +55,47 @@ def select_prompts(captions: list[str], n_objects: int, n: int) -> list[int]:
     return picked
 
 
+def guidance_kwargs(guidance_argument: str, guidance_scale: float, n_prompts: int) -> dict:
+    """The call arguments of classifier-free guidance for `n_prompts` prompts."""
+    if guidance_argument == "guidance_scale":
+        return {"guidance_scale": guidance_scale}
+    if guidance_argument == "true_cfg_scale":
+        return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * n_prompts}
+    raise ValueError(f"guidance_argument must be 'guidance_scale' or 'true_cfg_scale', got {guidance_argument!r}")
+
+
 @torch.no_grad()
-def generate(pipe, captions: list[str], steps: int, guidance_scale: float, batch_size: int, seed: int) -> torch.Tensor:
+def generate(
+    pipe,
+    captions: list[str],
+    steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    seed: int,
+    guidance_argument: str = "guidance_scale",
+    call_kwargs: dict | None = None,
+) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1]; batch b uses generator seed `seed + b`."""
     out = []
     for b, start in enumerate(range(0, len(captions), batch_size)):
+        batch = captions[start : start + batch_size]
         result = pipe(
-            captions[start : start + batch_size],
+            batch,
             num_inference_steps=steps,
-            guidance_scale=guidance_scale,
+            **guidance_kwargs(guidance_argument, guidance_scale, len(batch)),
             output_type="pt",
             generator=torch.Generator().manual_seed(seed + b),
+            **(call_kwargs or {}),
         )
         out.append(result.images.float().cpu())
     return torch.cat(out)
 
 
 def parameter_counts(pipe) -> dict[str, float]:
+    if getattr(pipe, "unet", None) is None:  # a FluxPipeline
+        from slimdiff.reference.flux_model import parameter_counts as flux_parameter_counts
+
+        return flux_parameter_counts(pipe)
     inside, total = transformer_share(pipe.unet)
     return {
         "unet": total,
@@ -117,12 +151,17 @@ def evaluate_reference(
     all_prompts = [c for group in prompts.values() for c in group]
     pipe.set_progress_bar_config(disable=True)
     start = time.time()
-    generated = generate(pipe, all_prompts, config.steps, config.guidance_scale, config.batch_size, config.seed)
+    generated = generate(
+        pipe, all_prompts, config.steps, config.guidance_scale, config.batch_size, config.seed,
+        config.guidance_argument, config.call_kwargs,
+    )
     seconds = time.time() - start
     metrics["generation"] = {
         "prompts": len(all_prompts),
         "steps": config.steps,
         "guidance_scale": config.guidance_scale,
+        **({} if config.guidance_argument == "guidance_scale" else {"guidance_argument": config.guidance_argument}),
+        **({"call_kwargs": config.call_kwargs} if config.call_kwargs else {}),
         "scheduler": type(pipe.scheduler).__name__,
         "batch_size": config.batch_size,
         "seconds": round(seconds, 1),
@@ -160,7 +199,7 @@ def evaluate_reference(
 def main(argv: list[str] | None = None) -> None:
     import yaml
 
-    from slimdiff.reference import REFERENCE_MODEL_DIR, load_reference_pipeline
+    from slimdiff.reference import REFERENCE_MODEL_DIR, load_pipeline
 
     parser = argparse.ArgumentParser(prog="python -m slimdiff.reference.metrics")
     parser.add_argument("--params", default="data/reference/params.yaml")
@@ -178,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("test", "heldout")
     }
     torch.manual_seed(config.seed)
-    pipe = load_reference_pipeline("cpu", args.model)
+    pipe = load_pipeline("cpu", args.model)
     evaluator = load_evaluator(args.evaluator)
     metrics, grid_images, grid_captions = evaluate_reference(pipe, evaluator, splits, config)
     stats_path = (Path(args.model) if args.model else REFERENCE_MODEL_DIR) / "train_stats.json"

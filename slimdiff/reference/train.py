@@ -95,9 +95,16 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
 
 
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Safetensors written atomically; a tensor sharing memory with an earlier one (tied weights, e.g. T5's
+    `shared` and `encoder.embed_tokens`) is stored as its own copy, so a strict load restores every key."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        out[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v
+        seen.add(v.untyped_storage().data_ptr())
+    save_file(out, tmp)
     os.replace(tmp, path)
 
 
