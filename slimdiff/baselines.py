@@ -5,22 +5,55 @@ parameters, counted as ``ModuleGroup.unit_params * width`` summed over compressi
 weights of to_q, to_k, to_v (+ biases), to_out.0 (no bias), the FFN up projection (+ bias) and down
 projection (no bias). All read the same ``Capture`` (taken with ``extra_sites=baseline_sites(denoiser)``).
 
-Per-matrix, factorised (``FactorizedLinear`` = Linear(d_in, r, no bias) then Linear(r, d_out, bias);
-a matrix stays dense when r (d_in + d_out) >= d_in d_out, and both factors count):
-- ``svd``: plain truncated SVD of W.
-- ``svd_llm``: SVD of W S with S the Cholesky factor of the input second moment (SVD-LLM's
-  truncation-aware whitening); truncated error = tail of the singular values.
-- ``asvd``: SVD of W diag(s), s_j = rms(x_j)^alpha with alpha = 0.5 (ASVD uses mean |x_j|; we use the
-  root of the captured second moment's diagonal, the statistic the capture holds).
-All three keep one rank ratio r / min(d_in, d_out) for every matrix (option ``ratio_of="params"``: one
-kept-weight fraction per matrix instead), found by bisection, then single rank steps on the matrices
-furthest above it until the budget is met (overshoot < one step).
+Each baseline follows its official code by default (issue 23); the variant this module used before is kept behind
+a named option. Notation: a linear y = W x with W (d_out x d_in) as torch stores it; statistics pooled over every
+captured token (all timesteps, both guidance branches).
 
-Structured, narrower dense networks (built with ``slimdiff.slim.resize_group``, like SlimDiff):
-- ``wanda_sp``: activation-magnitude pruning, the same kept fraction in every module (the ``uniform``
-  allocator's widths), no reconstruction.
-- ``flap``: fluctuation scores, per-module standardisation and one global ranking (adaptive widths),
-  bias compensation of to_out / FFN down projection with the mean of the removed channels.
+Per-matrix, factorised (``FactorizedLinear`` = Linear(d_in, r, no bias) then Linear(r, d_out, bias);
+a matrix stays dense when r (d_in + d_out) >= d_in d_out, and both factors count). The singular values are split
+as sqrt(S) into both factors, as SVD-LLM and ASVD do.
+- ``svd``: plain truncated SVD of W.
+- ``svd_llm`` (SVD-LLM, Wang et al. 2024, arXiv 2403.07378; AIoT-MLSys-Lab/SVD-LLM ``SVDLLM.py``: ``profle_svdllm``
+  and ``whitening``): G = sum of x x^T over the calibration tokens; S = cholesky(G), and *only if that fails*
+  S = cholesky(G + (1e-6 - lambda_min(G)) I); W S = U Sigma V^T, W' = (U_k Sigma_k^1/2)(Sigma_k^1/2 V_k^T S^-1).
+  Truncated error on the calibration data = the tail of Sigma^2. Option ``shift="always"`` (before issue 23):
+  S from C + reg (trace(C)/d) I with C = E[x x^T] and ``reg`` (default ``slimdiff.decompose.DEFAULT_REG``) on every
+  matrix. Where the shifted Cholesky fails too (round-off on a huge Gram; the official code would stop), the
+  eigendecomposition fallback of ``slimdiff.decompose.whitening``; the settings record each matrix's factor.
+- ``asvd`` (ASVD, Yuan et al. 2023, arXiv 2312.05821; hahnyuan/ASVD4LLM ``act_aware_utils.calib_input_distribution``
+  and ``modules/svd_linear.SVDLinear.from_linear``): s_j = m_j^alpha + 1e-6 with m_j the calibration mean of |x_j|
+  (scaling method ``abs_mean``) and alpha = 0.5; W diag(s) = U Sigma V^T, W' = (U_k Sigma_k^1/2)(Sigma_k^1/2 V_k^T
+  diag(s)^-1). Here m_j = rms(x_j) = sqrt(E[x_j^2]), the statistic the capture holds (it records no E|x_j|), and
+  the floor s_j >= (1e-6 max_j rms(x_j))^alpha instead of "+ 1e-6"; the exact SVD where the official code calls
+  ``torch.svd_lowrank``. These deviations are documented, not optional: the official statistic needs a capture
+  that sums |x| per input.
+All three keep one rank ratio r / min(d_in, d_out) for every matrix (option ``ratio_of="params"``: one
+kept-weight fraction per matrix instead, r = ratio d_in d_out / (d_in + d_out), SVD-LLM's official rank rule; the
+official ASVD searches per-layer ranks by perplexity sensitivity, which has no counterpart here), found by
+bisection, then single rank steps on the matrices furthest above it until the budget is met (overshoot < one step).
+
+Structured, narrower dense networks (built with ``slimdiff.slim.resize_group``, like SlimDiff). The official codes
+prune LLaMA attention by whole heads scored on o_proj's input; here each head keeps its count and narrows (the
+structure SlimDiff produces): VO is scored on to_out.0's input channels like o_proj, QK (which the LLM codes never
+score apart from the head) by the logit term q_i k_i, and every head keeps its best-scored units.
+- ``wanda_sp`` (Wanda-sp, the structured Wanda baseline of FLAP, An et al. 2024, arXiv 2312.11983;
+  CASIA-IVA-Lab/FLAP ``lib/prune.py``: ``prune_wanda_sp``, ``lib/layerwrapper.py``: ``WrappedGPT``): channel j of the
+  input of the output layer W_out (to_out.0 for VO, the FFN down projection for the FFN) scores
+  mean_i |W_out[i, j]| * ||x_j|| (the mean over output rows, official ``W_metric.mean(axis=0)``; ||x_j|| as the rms,
+  a per-module constant factor away from the official per-sample norm). QK (ours): rms(q_i) rms(k_i). The same
+  kept fraction in every module (the ``uniform`` allocator's widths; uniform per layer officially), the highest scores kept
+  (ties by index; the official ``>=`` threshold keeps tied extras), no reconstruction. Option ``column_norm="l2"``
+  (before issue 23): ||W_out[:, j]||_2 instead of the mean of |W_out[:, j]|.
+- ``flap`` (FLAP, An et al. 2024, arXiv 2312.11983; CASIA-IVA-Lab/FLAP ``prune_flap`` with the defaults ``WIFV`` and
+  ``AL-AM``): fluctuation metric Var(x_j) ||W_out[:, j]||_2^2 of the output layer's input channel j, *squared for
+  attention* (official ``metrics[...](...) ** 2`` for o_proj; here both attention groups: VO, and QK with the logit
+  term's fluctuation E[q_i^2] Var(k_i), ours); Var over the calibration tokens (the official running estimate in
+  ``BiasGPT`` approximates it and leaves out its first sample's spread). Standardised per module (z = (m - mean) /
+  std, Bessel-corrected std as ``torch.std``), one global ranking: a width step (one unit per head for QK/VO,
+  ``ffn_step`` channels for the FFN) scores the mean z of what it removes (official: a head scores the mean z of its
+  channels) and steps go in increasing score until the budget is met. Bias compensation (official ``compress``):
+  b' = b + W_out[:, removed] E[x_removed] on to_out.0 and the FFN down projection. Option
+  ``attention_metric="plain"`` (before issue 23): attention metrics not squared.
 
 SlimDiff: ``slimdiff`` (greedy spectral-influence allocation), ``slimdiff_uniform``, ``slimdiff_modegpt``.
 """
@@ -38,7 +71,7 @@ from torch import Tensor, nn
 
 from slimdiff.allocate import DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, BudgetError, allocate, allowed_widths, check_budget
 from slimdiff.capture import Capture, group_input_sites
-from slimdiff.decompose import DEFAULT_REG, regularize, whitening
+from slimdiff.decompose import DEFAULT_REG, Whitening, regularize, whitening
 from slimdiff.evaluate import count_params
 from slimdiff.groups import GROUP_KINDS, ModuleGroup, compressible_groups
 from slimdiff.influence import Granularity, InfluenceScores, ModuleScore, candidate_widths
@@ -46,6 +79,8 @@ from slimdiff.slim import decompose, resize_group
 
 FACTORIZATIONS = ("svd", "svd_llm", "asvd")
 DEFAULT_ASVD_ALPHA = 0.5
+SVD_LLM_SHIFTS = ("on_failure", "always")  # official first; "always": before issue 23
+SVD_LLM_EPS = 1e-6  # SVD-LLM's shift above -lambda_min when Cholesky fails (absolute, on the token-summed Gram)
 
 
 # ---- factorised linears ------------------------------------------------------------------------
@@ -89,33 +124,61 @@ def saves(d_in: int, d_out: int, rank: int) -> bool:
     return rank * (d_in + d_out) < d_in * d_out
 
 
-def factorize(linear: nn.Linear, rank: int, method: str = "svd", cov: Tensor | None = None,
-              alpha: float = DEFAULT_ASVD_ALPHA, reg: float = DEFAULT_REG) -> FactorizedLinear:
-    """Rank-``rank`` factorisation of ``linear`` by ``method`` (``cov``: second moment of its input).
+def check_svd_llm_shift(shift: str, reg: float | None) -> float | None:
+    """The regularisation ``shift`` uses: ``reg`` (default ``DEFAULT_REG``) for "always", none for "on_failure"."""
+    if shift not in SVD_LLM_SHIFTS:
+        raise ValueError(f"unknown svd_llm shift {shift!r}; choose one of {', '.join(SVD_LLM_SHIFTS)}")
+    if shift == "on_failure":
+        if reg is not None:
+            raise ValueError(f"svd_llm reg={reg} applies only with shift='always'; the official shift='on_failure' "
+                             "adds (1e-6 - lambda_min) I only where Cholesky fails")
+        return None
+    return DEFAULT_REG if reg is None else reg
 
-    svd: W = U S V^T. svd_llm: W S_x = U S V^T with S_x S_x^T = reg(cov), W' = U S V^T S_x^-1.
-    asvd: W diag(s) = U S V^T with s = diag(cov)^(alpha/2), W' = U S V^T diag(s)^-1.
-    The singular values are split evenly between the factors; the bias stays on the second.
+
+def svd_llm_whitening(gram: Tensor, shift: str = "on_failure", reg: float | None = None) -> tuple[Whitening, str]:
+    """SVD-LLM's whitening factor S (S S^T = ``gram``) and how it was obtained, for the record.
+
+    ``shift="on_failure"`` (official ``profle_svdllm``): S = cholesky(G); only if that fails, S = cholesky(G + (1e-6 -
+    lambda_min(G)) I). The shift is absolute: pass the token-summed Gram (what the official profile accumulates) for
+    the official scale. If the shifted Cholesky fails too, ``slimdiff.decompose.whitening``'s eigendecomposition.
+    ``shift="always"`` (before issue 23): ``whitening(regularize(gram, reg))`` on every matrix.
     """
-    if method not in FACTORIZATIONS:
-        raise ValueError(f"unknown factorisation {method!r}; choose one of {', '.join(FACTORIZATIONS)}")
+    reg = check_svd_llm_shift(shift, reg)
+    gram = gram.to(torch.float64)
+    if shift == "always":
+        white = whitening(regularize(gram, reg))
+        return white, f"{white.description} of C + {reg:g} trace(C)/d I"
+    d = gram.shape[-1]
+    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    how = "cholesky"
+    if int(info) != 0 or not bool(torch.isfinite(factor).all()):
+        lowest = float(torch.linalg.eigvalsh(gram)[0])
+        factor, info = torch.linalg.cholesky_ex(gram + (SVD_LLM_EPS - lowest) * eye)
+        how = f"cholesky of G + (1e-6 - lambda_min) I, lambda_min = {lowest:.3g}"
+        if int(info) != 0 or not bool(torch.isfinite(factor).all()):
+            white = whitening(gram)
+            return white, f"{white.description} (Cholesky failed after the shift too)"
+    inv_t = torch.linalg.solve_triangular(factor.T, eye, upper=True)
+    return Whitening(factor, inv_t, "cholesky"), how
+
+
+def _truncated(linear: nn.Linear, rank: int, scale: Tensor | None = None,
+               inverse: Tensor | None = None) -> FactorizedLinear:
+    """Rank-``rank`` factors of W from the SVD of W T = U S V^T: (U_k S_k^1/2)(S_k^1/2 V_k^T T^-1), the bias on the
+    second factor. T: none (plain SVD), a vector ``scale`` (diagonal T), or a matrix ``scale`` with its ``inverse``."""
     d_out, d_in = linear.weight.shape
-    if not 1 <= rank <= min(d_in, d_out):
-        raise ValueError(f"rank must be in 1..{min(d_in, d_out)}, got {rank}")
-    if method != "svd" and cov is None:
-        raise ValueError(f"factorisation {method!r} needs the input second moment (cov)")
     weight = linear.weight.detach().to(torch.float64)
-    if method == "svd":
+    if scale is None:
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         first = vh[:rank]
-    elif method == "svd_llm":
-        white = whitening(regularize(cov.to(weight.device), reg))
-        u, s, vh = torch.linalg.svd(weight @ white.factor, full_matrices=False)
-        first = vh[:rank] @ white.inv_t.T  # V^T S^-1
-    else:
-        scale = asvd_scale(cov.to(weight.device), alpha)
+    elif scale.ndim == 1:
         u, s, vh = torch.linalg.svd(weight * scale[None, :], full_matrices=False)
         first = vh[:rank] / scale[None, :]
+    else:
+        u, s, vh = torch.linalg.svd(weight @ scale, full_matrices=False)
+        first = vh[:rank] @ inverse
     root = s[:rank].sqrt()
     kwargs = dict(device=linear.weight.device, dtype=linear.weight.dtype)
     down = nn.Linear(d_in, rank, bias=False, **kwargs)
@@ -128,8 +191,35 @@ def factorize(linear: nn.Linear, rank: int, method: str = "svd", cov: Tensor | N
     return FactorizedLinear(down, up)
 
 
+def factorize(linear: nn.Linear, rank: int, method: str = "svd", cov: Tensor | None = None,
+              alpha: float = DEFAULT_ASVD_ALPHA, reg: float | None = None,
+              shift: str = "on_failure") -> FactorizedLinear:
+    """Rank-``rank`` factorisation of ``linear`` by ``method`` (``cov``: second moment or Gram of its input).
+
+    svd: W = U S V^T. svd_llm: W S_x = U S V^T with S_x from ``svd_llm_whitening(cov, shift, reg)``,
+    W' = U S V^T S_x^-1. asvd: W diag(s) = U S V^T with s = ``asvd_scale(cov, alpha)``, W' = U S V^T diag(s)^-1.
+    The singular values are split evenly between the factors; the bias stays on the second.
+    """
+    if method not in FACTORIZATIONS:
+        raise ValueError(f"unknown factorisation {method!r}; choose one of {', '.join(FACTORIZATIONS)}")
+    d_out, d_in = linear.weight.shape
+    if not 1 <= rank <= min(d_in, d_out):
+        raise ValueError(f"rank must be in 1..{min(d_in, d_out)}, got {rank}")
+    if method != "svd" and cov is None:
+        raise ValueError(f"factorisation {method!r} needs the input second moment (cov)")
+    device = linear.weight.device
+    if method == "svd":
+        return _truncated(linear, rank)
+    if method == "svd_llm":
+        white, _ = svd_llm_whitening(cov.to(device), shift, reg)
+        return _truncated(linear, rank, white.factor, white.inv_t.T)  # S, S^-1
+    return _truncated(linear, rank, asvd_scale(cov.to(device), alpha))
+
+
 def asvd_scale(cov: Tensor, alpha: float = DEFAULT_ASVD_ALPHA) -> Tensor:
-    """ASVD's input scaling s_j = rms(x_j)^alpha from a second moment (floored so it stays invertible)."""
+    """ASVD's input scaling s_j = rms(x_j)^alpha from a second moment (floored so it stays invertible).
+
+    The official s_j = mean|x_j|^alpha + 1e-6 needs a statistic the capture does not hold (see the module docstring)."""
     rms = torch.diagonal(cov.to(torch.float64)).clamp_min(0).sqrt()
     floor = rms.max().clamp_min(1e-30) * 1e-6
     return rms.clamp_min(floor) ** alpha
@@ -284,31 +374,61 @@ def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
         setattr(parent, child, module)
 
 
-def _factorized_baseline(method: str) -> Callable:
-    def run(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
-            *, alpha: float = DEFAULT_ASVD_ALPHA, reg: float = DEFAULT_REG, ratio_of: str = "rank") -> dict[str, Any]:
-        mats = matrices(denoiser)
-        compressible = count_params(denoiser, BASELINE_KINDS)["compressible"]
-        ranks, ratio = uniform_ranks(mats, budget.params(compressible), ratio_of, compressible)
-        factorised = {}
-        for m in mats:
-            rank = ranks[m.path]
-            if not saves(m.d_in, m.d_out, rank):
-                continue
-            cov = None if method == "svd" else _second_moment(capture, m.site)
-            _replace(denoiser, m.path, factorize(denoiser.get_submodule(m.path), rank, method, cov, alpha, reg))
-            factorised[m.path] = rank
-        settings: dict[str, Any] = {"ratio": ratio, "ratio_of": ratio_of, "ranks": factorised,
-                                    "dense": [m.path for m in mats if m.path not in factorised]}
-        if method == "svd_llm":
-            settings["reg"] = reg
-        if method == "asvd":
-            settings.update(alpha=alpha, activation_magnitude="sqrt(diag E[x x^T])")
-        return settings
+def _factorize_matrices(denoiser: nn.Module, budget: Budget, ratio_of: str,
+                        factor_of: Callable[[Matrix, nn.Linear, int], nn.Module]) -> dict[str, Any]:
+    """Replace every matrix that saves at its rank (one ratio for all: ``uniform_ranks``) by ``factor_of``'s factors."""
+    mats = matrices(denoiser)
+    compressible = count_params(denoiser, BASELINE_KINDS)["compressible"]
+    ranks, ratio = uniform_ranks(mats, budget.params(compressible), ratio_of, compressible)
+    factorised = {}
+    for m in mats:
+        rank = ranks[m.path]
+        if not saves(m.d_in, m.d_out, rank):
+            continue
+        _replace(denoiser, m.path, factor_of(m, denoiser.get_submodule(m.path), rank))
+        factorised[m.path] = rank
+    return {"ratio": ratio, "ratio_of": ratio_of, "ranks": factorised,
+            "dense": [m.path for m in mats if m.path not in factorised]}
 
-    run.__name__ = method
-    run.__doc__ = f"Per-matrix {method} at one rank ratio for every matrix (factorised, both factors counted)."
-    return run
+
+def svd(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
+        *, ratio_of: str = "rank") -> dict[str, Any]:
+    """Per-matrix truncated SVD of W at one rank ratio for every matrix (factorised, both factors counted)."""
+    return _factorize_matrices(denoiser, budget, ratio_of, lambda m, linear, rank: factorize(linear, rank, "svd"))
+
+
+def _gram(capture: Capture, site: str) -> Tensor:
+    """sum of x x^T over every captured token of a site's input (float64): SVD-LLM's profile."""
+    if site not in capture.sites:
+        _second_moment(capture, site)  # raises naming baseline_sites
+    stats = capture.sites[site]
+    return stats.outer_in(range(stats.num_buckets))[0]
+
+
+def svd_llm(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
+            *, shift: str = "on_failure", reg: float | None = None, ratio_of: str = "rank") -> dict[str, Any]:
+    """SVD-LLM per matrix (module docstring): whitening by the Cholesky factor of the input's Gram, shifted only where
+    Cholesky fails (``shift="always"``: C + reg trace(C)/d I on every matrix, as before issue 23)."""
+    reg = check_svd_llm_shift(shift, reg)
+    methods: dict[str, str] = {}
+
+    def factor_of(m: Matrix, linear: nn.Linear, rank: int) -> nn.Module:
+        gram = _gram(capture, m.site) if shift == "on_failure" else _second_moment(capture, m.site)
+        white, methods[m.path] = svd_llm_whitening(gram.to(linear.weight.device), shift, reg)
+        return _truncated(linear, rank, white.factor, white.inv_t.T)
+
+    settings = _factorize_matrices(denoiser, budget, ratio_of, factor_of)
+    settings.update(shift=shift, reg=reg, whitening=methods)
+    return settings
+
+
+def asvd(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
+         *, alpha: float = DEFAULT_ASVD_ALPHA, ratio_of: str = "rank") -> dict[str, Any]:
+    """ASVD per matrix (module docstring): SVD of W diag(s), s_j = rms(x_j)^alpha, undone on the first factor."""
+    settings = _factorize_matrices(denoiser, budget, ratio_of, lambda m, linear, rank: factorize(
+        linear, rank, "asvd", _second_moment(capture, m.site), alpha))
+    settings.update(alpha=alpha, activation_magnitude="sqrt(diag E[x x^T])")
+    return settings
 
 
 # ---- structured pruning baselines (narrower dense, like SlimDiff) ----------------------------------
@@ -322,33 +442,71 @@ def _unit_scores(groups: list[ModuleGroup], granularity: Granularity) -> Influen
     return InfluenceScores(modules, granularity)
 
 
-def _channel_scores(denoiser: nn.Module, group: ModuleGroup, capture: Capture, metric: str) -> Tensor:
-    """Importance of every prunable unit: (heads, head width) for QK/VO, (channels,) for the FFN.
+WANDA_COLUMN_NORMS = ("mean_abs", "l2")  # official first; "l2": before issue 23
+FLAP_ATTENTION_METRICS = ("squared", "plain")  # official first; "plain": before issue 23
 
-    wanda: FFN ||W_down[:, j]|| rms(h_j); VO ||W_out[:, i]|| rms(o_i) (o = to_out's input); QK rms(q_i) rms(k_i).
-    flap (fluctuation): FFN Var(h_j) ||W_down[:, j]||^2; VO Var(o_i) ||W_out[:, i]||^2;
-    QK E[q_i^2] Var(k_i) (the variance of the dimension's logit term across keys: softmax ignores the rest).
-    """
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _output_side(denoiser: nn.Module, group: ModuleGroup) -> tuple[Tensor, str]:
+    """(W_out in float64 (d_out, units), the capture site of its input) of the layer reading a VO or FFN group's units."""
     module = denoiser.get_submodule(group.path)
-    if group.kind == "ffn" or group.kind.startswith("vo"):
-        out = module.net[2] if group.kind == "ffn" else module.to_out[0]
-        site = f"{group.path}.net.2" if group.kind == "ffn" else f"{group.path}.to_out.0"
-        second, mean = _moments(capture, site)
-        column_energy = out.weight.detach().cpu().to(torch.float64).pow(2).sum(0)
-        energy = torch.diagonal(second).clamp_min(0)
-        if metric == "wanda":
-            score = column_energy.sqrt() * energy.sqrt()
-        else:
-            score = column_energy * (energy - mean**2).clamp_min(0)
-        return score if group.kind == "ffn" else score.reshape(group.heads, group.width)
+    out = module.net[2] if group.kind == "ffn" else module.to_out[0]
+    site = f"{group.path}.net.2" if group.kind == "ffn" else f"{group.path}.to_out.0"
+    return out.weight.detach().cpu().to(torch.float64), site
+
+
+def _qk_moments(denoiser: nn.Module, group: ModuleGroup, capture: Capture) -> tuple[Tensor, Tensor, Tensor]:
+    """(E[q_i^2], E[k_i^2], E[k_i]) of every query/key dimension, from the inputs' captured moments."""
+    module = denoiser.get_submodule(group.path)
     x_site, y_site = group_input_sites(group)
     q_second, _ = _output_moments(module.to_q, capture, x_site)
     k_second, k_mean = _output_moments(module.to_k, capture, y_site)
-    if metric == "wanda":
-        score = (q_second * k_second).sqrt()
-    else:
+    return q_second, k_second, k_mean
+
+
+def _per_unit(group: ModuleGroup, score: Tensor) -> Tensor:
+    return score if group.kind == "ffn" else score.reshape(group.heads, group.width)
+
+
+def wanda_scores(denoiser: nn.Module, group: ModuleGroup, capture: Capture, column_norm: str = "mean_abs") -> Tensor:
+    """Wanda-sp importance of every prunable unit: (heads, head width) for QK/VO, (channels,) for the FFN.
+
+    VO / FFN (official): mean_i |W_out[i, j]| * rms(x_j), x the output layer's input (to_out.0, FFN down projection);
+    ``column_norm="l2"``: ||W_out[:, j]||_2 * rms(x_j). QK (ours): rms(q_i) rms(k_i).
+    """
+    _check_choice("wanda_sp column_norm", column_norm, WANDA_COLUMN_NORMS)
+    if group.kind.startswith("qk"):
+        q_second, k_second, _ = _qk_moments(denoiser, group, capture)
+        return _per_unit(group, (q_second * k_second).sqrt())
+    weight, site = _output_side(denoiser, group)
+    second, _ = _moments(capture, site)
+    rms = torch.diagonal(second).clamp_min(0).sqrt()
+    column = weight.abs().mean(0) if column_norm == "mean_abs" else weight.pow(2).sum(0).sqrt()
+    return _per_unit(group, column * rms)
+
+
+def flap_scores(denoiser: nn.Module, group: ModuleGroup, capture: Capture, attention_metric: str = "squared") -> Tensor:
+    """FLAP's fluctuation metric of every prunable unit: (heads, head width) for QK/VO, (channels,) for the FFN.
+
+    VO / FFN: Var(x_j) ||W_out[:, j]||_2^2 (``WIFV``); QK (ours): E[q_i^2] Var(k_i), the variance of the dimension's
+    logit term across keys (softmax ignores the rest). Attention metrics (QK, VO) squared (official);
+    ``attention_metric="plain"``: not squared.
+    """
+    _check_choice("flap attention_metric", attention_metric, FLAP_ATTENTION_METRICS)
+    if group.kind.startswith("qk"):
+        q_second, k_second, k_mean = _qk_moments(denoiser, group, capture)
         score = q_second * (k_second - k_mean**2).clamp_min(0)
-    return score.reshape(group.heads, group.width)
+    else:
+        weight, site = _output_side(denoiser, group)
+        second, mean = _moments(capture, site)
+        score = weight.pow(2).sum(0) * (torch.diagonal(second) - mean**2).clamp_min(0)
+    if group.kind != "ffn" and attention_metric == "squared":
+        score = score**2
+    return _per_unit(group, score)
 
 
 def _kept(score: Tensor, width: int) -> Tensor:
@@ -409,16 +567,18 @@ def _granularity(scores: InfluenceScores | None) -> Granularity:
 
 
 def wanda_sp(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
-             *, min_keep: float = DEFAULT_MIN_KEEP) -> dict[str, Any]:
-    """Wanda-sp: keep the highest |W| x activation-magnitude units, the same kept fraction in every module."""
+             *, min_keep: float = DEFAULT_MIN_KEEP, column_norm: str = "mean_abs") -> dict[str, Any]:
+    """Wanda-sp: keep the units of highest ``wanda_scores`` (mean |W| x activation rms; ``column_norm="l2"``: the
+    column's L2 norm instead), the same kept fraction in every module, no reconstruction."""
+    _check_choice("wanda_sp column_norm", column_norm, WANDA_COLUMN_NORMS)
     groups = baseline_groups(denoiser)
     plan = allocate(_unit_scores(groups, _granularity(scores)), budget, "uniform", min_keep)
     widths = plan.widths
     for group in groups:
         if widths[group.name] < group.width:
-            keep = _kept(_channel_scores(denoiser, group, capture, "wanda"), widths[group.name])
+            keep = _kept(wanda_scores(denoiser, group, capture, column_norm), widths[group.name])
             _prune_group(denoiser, group, keep)
-    return {"widths": widths, "min_keep": min_keep, "reconstruction": None}
+    return {"widths": widths, "min_keep": min_keep, "column_norm": column_norm, "reconstruction": None}
 
 
 def _standardized(score: Tensor) -> Tensor:
@@ -428,19 +588,21 @@ def _standardized(score: Tensor) -> Tensor:
 
 
 def flap(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
-         *, min_keep: float = DEFAULT_MIN_KEEP) -> dict[str, Any]:
-    """FLAP: fluctuation scores standardised per module, one global ranking of width steps, bias compensation.
+         *, min_keep: float = DEFAULT_MIN_KEEP, attention_metric: str = "squared") -> dict[str, Any]:
+    """FLAP: fluctuation scores (``flap_scores``, attention squared; ``attention_metric="plain"``: not squared)
+    standardised per module, one global ranking of width steps, bias compensation.
 
     A width step removes the lowest-scored remaining unit(s) of every head (QK/VO) or ``ffn_step``
     channels (FFN); its score is the mean standardised score of what it removes. Steps are taken in
     increasing score over all modules until the budget is met (respecting ``min_keep``).
     """
+    _check_choice("flap attention_metric", attention_metric, FLAP_ATTENTION_METRICS)
     granularity = _granularity(scores)
     groups = baseline_groups(denoiser)
     skeleton = _unit_scores(groups, granularity)
     target = check_budget(skeleton, budget, min_keep)
     allowed = {m.name: allowed_widths(m, min_keep) for m in skeleton.modules}
-    raw = {g.name: _channel_scores(denoiser, g, capture, "flap") for g in groups}
+    raw = {g.name: flap_scores(denoiser, g, capture, attention_metric) for g in groups}
     ascending = {name: torch.sort(_standardized(s), dim=-1).values for name, s in raw.items()}
     by_name = {g.name: g for g in groups}
     position = {name: len(allowed[name]) - 1 for name in allowed}
@@ -470,7 +632,8 @@ def flap(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, 
         if widths[group.name] < group.width:
             if _prune_group(denoiser, group, _kept(raw[group.name], widths[group.name]), capture):
                 compensated.append(group.name)
-    return {"widths": widths, "min_keep": min_keep, "standardisation": "per module", "bias_compensated": compensated}
+    return {"widths": widths, "min_keep": min_keep, "attention_metric": attention_metric,
+            "standardisation": "per module", "bias_compensated": compensated}
 
 
 # ---- SlimDiff and its allocator ablations ---------------------------------------------------------
@@ -495,9 +658,9 @@ BASELINES: dict[str, Callable[..., dict[str, Any]]] = {
     "slimdiff": _slimdiff_with("slimdiff"),
     "slimdiff_uniform": _slimdiff_with("uniform"),
     "slimdiff_modegpt": _slimdiff_with("modegpt"),
-    "svd": _factorized_baseline("svd"),
-    "svd_llm": _factorized_baseline("svd_llm"),
-    "asvd": _factorized_baseline("asvd"),
+    "svd": svd,
+    "svd_llm": svd_llm,
+    "asvd": asvd,
     "wanda_sp": wanda_sp,
     "flap": flap,
 }
