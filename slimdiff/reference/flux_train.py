@@ -6,6 +6,7 @@ reference (`slimdiff.reference.train`, whose helpers this module reuses).
     python -m slimdiff.reference.flux_train transformer --params ... --dataset DIR --vae VAE_DIR --out MODEL_DIR
     python -m slimdiff.reference.flux_train bench       --params ... --out FILE.json   # step time, latency share
     python -m slimdiff.reference.flux_train latency     --params ... --model MODEL_DIR --out FILE.json
+    python -m slimdiff.reference.flux_train sweep       --params ... --dataset DIR --model MODEL_DIR --out FILE.json
 
 Every random draw of step k comes from a generator seeded with (seed, k), so a run resumed from a checkpoint
 continues exactly as an uninterrupted one would on the same device and thread count.
@@ -323,14 +324,46 @@ def run_latency(params: dict, model_dir: Path | None, batches: list[int]) -> dic
     }
 
 
+def run_sampler_sweep(params: dict, dataset: str | None, model_dir: Path | None, evaluator_dir: str | None,
+                      scales: list[float], steps: list[int], n: int) -> dict:
+    """Alignment on the first `n` one-object and `n` two-object *validation* captions (never the test prompts
+    the metrics stage reports) for each (steps, true_cfg_scale): how the evaluation's sampler settings were chosen."""
+    from slimdiff.reference import load_reference_flux_pipeline, reference_flux_call_kwargs
+    from slimdiff.reference.evaluator import load_evaluator
+    from slimdiff.reference.metrics import generate, select_prompts
+
+    pipe = load_reference_flux_pipeline("cpu", model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    call_kwargs = reference_flux_call_kwargs(model_dir)
+    evaluator = load_evaluator(evaluator_dir)
+    _, captions = _split(params, dataset, "validation")
+    prompts = {k: [captions[i] for i in select_prompts(captions, k, n)] for k in (1, 2)}
+    runs = []
+    for n_steps in steps:
+        for scale in scales:
+            start = time.time()
+            row = {"steps": n_steps, "true_cfg_scale": scale}
+            for k, group in prompts.items():
+                images = generate(pipe, group, n_steps, scale, 50, 4321, "true_cfg_scale", call_kwargs)
+                row[f"{'single' if k == 1 else 'two'}"] = evaluator.alignment(images, group)
+            row["seconds"] = round(time.time() - start, 1)
+            runs.append(row)
+            print(json.dumps(row))
+    return {"split": "validation", "n_per_group": n, "seed": 4321, "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m slimdiff.reference.flux_train")
-    parser.add_argument("what", choices=["vae", "transformer", "bench", "latency"])
+    parser.add_argument("what", choices=["vae", "transformer", "bench", "latency", "sweep"])
     parser.add_argument("--params", default="data/reference-flux/params.yaml")
     parser.add_argument("--dataset", default=None, help="datasets folder from data/reference's dataset stage; else generated")
     parser.add_argument("--vae", default=None, help="VAE folder (transformer)")
     parser.add_argument("--model", default=None, help="trained pipeline folder (latency; default: the committed one)")
     parser.add_argument("--batches", default="1,100", help="latency: comma-separated batch sizes")
+    parser.add_argument("--evaluator", default=None, help="sweep: evaluator folder (default: the committed one)")
+    parser.add_argument("--scales", default="2,3,4,5", help="sweep: true_cfg_scale values")
+    parser.add_argument("--sample-steps", default="28", help="sweep: sampling step counts")
+    parser.add_argument("--n", type=int, default=50, help="sweep: validation prompts per group")
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--checkpoint-dir", default=None, help="resume from / save checkpoints here")
@@ -354,6 +387,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "latency":
         result = run_latency(params, Path(args.model) if args.model else None, [int(b) for b in args.batches.split(",")])
         print(json.dumps(result, indent=1))
+        _atomic_json(result, out)
+    elif args.what == "sweep":
+        result = run_sampler_sweep(
+            params, args.dataset, Path(args.model) if args.model else None, args.evaluator,
+            [float(x) for x in args.scales.split(",")], [int(x) for x in args.sample_steps.split(",")], args.n,
+        )
         _atomic_json(result, out)
     elif args.what == "vae":
         run_vae(params, args.dataset, out, args.device, ckpt / "vae" if ckpt else None)
