@@ -163,12 +163,15 @@ def _allocate(args: argparse.Namespace) -> int:
     from slimdiff.allocate import allocate
     from slimdiff.device import describe_device, resolve_device
     from slimdiff.influence import InfluenceScores
-    from slimdiff.latency import LatencyTable
+    from slimdiff.latency import read_latency_table
 
     budget, budget_kind = _budget_of(args)
     if budget_kind == "latency" and not args.latency_table:
         raise ValueError("--latency needs --latency-table (measured on the deployment device: the latency stage's output)")
-    table = LatencyTable.load(args.latency_table) if args.latency_table else None
+    table = read_latency_table(args.latency_table) if args.latency_table else None
+    if args.latency_table and table is None and budget_kind == "latency":
+        raise ValueError(f"{args.latency_table} records that no latency table was measured (the job's budget was not a "
+                         "latency budget); re-run the latency stage with allocate.budget_kind: latency")
     if table is not None and args.device:
         table.check_matches(device=describe_device(resolve_device(args.device)), source=args.latency_table)
     plan = allocate(InfluenceScores.load(args.scores), budget, args.allocator, args.min_keep, budget_kind=budget_kind,

@@ -302,7 +302,7 @@ class FFNDecomposition:
     # width -> kept channels, chosen by an earlier decomposition of the same statistics (the score stage's, read back
     # from a ``slimdiff.factorisations.FactorisationStore``): no eigendecomposition needed to apply one of these widths
     chosen: Mapping[int, Tensor] | None = None
-    _solves: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # width -> (keep, w_new, how)
+    _solves: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # the last width's solve
 
     @property
     def full_width(self) -> int:
@@ -397,6 +397,9 @@ class FFNDecomposition:
             keep = self.channels(width)
             cov_kept = self.cov_hidden[keep][:, keep]
             rhs = self.cov_hidden[keep] @ self.w_down
+            # the last width only: applying one width asks for it three times (weights, error, method); a curve of many
+            # widths would otherwise keep a (width x d_out) solution per width
+            self._solves.clear()
             self._solves[width] = (keep, *_spd_solve(cov_kept, rhs))
         return self._solves[width]
 

@@ -135,36 +135,66 @@ class LatencyTable:
         return table
 
 
+NOT_MEASURED_FORMAT = "slimdiff-latency-not-measured/1"
+
+
+def write_not_measured(path: str | Path, reason: str) -> Path:
+    """The latency stage's output when no latency budget needs a table: a record that says why none was measured."""
+    return write_json(path, {"format": NOT_MEASURED_FORMAT, "reason": reason})
+
+
+def read_latency_table(path: str | Path) -> LatencyTable | None:
+    """The table at ``path``, or None when the latency stage recorded that none was needed (``write_not_measured``)."""
+    import json
+
+    path = Path(path)
+    if path.is_file():
+        try:
+            if json.loads(path.read_text()).get("format") == NOT_MEASURED_FORMAT:
+                return None
+        except (json.JSONDecodeError, AttributeError):
+            pass  # LatencyTable.load names the damage
+    return LatencyTable.load(path)
+
+
 # ---- units ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Unit:
-    """Groups held at one width: an attention's QK and VO (or the one of them that is compressible), or an FFN."""
+    """Groups held at one width, timed as the module at ``path``: an attention's QK and VO (or the one of them that is
+    compressible), an FFN, or one part of a Flux single block (its attention or its MLP, timed as the whole block with
+    the other part at full width: the two share one fused output projection)."""
 
     path: str
     groups: tuple[ModuleGroup, ...]
+    name: str = ""  # the curve's name: the path, or the group's name where several units time one module
 
     @property
     def full_width(self) -> int:
         return self.groups[0].width
 
+    @property
+    def label(self) -> str:
+        return self.name or self.path
 
 
-UNTIMED_KINDS = ("vo_single", "ffn_single")
+# Flux single blocks: attention and MLP write through one fused proj_out, so each part is timed on the whole block
+# and a block's saving is the sum of its parts' (an additive model, checked against joint timings: ``additivity``)
+FUSED_KINDS = ("vo_single", "ffn_single")
 
 
 def latency_units(denoiser: nn.Module) -> list[Unit]:
-    """The denoiser's compressible groups as latency units (attention groups of one module held together)."""
+    """The denoiser's compressible groups as latency units (attention groups of one module held together; the two
+    parts of a Flux single block as two units of the block)."""
     by_path: dict[str, list[ModuleGroup]] = {}
+    units = []
     for group in compressible_groups(denoiser):
         if group.kind == "adaln":
             continue  # runs once per sample and call, not per token: the allocator keeps it whole under a latency budget
-        if group.kind in UNTIMED_KINDS:
-            raise LatencyTableError(f"{group.name}: {group.kind} groups (Flux single blocks, whose attention and MLP share "
-                                    "one fused output projection) are not timed by latency tables yet; use a --budget "
-                                    "(parameters) or --macs budget for this model")
+        if group.kind in FUSED_KINDS:
+            units.append(Unit(group.path, (group,), group.name))
+            continue
         by_path.setdefault(group.path, []).append(group)
-    units = []
     for path, groups in by_path.items():
         widths = {g.width for g in groups}
         if len(widths) > 1:
@@ -188,13 +218,17 @@ def timed_widths(unit: Unit, granularity: Granularity, points: int = DEFAULT_POI
     return [grid[i] for i in index]
 
 
-def _unit_at(module: nn.Module, unit: Unit, width: int, generator: torch.Generator) -> nn.Module:
-    """A copy of ``module`` resized to ``width`` with random weights (what a compressed model would run)."""
+def _unit_at(module: nn.Module, units: Sequence[Unit], widths: Sequence[int], generator: torch.Generator) -> nn.Module:
+    """A copy of ``module`` with each of ``units`` (units of this module) resized to its width, random weights (what a
+    compressed model would run)."""
     copied = copy.deepcopy(module)
-    if width == unit.full_width:
+    if all(width == unit.full_width for unit, width in zip(units, widths)):
         return copied
-    for group in unit.groups:
-        resize_group(copied, replace(group, path=""), width)
+    for unit, width in zip(units, widths):
+        if width == unit.full_width:
+            continue
+        for group in unit.groups:
+            resize_group(copied, replace(group, path=""), width)
     with torch.no_grad():
         for parameter in copied.parameters():
             # uninitialised memory may hold NaN or denormal values, which run slower on some CPUs
@@ -214,8 +248,8 @@ def _unit_inputs(denoiser: nn.Module, units: Sequence[Unit], call: DenoiserCall)
                               {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()})
         return hook
 
-    for unit in units:
-        handles.append(denoiser.get_submodule(unit.path).register_forward_pre_hook(keep(unit.path), with_kwargs=True))
+    for path in dict.fromkeys(unit.path for unit in units):
+        handles.append(denoiser.get_submodule(path).register_forward_pre_hook(keep(path), with_kwargs=True))
     try:
         with torch.inference_mode():
             args, kwargs = call
@@ -274,28 +308,68 @@ def measure_latency_table(denoiser: nn.Module, call: DenoiserCall, granularity: 
             names = [g.name for g in unit.groups]
             if signature in timed:
                 first = timed[signature]
-                curves.append(LatencyCurve(unit.path, names, list(first.widths), list(first.ms), measured_as=first.unit))
+                curves.append(LatencyCurve(unit.label, names, list(first.widths), list(first.ms), measured_as=first.unit))
                 continue
             widths = timed_widths(unit, granularity, points)
             module = denoiser.get_submodule(unit.path)
-            variants = [_unit_at(module, unit, w, generator) for w in widths]
-            unit_args, unit_kwargs = inputs[unit.path]
-            runs: list[list[float]] = [[] for _ in widths]
-            for _ in range(warmup):
-                for variant in variants:
-                    variant(*unit_args, **unit_kwargs)
-            for r in range(repeats):
-                order = range(len(widths)) if r % 2 == 0 else reversed(range(len(widths)))
-                for i in order:
-                    runs[i].append(_time(lambda: variants[i](*unit_args, **unit_kwargs), device))
-            del variants
-            curve = LatencyCurve(unit.path, names, widths, [statistics.median(r) for r in runs])
+            ms = _time_variants([_unit_at(module, [unit], [w], generator) for w in widths], inputs[unit.path], device,
+                                repeats, warmup)
+            curve = LatencyCurve(unit.label, names, widths, ms)
             timed[signature] = curve
             curves.append(curve)
+        additivity = _additivity_check(denoiser, units, curves, inputs, generator, device, repeats, warmup)
     settings = {"points": points, "repeats": repeats, "warmup": warmup, "torch": torch.__version__,
                 "threads": torch.get_num_threads() if device.type == "cpu" else None}
+    if additivity:
+        settings["additivity"] = additivity
     return LatencyTable(describe_device(device), str(dtype).removeprefix("torch."), list(sample.shape), model_hash, denoiser_ms,
                         asdict(granularity), curves, settings)
+
+
+def _time_variants(variants: Sequence[nn.Module], inputs: DenoiserCall, device: torch.device, repeats: int,
+                   warmup: int) -> list[float]:
+    """Median milliseconds of each variant on ``inputs``, timed round-robin in alternating order (a load change on the
+    machine touches every variant alike)."""
+    unit_args, unit_kwargs = inputs
+    runs: list[list[float]] = [[] for _ in variants]
+    for _ in range(warmup):
+        for variant in variants:
+            variant(*unit_args, **unit_kwargs)
+    for r in range(repeats):
+        order = range(len(variants)) if r % 2 == 0 else reversed(range(len(variants)))
+        for i in order:
+            runs[i].append(_time(lambda: variants[i](*unit_args, **unit_kwargs), device))
+    return [statistics.median(r) for r in runs]
+
+
+# joint widths (as fractions of each part's timed grid) at which a fused block's additive model is checked
+ADDITIVITY_POINTS = (0.25, 0.5, 0.75)
+
+
+def _additivity_check(denoiser: nn.Module, units: Sequence[Unit], curves: Sequence[LatencyCurve], inputs: dict,
+                      generator: torch.Generator, device: torch.device, repeats: int, warmup: int) -> list[dict[str, Any]]:
+    """For the first module whose units are timed apart (a Flux single block), time it with both parts narrowed at a
+    few width pairs and compare with the additive prediction t(block) - saving(attention) - saving(MLP)."""
+    by_path: dict[str, list[int]] = {}
+    for index, unit in enumerate(units):
+        by_path.setdefault(unit.path, []).append(index)
+    fused = next(((path, idx) for path, idx in by_path.items() if len(idx) > 1 and all(units[i].name for i in idx)), None)
+    if fused is None:
+        return []
+    path, index = fused
+    parts, part_curves = [units[i] for i in index], [curves[i] for i in index]
+    pairs = list(dict.fromkeys(tuple(c.widths[min(len(c.widths) - 1, int(round(f * (len(c.widths) - 1))))] for c in part_curves)
+                               for f in ADDITIVITY_POINTS))
+    module = denoiser.get_submodule(path)
+    measured = _time_variants([_unit_at(module, parts, pair, generator) for pair in pairs], inputs[path], device,
+                              repeats, warmup)
+    full = statistics.mean(c.ms[-1] for c in part_curves)
+    checks = []
+    for pair, ms in zip(pairs, measured):
+        predicted = full - sum(c.ms[-1] - c.at(w) for c, w in zip(part_curves, pair))
+        checks.append({"module": path, "widths": dict(zip((u.label for u in parts), pair)), "measured_ms": ms,
+                       "predicted_ms": predicted, "relative_error": ms / predicted - 1})
+    return checks
 
 
 def pareto_widths(curve: LatencyCurve, allowed: Sequence[int]) -> list[int]:

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,12 +99,20 @@ def _pipeline(params: dict[str, Any]):
     return pipe
 
 
-def _compressed_pipeline(params: dict[str, Any], folder: Path = MODEL_DIR):
-    """The compressed pipeline of ``folder`` on ``model.device`` in ``model.dtype``, beside the original."""
+def _compressed_pipeline(params: dict[str, Any], original, folder: Path = MODEL_DIR):
+    """The compressed pipeline of ``folder`` on ``model.device`` in ``model.dtype``, beside ``original``: its other
+    torch components (text encoders, VAE: the decompose stage saved the original's) are the original's own modules,
+    not a second copy in memory."""
+    import torch
+
+    from slimdiff.capture import denoiser_of
     from slimdiff.io import load
 
     device, dtype = device_settings(params)
-    pipe = load(folder, device=device, dtype=dtype)
+    key, _ = denoiser_of(original)
+    shared = {name: module for name, module in original.components.items()
+              if name != key and isinstance(module, torch.nn.Module)}
+    pipe = load(folder, device=device, dtype=dtype, **shared)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -127,10 +136,52 @@ def stage_curate(params: dict[str, Any]) -> None:
     curate.write_slimset(selected, stats, SLIMSET_DIR)
 
 
-def stage_capture(params: dict[str, Any]) -> None:
-    """Statistics of the SlimSet under the deployment sampler, checkpointed every ``capture.checkpoint_every`` prompts."""
-    from slimdiff.capture import capture
+RESOURCES_DIR = OUT / ".resources"
+MEMORY_PREDICTION = OUT / "memory_prediction.json"
 
+
+def predict_memory(params: dict[str, Any]):
+    """(footprint, settings, per-stage prediction) of this job's memory (``slimdiff.memory``; no weight is read)."""
+    from slimdiff.memory import footprint, predict, settings_from_params
+
+    device, dtype = device_settings(params)
+    fp = footprint(params["model"]["path"], sampler_settings(params), int(params["capture"]["batch_size"]))
+    settings = settings_from_params(params, device, dtype)
+    return fp, settings, predict(fp, settings)
+
+
+def check_memory(params: dict[str, Any], show: bool = True) -> dict[str, Any]:
+    """Print the predicted peak memory of every stage and fail (one line: predicted, available, settings that would
+    fit) when a stage would not fit in what this machine has (``slimdiff.memory.available_memory``). Returns the
+    prediction as a JSON-able record (written by the capture stage); writes nothing."""
+    from slimdiff.memory import GIB, InsufficientMemoryError, available_memory, fits, suggestions, table
+
+    fp, settings, stages = predict_memory(params)
+    device, _ = device_settings(params)
+    host, device_free = available_memory(device)
+    if show:
+        print(f"predicted peak memory per stage (docs/memory.md; {host / GIB:.1f} GiB host RAM available"
+              + (f", {device_free / GIB:.1f} GiB free on {device}" if device_free is not None else "") + "):")
+        print(table(stages))
+    problems = fits(stages, host, device_free)  # the largest excess first
+    if problems:
+        fix = suggestions(fp, settings, host, device_free)
+        raise InsufficientMemoryError(f"predicted memory does not fit: {problems[0]}"
+                          + (f" (and {len(problems) - 1} more stage(s))" if len(problems) > 1 else "")
+                          + ("; it fits with " + " or ".join(fix) if fix else "; no setting of capture.site_groups, "
+                             "capture.num_buckets or model.dtype makes it fit on this machine"))
+    return {"format": "slimdiff-memory-prediction/1", "available_host_bytes": host, "available_device_bytes": device_free,
+            "settings": {k: str(v) for k, v in asdict(settings).items()}, "footprint": fp.to_dict(),
+            "stages": {k: v.to_dict() for k, v in stages.items()}}
+
+
+def stage_capture(params: dict[str, Any]) -> None:
+    """Statistics of the SlimSet under the deployment sampler, checkpointed every ``capture.checkpoint_every`` prompts.
+    The predicted memory of the job is checked first (a job that would not fit fails here, before any statistics)."""
+    from slimdiff.capture import capture
+    from slimdiff.utils import write_json
+
+    write_json(MEMORY_PREDICTION, check_memory(params, show=False))
     config = config_from(params)
     sampler = sampler_settings(params)
     prompts = read_slimset()
@@ -209,14 +260,23 @@ def stage_gains(params: dict[str, Any]) -> None:
 
 
 def stage_latency(params: dict[str, Any]) -> None:
-    from slimdiff.latency import measure_pipeline_latency
+    """The latency table on ``model.device``, when ``allocate.budget_kind`` is ``latency``; otherwise a record that none
+    was needed (timing every unit of a large model takes a while, and only a latency budget reads it)."""
+    from slimdiff.latency import measure_pipeline_latency, write_not_measured
 
     config = config_from(params)
+    if config.budget_kind != "latency":
+        write_not_measured(LATENCY_FILE, f"allocate.budget_kind is {config.budget_kind}: no latency table needed")
+        print(f"latency: not measured (allocate.budget_kind {config.budget_kind}; a latency budget measures it)")
+        return
     table = measure_pipeline_latency(_pipeline(params), read_slimset()[:1], sampler_settings(params), config.granularity,
                                      config.latency_points, config.latency_repeats, progress=True)
     table.save(LATENCY_FILE)
     print(f"denoiser {table.denoiser_ms:.4g} ms on {table.device} (call shape {table.sample_shape}); compressible units at full "
           f"width {table.compressible_ms:.4g} ms ({len(table.curves)} units)")
+    for check in table.settings.get("additivity", []):
+        print(f"latency: fused block {check['module']} at widths {check['widths']}: measured {check['measured_ms']:.4g} ms, "
+              f"additive prediction {check['predicted_ms']:.4g} ms ({check['relative_error']:+.1%})")
 
 
 FACTORISATIONS_DIR = CHECKPOINT_DIR / "factorisations"
@@ -247,14 +307,14 @@ def stage_allocate(params: dict[str, Any]) -> None:
     from slimdiff.allocate import Budget, allocate
     from slimdiff.device import describe_device, resolve_device
     from slimdiff.influence import InfluenceScores
-    from slimdiff.latency import LatencyTable
+    from slimdiff.latency import read_latency_table
     from slimdiff.utils import write_json
 
     config = config_from(params)
-    table = LatencyTable.load(LATENCY_FILE)
-    # the table must come from the device this job runs on (allocation itself loads no model)
-    table.check_matches(device=describe_device(resolve_device(params["model"].get("device", "auto"))),
-                        dtype=str(params["model"].get("dtype", "float32")), source=str(LATENCY_FILE))
+    table = read_latency_table(LATENCY_FILE)  # None unless a latency budget asked the latency stage for one
+    if table is not None:  # it must come from the device and dtype this job runs on (allocation itself loads no model)
+        device, dtype = device_settings(params)
+        table.check_matches(device=describe_device(device), dtype=str(dtype).removeprefix("torch."), source=str(LATENCY_FILE))
     plan = allocate(InfluenceScores.load(SCORES_FILE), Budget.parse(config.budget), config.allocator, config.min_keep,
                     config.bucket_weights, config.temperature, config.budget_kind, config.tie_qk_vo, table)
     plan.save(PLAN_FILE)
@@ -263,8 +323,8 @@ def stage_allocate(params: dict[str, Any]) -> None:
                               "removed": plan.removed, "removed_fraction": plan.removed / plan.params_before,
                               "predicted_error": plan.predicted_error,
                               "macs_kept_fraction": plan.macs_after / plan.macs_before if plan.macs_before else None,
-                              "predicted_latency_fraction": plan.latency["predicted_fraction"],
-                              "predicted_latency_upper_bound": plan.latency["upper_bound"]})
+                              "predicted_latency_fraction": plan.latency["predicted_fraction"] if plan.latency else None,
+                              "predicted_latency_upper_bound": plan.latency["upper_bound"] if plan.latency else None})
     print(plan.table().splitlines()[-1])
 
 
@@ -327,18 +387,20 @@ def stage_evaluate(params: dict[str, Any]) -> None:
     e = params["evaluate"]
     original = _pipeline(params)
     check_compressed_from(denoiser_of(original)[1])
-    compressed = _compressed_pipeline(params)
+    compressed = _compressed_pipeline(params, original)
     evaluator = _evaluator(params)
     metrics = evaluate(original, compressed, evaluation_prompts(params), sampler_settings(params), evaluator=evaluator,
                        latency_repeats=int(e.get("latency_repeats", 5)), progress=True)
     metrics["plan"] = json.loads(PLAN_METRICS.read_text())
-    if "latency" in metrics:  # the latency table's prediction against this measurement (same device, batch, resolution)
+    if "latency" in metrics:  # the latency table's prediction (a latency budget's) against this measurement
         denoiser = metrics["latency"]["denoiser"]
         measured = denoiser["compressed_ms"] / denoiser["original_ms"]
-        predicted = metrics["plan"]["predicted_latency_fraction"]
-        metrics["latency"].update(measured_fraction=measured, predicted_fraction=predicted,
-                                  predicted_upper_bound=metrics["plan"]["predicted_latency_upper_bound"],
-                                  prediction_error=measured / predicted - 1)
+        predicted = metrics["plan"].get("predicted_latency_fraction")
+        metrics["latency"]["measured_fraction"] = measured
+        if predicted is not None:
+            metrics["latency"].update(predicted_fraction=predicted,
+                                      predicted_upper_bound=metrics["plan"]["predicted_latency_upper_bound"],
+                                      prediction_error=measured / predicted - 1)
     if "alignment" in metrics:
         original, compressed_acc = metrics["alignment"]["original"]["overall"], metrics["alignment"]["compressed"]["overall"]
         metrics["alignment"]["ratio_to_original"] = compressed_acc / original if original else None
@@ -360,7 +422,7 @@ def stage_report(params: dict[str, Any]) -> None:
 
     original = _pipeline(params)
     check_compressed_from(denoiser_of(original)[1])
-    compressed = _compressed_pipeline(params)
+    compressed = _compressed_pipeline(params, original)
     prompts = evaluation_prompts(params)[: int(params.get("report", {}).get("samples", 8))]
     write_report(REPORT_DIR, params, json.loads(PLAN_FILE.read_text()), json.loads(METRICS_FILE.read_text()), PLAN_PLOT,
                  original, compressed, prompts, sampler_settings(params), progress=True)
@@ -403,8 +465,30 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"stage {args.stage}: error: {message}", file=sys.stderr)
         return 2
-    print(f"stage {args.stage}: done in {time.perf_counter() - start:.1f} s")
+    seconds = time.perf_counter() - start
+    resources = record_resources(args.stage, seconds)
+    print(f"stage {args.stage}: done in {seconds:.1f} s (peak host RSS {resources['peak_host_bytes'] / 2**30:.2f} GiB"
+          + (f", peak GPU memory {resources['peak_device_bytes'] / 2**30:.2f} GiB" if resources["peak_device_bytes"] else "")
+          + ")")
     return 0
+
+
+def record_resources(stage: str, seconds: float) -> dict[str, Any]:
+    """This stage process's wall time, peak host RSS and peak GPU memory (reserved by torch), written to
+    ``outputs/.resources/<stage>.json``: the flow logs them, the memory benchmark compares them with the prediction."""
+    import resource
+
+    import torch
+
+    from slimdiff.utils import write_json
+
+    device = 0
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        device = max(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count()))
+    record = {"stage": stage, "seconds": seconds, "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "peak_device_bytes": device}
+    write_json(RESOURCES_DIR / f"{stage}.json", record)
+    return record
 
 
 if __name__ == "__main__":

@@ -221,9 +221,10 @@ def stage_workspace(root, pipe, capture_file: bytes) -> dict:
     return params
 
 
-def make_workspace(root, overrides: dict | None = None):
+def make_workspace(root, overrides: dict | None = None, family: str = "sd"):
     """A git+DVC workspace for flow tests: this checkout's ``dvc.yaml``, ``params.yaml`` and ``slimdiff/`` code, a tiny
-    pipeline and small prompt files (24 calibration prompts, 4 evaluation prompts, 2 sampler steps).
+    pipeline (``family``: ``sd`` or ``flux``) and small prompt files (24 calibration prompts, 4 evaluation prompts, 2
+    sampler steps).
 
     ``overrides`` updates sections of ``params.yaml`` (``{"capture": {"checkpoint_every": 12}}``).
     """
@@ -240,14 +241,19 @@ def make_workspace(root, overrides: dict | None = None):
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(repo / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(repo / "slimdiff", root / "slimdiff", ignore=shutil.ignore_patterns("__pycache__"))
-    tiny_sd_pipeline().save_pretrained(root / "data" / "model")
+    pipelines = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
+    if family not in pipelines:
+        raise ValueError(f"unknown family {family!r}; valid: {', '.join(pipelines)}")
+    pipelines[family]().save_pretrained(root / "data" / "model")
     prompts = [f"{p} number {i}" for i, p in enumerate(TINY_PROMPTS * 2)]
     (root / "data" / "prompts.txt").write_text("\n".join(prompts) + "\n")
     (root / "data" / "eval.txt").write_text("\n".join(TINY_PROMPTS[:4]) + "\n")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["model"].update({"path": "data/model", "id": "tiny-sd", "device": "cpu", "dtype": "float32"})
+    params["model"].update({"path": "data/model", "id": f"tiny-{family}", "device": "cpu", "dtype": "float32"})
     params["curate"].update({"sources": ["data/prompts.txt"], "n": 12})
     params["sampler"].update({"steps": 2, "guidance": 4.0})
+    if family == "flux":  # the tiny Flux pipeline's default size is 256 px (4096 tokens); 32 px gives 64
+        params["sampler"].update({"height": 32, "width": 32})
     params["capture"].update({"batch_size": 6})
     params["score"].update({"gain_prompts": 2, "gain_calls": 2})
     params["evaluate"].update({"prompts": "data/eval.txt", "n": 4, "evaluator": None, "latency_repeats": 2})
