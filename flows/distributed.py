@@ -11,17 +11,23 @@ per module subset (``slimdiff.gain_shards``).
 ``capture.cluster``: ``local`` starts a Dask ``LocalCluster`` of worker processes (nanny-supervised: a killed
 worker is restarted and its shard re-run, resuming from the shard's checkpoint) for the length of the sub-flow;
 ``tcp://host:port`` uses a running Dask scheduler whose workers see this workspace at the same path.
+
+Test-only fault injection, off unless set: ``SLIMDIFF_KILL_AFTER_CHECKPOINT=<folder>`` makes the first capture-shard
+try (in any worker) that starts a denoiser call after writing its shard's checkpoint SIGKILL its own process, once
+per folder (``kill_after_checkpoint``); every try is logged to ``<folder>/tries.jsonl`` (``tests/test_shards.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect import flow, task
 
@@ -190,6 +196,62 @@ def plan_digest(manifest: list[dict]) -> str:
     return hashlib.sha256("".join(entry["digest"] for entry in manifest).encode()).hexdigest()
 
 
+KILL_AFTER_CHECKPOINT = "SLIMDIFF_KILL_AFTER_CHECKPOINT"
+
+
+@contextmanager
+def kill_after_checkpoint(pipe, index: int, digest: str, folder: Path) -> Iterator[None]:
+    """Test-only fault injection around one try of a capture shard; nothing unless ``SLIMDIFF_KILL_AFTER_CHECKPOINT``
+    names a folder. Then the try appends {index, digest, pid, resumed_from} to ``<folder>/tries.jsonl`` (resumed_from:
+    the prompts its shard's checkpoint held at the start), and at the first denoiser call after this try wrote the
+    checkpoint, the first such try of the run claims ``<folder>/killed.json`` (created exclusively: one kill per folder),
+    records {index, digest, pid} there and SIGKILLs its own process: a worker lost mid-shard, at a known point."""
+    target = os.environ.get(KILL_AFTER_CHECKPOINT)
+    if not target:
+        yield
+        return
+    from slimdiff.capture import denoiser_of
+    from slimdiff.shards import read_header
+
+    root = Path(target)
+    root.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / f".{digest}.ckpt"
+
+    def stamp() -> tuple[int, int] | None:
+        try:
+            status = checkpoint.stat()
+        except FileNotFoundError:
+            return None
+        return status.st_ino, status.st_mtime_ns
+
+    before = stamp()
+    try:
+        resumed = read_header(checkpoint)["metadata"]["checkpoint"]["done"] if before else 0
+    except (OSError, ValueError, KeyError):
+        resumed = None  # unreadable: the capture says so and starts over
+    entry = {"index": index, "digest": digest, "pid": os.getpid(), "resumed_from": resumed}
+    with open(root / "tries.jsonl", "a") as log:  # one short line per append: whole lines from every process
+        log.write(json.dumps(entry) + "\n")
+
+    def kill(module, args, kwargs) -> None:
+        if stamp() in (None, before):
+            return  # this try has not checkpointed yet
+        try:
+            claim = os.open(root / "killed.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # the run's one kill has happened
+        os.write(claim, json.dumps({"index": index, "digest": digest, "pid": os.getpid()}).encode())
+        os.fsync(claim)
+        os.close(claim)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    handle = denoiser_of(pipe)[1].register_forward_pre_hook(kill, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @task(name="capture-shard", task_run_name="capture-shard-{index}", retries=2, retry_delay_seconds=2)
 def shard_task(workspace: str, index: int, threads: int | None) -> dict[str, Any]:
     """Plan on this worker (cached per worker) and capture shard ``index`` of the plan, resuming from its checkpoint
@@ -211,8 +273,9 @@ def shard_task(workspace: str, index: int, threads: int | None) -> dict[str, Any
     shard = plan.shards[index]
     folder = Path(workspace) / SHARD_DIR
     computed = not plan.path(folder, shard).is_file()
-    capture_shard(pipe, plan, shard, folder, checkpoint_every=int(params["capture"].get("checkpoint_every", 100)),
-                  model_hash=state["model_hash"])
+    with kill_after_checkpoint(pipe, index, shard.digest, folder):
+        capture_shard(pipe, plan, shard, folder, checkpoint_every=int(params["capture"].get("checkpoint_every", 100)),
+                      model_hash=state["model_hash"])
     return {**out, "digest": shard.digest, "computed": computed, "seconds": time.perf_counter() - start,
             "ended": time.time()}
 
