@@ -75,6 +75,47 @@ class _LineLogger:
             self.logger.info(text)
 
 
+# DVC's advice after every stage that changed dvc.lock ("To track the changes with git, run: git add dvc.lock", and
+# how to enable auto staging): the workspace's dvc.lock is deliberately not committed (README: what a run changes in
+# git), so the flow drops these lines from the stage output (terminal and Prefect log) instead of repeating them.
+DVC_ADVICE = re.compile(r"^(To track the changes with git, run:|\tgit add .*dvc\.lock.*|To enable auto staging, run:|"
+                        r"\tdvc config core\.autostage true)$")
+
+
+class _DropDvcAdvice:
+    """Passes a byte stream through line by line (a carriage-return-updated progress bar as it comes) without
+    :data:`DVC_ADVICE` lines and the blank lines around them."""
+
+    def __init__(self):
+        self.partial, self.blanks, self.after_advice = "", 0, False
+
+    def feed(self, chunk: bytes) -> str:
+        self.partial += chunk.decode(errors="replace")
+        out = []
+        while True:
+            cut = min((i for i in (self.partial.find("\n"), self.partial.find("\r")) if i >= 0), default=-1)
+            if cut < 0:
+                break
+            line, end, self.partial = self.partial[:cut], self.partial[cut], self.partial[cut + 1:]
+            if end == "\r":
+                out.append(line + end)  # a progress bar's state: never advice
+                continue
+            if not line.strip():
+                self.blanks += 1  # held until the next line says whether they surround advice
+                continue
+            if DVC_ADVICE.match(line):
+                self.blanks, self.after_advice = 0, True
+                continue
+            out.append("" if self.after_advice else "\n" * self.blanks)
+            self.blanks, self.after_advice = 0, False
+            out.append(line + "\n")
+        return "".join(out)
+
+    def close(self) -> str:
+        rest, self.partial = self.partial, ""
+        return ("" if self.after_advice else "\n" * self.blanks) + rest
+
+
 def stale_temporaries(workspace: Path, stage: str) -> list[Path]:
     """What a killed run of ``stage`` left beside its outputs: the temporaries of ``slimdiff.utils.atomic_path`` /
     ``atomic_dir`` (``.<name>.<random>.tmp``, ``.<name>.<random>.old`` while a folder is swapped) next to each
@@ -131,16 +172,24 @@ def dvc_repro(workspace: Path, stage: str) -> bool:
     assert process.stdout is not None
     raw = getattr(sys.stderr, "buffer", None)
     lines = _LineLogger(logging.getLogger(STAGE_LOGGER)) if _in_run_context() else None
-    for chunk in iter(lambda: process.stdout.read1(4096), b""):
-        chunks.append(chunk)
+    advice = _DropDvcAdvice()
+
+    def show(text: str) -> None:
+        if not text:
+            return
         if raw is not None:
-            raw.write(chunk)
+            raw.write(text.encode())
         else:
-            sys.stderr.write(chunk.decode(errors="replace"))
+            sys.stderr.write(text)
         sys.stderr.flush()
         if lines is not None:
-            lines.feed(chunk)
+            lines.feed(text.encode())
+
+    for chunk in iter(lambda: process.stdout.read1(4096), b""):
+        chunks.append(chunk)
+        show(advice.feed(chunk))
     returncode = process.wait()
+    show(advice.close())
     if lines is not None:
         lines.close()
     output = b"".join(chunks).decode(errors="replace")

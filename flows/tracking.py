@@ -79,8 +79,31 @@ def tracking_uri(workspace: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
 
 
+# MLflow's client reads these for a tracking server with authentication (the basic-auth app, or a bearer token)
+USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
+
+
+def _credentials() -> tuple[dict[str, str], str]:
+    """(the Authorization header MLflow's client will send, who it names) from the environment."""
+    import base64
+
+    token = os.environ.get(TOKEN_ENV)
+    user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
+    if user and password:
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {basic}"}, f"user {user!r} ({USERNAME_ENV}, {PASSWORD_ENV})"
+    if bool(user) != bool(password):
+        given, missing = (USERNAME_ENV, PASSWORD_ENV) if user else (PASSWORD_ENV, USERNAME_ENV)
+        raise TrackingError(f"{given} is set but {missing} is not: set both for the tracking server's basic auth")
+    if token:
+        return {"Authorization": f"Bearer {token}"}, f"the token in {TOKEN_ENV}"
+    return {}, ""
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any stage runs, when the tracking URI cannot be reached or written."""
+    """Fail fast, before any stage runs, when the tracking URI cannot be reached or written, or (a server with
+    authentication) refuses the environment's credentials (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``,
+    or ``MLFLOW_TRACKING_TOKEN``): an authenticated read of the experiments, before any stage runs."""
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
@@ -89,6 +112,24 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
                 if response.status != 200:
                     raise TrackingError(f"tracking server {uri} answered /health with HTTP {response.status}")
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise TrackingError(f"tracking server {uri} is unreachable ({reason})") from None
+        headers, who = _credentials()
+        request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                pass
+        except urllib.error.HTTPError as error:
+            if error.code == 401 and not who:
+                raise TrackingError(f"tracking server {uri} requires credentials (HTTP 401) and none are set: set "
+                                    f"{USERNAME_ENV} and {PASSWORD_ENV} (or {TOKEN_ENV})") from None
+            if error.code == 401:
+                raise TrackingError(f"tracking server {uri} refused the credentials of {who} (HTTP 401)") from None
+            if error.code == 403:
+                raise TrackingError(f"tracking server {uri}: {who or 'anonymous access'} may not read experiments "
+                                    f"(HTTP 403)") from None
+            raise TrackingError(f"tracking server {uri} answered an experiments search with HTTP {error.code}") from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise TrackingError(f"tracking server {uri} is unreachable ({reason})") from None
@@ -165,13 +206,19 @@ def _finite_number(value: Any) -> float | None:
     return float(value)
 
 
-def quality_gate(metrics: dict[str, Any], gate: dict[str, Any]) -> GateDecision:
+NO_GATE = ("no gate: params.yaml has no gate thresholds, so nothing was checked and the version stays a candidate "
+           "(add a gate section, e.g. gate.min_image_psnr_db, to promote versions to champion)")
+
+
+def quality_gate(metrics: dict[str, Any], gate: dict[str, Any] | None) -> GateDecision:
     """Compare metrics with the thresholds in ``params.yaml: gate``; every threshold must hold.
 
-    A metric that is missing, null (NaN when measured) or not a number fails its threshold, naming the
-    metric: the gate cannot pass on it, and the version stays a candidate. A threshold that is not a
-    finite number is a settings error.
+    No gate section (or an empty one) promotes nothing: the version stays a candidate and the reason says why. A
+    metric that is missing, null (NaN when measured) or not a number fails its threshold, naming the metric: the gate
+    cannot pass on it, and the version stays a candidate. A threshold that is not a finite number is a settings error.
     """
+    if not gate:
+        return GateDecision(False, NO_GATE)
     flat = flatten(metrics)
     checks = {
         "min_alignment_ratio": ("alignment.ratio_to_original", lambda v, t: v >= t),
@@ -193,23 +240,51 @@ def quality_gate(metrics: dict[str, Any], gate: dict[str, Any]) -> GateDecision:
         (passes if holds(value, limit) else failures).append(f"{metric}={value:.4g} vs {key}={threshold}")
     if failures:
         return GateDecision(False, "failed: " + "; ".join(failures))
-    return GateDecision(True, "passed: " + "; ".join(passes) if passes else "passed: no thresholds set")
+    return GateDecision(True, "passed: " + "; ".join(passes))
 
 
 # Headline metrics stay MLflow metrics; per-group parameter counts, per-bucket breakdowns and the evaluation's
 # settings go to logged tables / the metrics.json artifact instead of one single-bar chart each.
 _NOT_HEADLINE = re.compile(r"^(params\.(original|compressed)\.groups\.|settings\.)|_by_bucket\.")
+# numbers of metrics.json that are how a measurement was taken, not results: logged as params ``measured_with.<key>``
+_MEASUREMENT_SETTING = re.compile(r"(^|\.)(repeats|warmup|threads|batch|prompts|num_prompts)$|_kernel_size$")
+# metrics.json keys that repeat another key's value under a second name: only the first of each pair is logged
+# (while the two are equal; should they ever differ, both are)
+DUPLICATE_METRICS = {
+    "latency.denoiser.speedup": "latency.denoiser_speedup",
+    "latency.macs_ratio": "macs.ratio",
+    "plan.compressible_before": "params.original.compressible",
+    "plan.compressible_after": "params.compressed.compressible",
+    "plan.removed": "params.removed",
+    "params.removed_compressible": "params.removed",
+    "params.removed_fraction_of_compressible": "plan.removed_fraction",
+    "plan.predicted_latency_fraction": "latency.predicted_fraction",
+}
 # the metrics a version description compares with the champion's
 KEY_METRICS = ("plan.removed_fraction", "params.removed_fraction_of_total", "fidelity.image_psnr_db", "fidelity.noise_sqnr_db",
                "alignment.ratio_to_original", "frechet_distance_to_original", "latency.denoiser_speedup", "macs.ratio")
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the MLflow UI opens on runs, not GenAI traces
 
 
-def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The metrics logged as MLflow metrics: every finite number of ``metrics.json`` except per-group parameter
-    counts, per-timestep-bucket breakdowns and the evaluation settings (those are :func:`metric_tables`)."""
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k): float(v) for k, v in flatten(metrics).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and not _NOT_HEADLINE.search(k)}
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics logged as MLflow metrics: every finite number of ``metrics.json`` except per-group parameter
+    counts, per-timestep-bucket breakdowns and the evaluation settings (those are :func:`metric_tables`), the
+    measurement settings (:func:`measurement_settings`: params) and the second name of a duplicated value
+    (:data:`DUPLICATE_METRICS`)."""
+    numbers = _numbers(metrics)
+    return {k: v for k, v in numbers.items() if not _MEASUREMENT_SETTING.search(k)
+            and not (k in DUPLICATE_METRICS and numbers.get(DUPLICATE_METRICS[k]) == v)}
+
+
+def measurement_settings(metrics: dict[str, Any]) -> dict[str, str]:
+    """How the metrics were measured (repeats, warm-up runs, threads, batch, prompts, the SSIM kernel): logged as
+    params ``measured_with.<metrics.json key>``, not as metrics."""
+    return {f"measured_with.{k}": f"{v:g}" for k, v in _numbers(metrics).items() if _MEASUREMENT_SETTING.search(k)}
 
 
 def metric_tables(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +303,8 @@ def metric_tables(metrics: dict[str, Any]) -> dict[str, Any]:
     for key, value in flatten(metrics).items():
         match = re.match(r"^(.+)_by_bucket\.(.+)$", key)
         if match and isinstance(value, (int, float)) and not isinstance(value, bool):
-            buckets.setdefault(match.group(2), {"bucket": match.group(2)})[match.group(1)] = value
+            # a dotted column name is read as a nested field by MLflow's table view (every cell blank): underscores
+            buckets.setdefault(match.group(2), {"bucket": match.group(2)})[match.group(1).replace(".", "_")] = value
     if buckets:
         tables["tables/metrics_by_bucket.json"] = pd.DataFrame(list(buckets.values()))
     return tables
@@ -366,11 +442,26 @@ def compare_with_reference(workspace: Path, params: dict[str, Any], metrics: dic
                           f"(largest relative difference {worst:.1e}{f' in {worst_key}' if worst_key else ''}){settings_note}")
 
 
+UI_URL_ENV = "SLIMDIFF_MLFLOW_UI_URL"  # where people open the MLflow UI of a local tracking database
+
+
+def ui_base(uri: str) -> str:
+    """The MLflow UI's address: ``SLIMDIFF_MLFLOW_UI_URL`` when set, else the tracking server itself, else (a local
+    database) ``mlflow ui``'s default ``http://127.0.0.1:5000``."""
+    configured = os.environ.get(UI_URL_ENV, "").strip()
+    if configured:
+        return configured.rstrip("/")
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """Where the MLflow UI shows the run: the tracking server itself, or ``mlflow ui``'s default address for a
-    local database (README: 'Open the UIs')."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    """Where the MLflow UI shows the run (:func:`ui_base`; README: 'Open the UIs')."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def experiment_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs table (MLflow 3 opens a bare experiment link on its GenAI overview)."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs"
 
 
 def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: str, stages_run: dict[str, bool], *,
@@ -409,7 +500,8 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
         return {"run_id": existing.run_id, "name": name, "version": str(existing.version), "reused": True,
                 "gate": passed, "reason": existing.tags.get("gate.reason", ""), "tracking_uri": uri,
                 "reference": existing.tags.get("reference.check"),
-                "run_url": run_url(uri, run.info.experiment_id, run.info.run_id) if run is not None else None}
+                "run_url": run_url(uri, run.info.experiment_id, run.info.run_id) if run is not None else None,
+                "experiment_url": experiment_url(uri, run.info.experiment_id) if run is not None else None}
     experiment = params["mlflow"]["experiment"]
     with _tracking_step(uri, f"opening experiment {experiment!r}"):
         found = mlflow.get_experiment_by_name(experiment)
@@ -428,8 +520,7 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
     slimset_stats = json.loads(stats_path.read_text())
     if not slimset_stats.get("digest"):  # the dataset input's digest is the calibration set's lineage: never blank
         raise ValueError(f"{stats_path} has no digest of the SlimSet; re-run the curate stage")
-    # no gate section: the version is promoted with the recorded reason "passed: no thresholds set"
-    decision = quality_gate(metrics, params.get("gate", {}))
+    decision = quality_gate(metrics, params.get("gate"))  # no gate section: a candidate, never champion
     headline = headline_metrics(metrics)
     reference = compare_with_reference(workspace, params, metrics)
     with _tracking_step(uri, f"reading the champion of {name!r}"):
@@ -459,6 +550,7 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
                                             start_time=int(started_at * 1000) if started_at is not None else None)
     with _tracking_step(uri, "logging the run"), mlflow.start_run(run_id=created.info.run_id) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+        mlflow.log_params(measurement_settings(metrics))
         if threads is not None:
             mlflow.log_param("job.torch_threads", threads)
         mlflow.log_metrics(headline)
@@ -474,7 +566,8 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
             mlflow.log_table(table, artifact)
         mlflow.log_artifact(str(outputs / "plan" / "width_plan.png"))
         mlflow.log_artifacts(str(outputs / "report"), artifact_path="report")
-        mlflow.log_artifact(str(workspace / "dvc.lock"))
+        # ".lock" has no preview in the MLflow UI; the same YAML as dvc.lock.yaml has one
+        mlflow.log_text((workspace / "dvc.lock").read_text(), "dvc.lock.yaml")
         # logged, not yet registered: the version is created below with its lineage in the same request
         model_info = log_pipeline_model(outputs / "model", params, workspace)
     # One request creates the version with every tag: a try that stops after it leaves a version that the
@@ -485,6 +578,7 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
         _complete_registration(MlflowClient(), name, version, decision.passed, description)
     return {"run_id": run.info.run_id, "name": name, "version": version, "reused": False, "gate": decision.passed,
             "reason": decision.reason, "tracking_uri": uri, "run_url": run_url(uri, experiment_id, run.info.run_id),
+            "experiment_url": experiment_url(uri, experiment_id),
             "reference": str(reference)}
 
 
@@ -540,25 +634,48 @@ def slimdiff_package(workspace: Path | None = None) -> Path:
     return local if local is not None and (local / "__init__.py").is_file() else Path(slimdiff.__file__).parent
 
 
+def deployment_sampler(params: dict[str, Any]) -> dict[str, Any]:
+    """The served defaults: ``params.yaml: sampler`` (the capture's and the evaluation's sampler). Required: a model
+    served with made-up defaults would answer with another sampler than the one it was compressed and measured with."""
+    sampler = params.get("sampler")
+    missing = [k for k in ("steps", "guidance") if not isinstance(sampler, dict) or sampler.get(k) is None]
+    if missing:
+        raise ValueError(f"params.yaml has no sampler {missing}: the served model's defaults are the capture's sampler "
+                         "(sampler.steps, sampler.guidance, sampler.seed, sampler.height, sampler.width)")
+    return {"steps": int(sampler["steps"]), "guidance": float(sampler["guidance"]), "seed": int(sampler.get("seed") or 0),
+            "height": sampler.get("height"), "width": sampler.get("width")}
+
+
 def log_pipeline_model(pipeline: Path, params: dict[str, Any], workspace: Path | None = None):
     """Log the compressed pipeline folder as the ``model`` pyfunc of the active run: code (no pickle), weights as an
-    artifact read with safetensors, a signature with the sampler's params schema, pinned requirements and the
-    ``slimdiff`` package as code. Returns MLflow's ``ModelInfo``."""
+    artifact read with safetensors, ``serving.json`` (the deployment sampler, the dtype it was compressed in, the
+    device setting and the request limits derived from the model, with ``params.yaml: serve`` overrides), a signature
+    with the sampler's params schema, pinned requirements and the ``slimdiff`` package as code. Returns MLflow's
+    ``ModelInfo``.
+
+    The serving settings travel as an artifact, not as MLflow's ``model_config``: MLflow logs a model config as run
+    params (``sampler/steps`` beside the job's ``sampler.steps``). ``mlflow.pyfunc.load_model(..., model_config=...)``
+    still overrides them at load time."""
     import mlflow
 
     import shutil
     import tempfile
 
-    sampler = params["sampler"]
-    defaults = {"steps": int(sampler["steps"]), "guidance": float(sampler["guidance"]), "seed": int(sampler.get("seed", 0)),
-                "height": sampler.get("height"), "width": sampler.get("width")}
+    from flows.pyfunc_model import SERVING_FILE, model_shape, serving_document
+
+    sampler = deployment_sampler(params)
+    serve = dict(params.get("serve") or {})
+    device = str(serve.pop("device", "auto"))
+    dtype = (params.get("model") or {}).get("dtype")
+    document = serving_document(model_shape(pipeline), sampler, None if dtype in (None, "auto") else str(dtype), device, serve)
     with tempfile.TemporaryDirectory(prefix="slimdiff-code-") as staging:
         code = Path(staging) / "slimdiff"  # the package without its __pycache__ folders
         shutil.copytree(slimdiff_package(workspace), code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        serving = Path(staging) / SERVING_FILE
+        serving.write_text(json.dumps(document, indent=2) + "\n")
         return mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_CODE), artifacts={"pipeline": str(pipeline)},
-            signature=pyfunc_signature(sampler), model_config={"sampler": defaults},
-            code_paths=[str(code)], pip_requirements=serving_requirements(),
+            name="model", python_model=str(PYFUNC_CODE), artifacts={"pipeline": str(pipeline), "serving": str(serving)},
+            signature=pyfunc_signature(sampler), code_paths=[str(code)], pip_requirements=serving_requirements(),
         )
 
 
@@ -568,10 +685,17 @@ def summary_markdown(workspace: Path, params: dict[str, Any], result: dict[str, 
     metrics = headline_metrics(json.loads((workspace / "outputs" / "metrics.json").read_text()))
     alias = "champion" if result["gate"] else "candidate"
     link = f"[{result['run_id']}]({result['run_url']})" if result.get("run_url") else f"`{result['run_id']}`"
+    uri = result["tracking_uri"]
+    if uri.startswith(("http://", "https://")) or os.environ.get(UI_URL_ENV, "").strip():
+        where = f"tracking URI `{uri}`"
+    else:  # a local database: the link works once `mlflow ui` runs on that address
+        where = (f"open `mlflow ui --backend-store-uri {uri} --port 5000` first, or set `{UI_URL_ENV}` to the address "
+                 f"where your MLflow UI runs")
     lines = [f"# {result['name']} version {result['version']} → `{alias}`", "",
              f"- gate: {result['reason']}",
-             f"- MLflow run: {link} (tracking URI `{result['tracking_uri']}`)"
+             f"- MLflow run: {link} ({where})"
              + (" — unchanged: the existing version was reused" if result.get("reused") else ""),
+             *([f"- all runs: [{result['experiment_url']}]({result['experiment_url']})"] if result.get("experiment_url") else []),
              *([f"- reference run: {result['reference']}"] if result.get("reference") else []),
              f"- serve it: `mlflow models serve -m models:/{result['name']}@{alias} --env-manager local -p 5001`",
              "", "| stage | ran | seconds |", "|---|---|---|"]

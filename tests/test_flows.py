@@ -65,7 +65,7 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     assert {"plan.removed_fraction", "fidelity.image_psnr_db", "macs.ratio"} <= set(run.data.metrics)
     assert run.inputs.dataset_inputs[0].dataset.name == "slimset"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"width_plan.json", "width_plan.png", "metrics.json", "report", "dvc.lock"} <= artifacts
+    assert {"width_plan.json", "width_plan.png", "metrics.json", "report", "dvc.lock.yaml"} <= artifacts  # .yaml: previewed
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/report.md", "report/samples.png"}
     version = client.get_model_version_by_alias(name, "candidate")
     lineage = {k[len("lineage."):]: v for k, v in version.tags.items() if k.startswith("lineage.")}
@@ -123,7 +123,7 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     assert two.shape[0] == 2 and (two[:1] == images).all()  # a dict of lists: one image per prompt, not one per list
     same, reseeded = (model.predict(prompts, params={"steps": 2, "seed": s}) for s in (0, 1))
     assert (same == images).all() and not (reseeded == images).all()
-    with pytest.raises(Exception, match="param seed must be a whole number >= 0, got -1"):
+    with pytest.raises(Exception, match=r"param seed must be a whole number in 0\.\.9223372036854775807, got -1"):
         model.predict(prompts, params={"steps": 2, "seed": -1})
 
 
@@ -140,6 +140,11 @@ def check_tracking_ux(client, run, version, name: str) -> None:
     assert (run.info.end_time - run.info.start_time) / 1000 >= sum(stage_seconds.values())
     assert not [k for k in run.data.metrics if ".groups." in k or k.startswith("settings.") or "_by_bucket." in k]
     assert len(run.data.metrics) < 100, len(run.data.metrics)
+    # settings of a measurement are params, not metrics; a value logged under two names is logged once
+    assert not [k for k in run.data.metrics if k.endswith((".repeats", ".warmup", ".threads", "kernel_size"))]
+    assert "latency.macs_ratio" not in run.data.metrics and "macs.ratio" in run.data.metrics
+    assert run.data.params["measured_with.fidelity.image_ssim_kernel_size"] == "11"
+    assert not [k for k in run.data.params if "/" in k], [k for k in run.data.params if "/" in k]  # no model-config copies
     tables = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
     assert tables == {"tables/params_by_group.json", "tables/metrics_by_bucket.json"}, tables
     note = run.data.tags["mlflow.note.content"]
@@ -230,6 +235,71 @@ def test_quality_gate_decisions():
     assert not decision.passed and "alignment.ratio_to_original=0.9" in decision.reason
     with pytest.raises(KeyError, match="unknown gate threshold"):
         quality_gate(metrics, {"max_latency": 3})
+
+
+@pytest.mark.parametrize("gate", [None, {}])
+def test_no_gate_section_keeps_the_version_a_candidate_and_says_why(gate):
+    from flows.tracking import quality_gate
+
+    decision = quality_gate({"fidelity": {"image_psnr_db": 40.0}}, gate)
+    assert not decision.passed
+    assert decision.reason.startswith("no gate: params.yaml has no gate thresholds, so nothing was checked and the "
+                                      "version stays a candidate"), decision.reason
+
+
+def test_headline_metrics_leave_out_measurement_settings_and_duplicates():
+    import json as _json
+
+    from flows.tracking import headline_metrics, measurement_settings, metric_tables
+
+    metrics = _json.loads((REPO / "docs" / "reference-run" / "metrics.json").read_text())
+    headline = headline_metrics(metrics)
+    for setting in ("latency.denoiser.repeats", "latency.generation.warmup", "latency.threads", "fidelity.image_ssim_kernel_size",
+                    "fidelity.num_prompts", "latency.denoiser.batch"):
+        assert setting not in headline and measurement_settings(metrics)[f"measured_with.{setting}"]
+    for duplicate, kept in (("latency.macs_ratio", "macs.ratio"), ("latency.denoiser.speedup", "latency.denoiser_speedup"),
+                            ("plan.compressible_before", "params.original.compressible"), ("plan.removed", "params.removed")):
+        assert duplicate not in headline and kept in headline, (duplicate, kept)
+    changed = _json.loads(_json.dumps(metrics))
+    changed["latency"]["macs_ratio"] = 2.0  # no longer the same value: both are logged
+    assert {"latency.macs_ratio", "macs.ratio"} <= set(headline_metrics(changed))
+    assert len(headline) + 10 < 75, len(headline)  # with the ten stage durations
+    table = metric_tables(metrics)["tables/metrics_by_bucket.json"]
+    assert not [c for c in table.columns if "." in c], list(table.columns)  # dotted names render as blank cells
+
+
+def test_summary_links_where_the_mlflow_ui_runs(tmp_path, monkeypatch):
+    import json as _json
+
+    from flows.tracking import experiment_url, run_url, summary_markdown
+
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "metrics.json").write_text((REPO / "docs" / "reference-run" / "metrics.json").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = {"name": "slimdiff-x", "version": "3", "gate": False, "reason": "no gate: ...", "run_id": "abc", "tracking_uri": uri,
+              "run_url": run_url(uri, "1", "abc"), "experiment_url": experiment_url(uri, "1")}
+    markdown = summary_markdown(tmp_path, {}, result, {"curate": 1.0})
+    assert "(http://127.0.0.1:5000/#/experiments/1/runs/abc) (open `mlflow ui --backend-store-uri" in markdown, markdown
+    assert "- all runs: [http://127.0.0.1:5000/#/experiments/1/runs]" in markdown, markdown
+    monkeypatch.setenv("SLIMDIFF_MLFLOW_UI_URL", "http://mlflow.team.internal:8080/")
+    assert run_url(uri, "1", "abc") == "http://mlflow.team.internal:8080/#/experiments/1/runs/abc"
+    assert experiment_url("http://tracking:5000", "7") == "http://mlflow.team.internal:8080/#/experiments/7/runs"
+    monkeypatch.delenv("SLIMDIFF_MLFLOW_UI_URL")
+    assert run_url("http://tracking:5000/", "7", "r") == "http://tracking:5000/#/experiments/7/runs/r"
+
+
+def test_stage_output_without_dvc_git_advice():
+    """The workspace's dvc.lock is not committed (README), so DVC's "git add dvc.lock" advice is dropped from every
+    stage's output; everything else passes, progress bars as they come."""
+    from flows.tasks import _DropDvcAdvice
+
+    text = (b"Running stage 'x':\n> python -m slimdiff.stages x\ncapture:  10%\rcapture: 100%\nstage x: done\n"
+            b"Updating lock file 'dvc.lock'\n\nTo track the changes with git, run:\n\n\tgit add dvc.lock\n\n"
+            b"To enable auto staging, run:\n\n\tdvc config core.autostage true\n\nUse `dvc push` to send your updates.\n\nend")
+    advice = _DropDvcAdvice()
+    shown = "".join(advice.feed(text[i:i + 7]) for i in range(0, len(text), 7)) + advice.close()
+    assert shown == ("Running stage 'x':\n> python -m slimdiff.stages x\ncapture:  10%\rcapture: 100%\nstage x: done\n"
+                     "Updating lock file 'dvc.lock'\nUse `dvc push` to send your updates.\n\nend")
 
 
 @pytest.mark.parametrize("value", [None, float("nan"), "n/a"])
