@@ -22,6 +22,7 @@ The model is assumed on ``model.device``; on a GPU the float64 linear algebra ru
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -100,9 +101,10 @@ def _stored_dtype(folder: Path) -> str | None:
     return None
 
 
-def meta_pipeline(model: str | Path):
+def meta_pipeline(model: str | Path, stored_dtype: str | None = None):
     """The pipeline of a local diffusers folder with every torch component built from its config on the meta device
-    (tokenizers and the scheduler loaded as usual: small). Returns (pipeline, {component: stored dtype})."""
+    (tokenizers and the scheduler loaded as usual: small). Returns (pipeline, {component: stored dtype}); a folder of
+    configs without weights (a published model's) takes ``stored_dtype`` for every component."""
     import importlib
 
     from accelerate import init_empty_weights
@@ -128,7 +130,7 @@ def meta_pipeline(model: str | Path):
 
                     module = cls(AutoConfig.from_pretrained(str(sub)))
             components[name] = module.to("meta")
-            stored[name] = _stored_dtype(sub) or "float32"
+            stored[name] = stored_dtype or _stored_dtype(sub) or "float32"
         else:
             components[name] = cls.from_pretrained(str(sub))
     return pipeline_cls(**components), stored
@@ -138,14 +140,15 @@ class _Stop(Exception):
     pass
 
 
-def footprint(model: str | Path, sampler, batch_size: int) -> Footprint:
-    """The footprint of a capture of ``batch_size`` prompts per call with ``sampler`` on the model at ``model``."""
+def footprint(model: str | Path, sampler, batch_size: int, stored_dtype: str | None = None) -> Footprint:
+    """The footprint of a capture of ``batch_size`` prompts per call with ``sampler`` on the model at ``model`` (a
+    diffusers folder; ``stored_dtype`` for a folder of configs without weights)."""
     from slimdiff.capture import denoiser_of, site_width, sites_for
     from slimdiff.groups import compressible_groups
     from slimdiff.influence import Granularity, group_widths
     from slimdiff.latency import latency_units
 
-    pipe, stored = meta_pipeline(model)
+    pipe, stored = meta_pipeline(model, stored_dtype)
     key, denoiser = denoiser_of(pipe)
     components = {name: {"params": sum(p.numel() for p in module.parameters()), "stored": stored[name]}
                   for name, module in pipe.components.items() if isinstance(module, nn.Module)}
@@ -156,6 +159,14 @@ def footprint(model: str | Path, sampler, batch_size: int) -> Footprint:
         raise _Stop
 
     handle = denoiser.register_forward_pre_hook(first_call, with_kwargs=True)
+    scheduler_set_timesteps = pipe.scheduler.set_timesteps
+
+    @functools.wraps(scheduler_set_timesteps)  # pipelines read its signature
+    def set_timesteps_on_cpu(*a, **k):  # schedulers copy their sigmas to the CPU, which a meta tensor cannot
+        k["device"] = "cpu"
+        return scheduler_set_timesteps(*a, **k)
+
+    pipe.scheduler.set_timesteps = set_timesteps_on_cpu
     try:
         pipe.set_progress_bar_config(disable=True)
         with torch.inference_mode():
@@ -164,7 +175,8 @@ def footprint(model: str | Path, sampler, batch_size: int) -> Footprint:
         pass
     finally:
         handle.remove()
-    args, kwargs = calls[0]
+    meta = lambda v: v.to("meta") if torch.is_tensor(v) else ({k: meta(x) for k, x in v.items()} if isinstance(v, dict) else v)  # noqa: E731
+    args, kwargs = tuple(meta(a) for a in calls[0][0]), {k: meta(v) for k, v in calls[0][1].items()}
     tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
     groups = compressible_groups(denoiser)
     sites = {s: site_width(denoiser, s) for s in sites_for(groups)}

@@ -221,10 +221,10 @@ def stage_workspace(root, pipe, capture_file: bytes) -> dict:
     return params
 
 
-def make_workspace(root, overrides: dict | None = None, family: str = "sd"):
+def make_workspace(root, overrides: dict | None = None, family: str = "sd", pipeline=None):
     """A git+DVC workspace for flow tests: this checkout's ``dvc.yaml``, ``params.yaml`` and ``slimdiff/`` code, a tiny
-    pipeline (``family``: ``sd`` or ``flux``) and small prompt files (24 calibration prompts, 4 evaluation prompts, 2
-    sampler steps).
+    pipeline (``family``: ``sd`` or ``flux``; or ``pipeline``, of that family, saved as it is) and small prompt files
+    (24 calibration prompts, 4 evaluation prompts, 2 sampler steps).
 
     ``overrides`` updates sections of ``params.yaml`` (``{"capture": {"checkpoint_every": 12}}``).
     """
@@ -244,7 +244,7 @@ def make_workspace(root, overrides: dict | None = None, family: str = "sd"):
     pipelines = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
     if family not in pipelines:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(pipelines)}")
-    pipelines[family]().save_pretrained(root / "data" / "model")
+    (pipeline if pipeline is not None else pipelines[family]()).save_pretrained(root / "data" / "model")
     prompts = [f"{p} number {i}" for i, p in enumerate(TINY_PROMPTS * 2)]
     (root / "data" / "prompts.txt").write_text("\n".join(prompts) + "\n")
     (root / "data" / "eval.txt").write_text("\n".join(TINY_PROMPTS[:4]) + "\n")
