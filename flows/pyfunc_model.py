@@ -90,6 +90,7 @@ class ModelShape:
     denoiser: dict[str, Any]
     vae: dict[str, Any]
     num_train_timesteps: int
+    max_scheduler_steps: int  # the most steps the scheduler can take (DDIM with steps_offset 1: 999 of 1000)
     vae_scale_factor: int
     size_multiple: int  # height and width are multiples of it: the latent factor times the denoiser's patch
     native_size: tuple[int, int]  # (height, width) the pipeline generates by default
@@ -138,8 +139,9 @@ def model_shape(folder: str | Path) -> ModelShape:
     native = (sample[0] * vae_factor, sample[1] * vae_factor)
     max_length = tokenizer.get("model_max_length")
     tokens = int(max_length) if isinstance(max_length, int) and 0 < max_length <= 4096 else 77
-    return ModelShape(pipeline_class, str(denoiser.get("_class_name", key)), denoiser, vae,
-                      int(scheduler.get("num_train_timesteps", 1000)), vae_factor, multiple, native, tokens,
+    train_steps = int(scheduler.get("num_train_timesteps", 1000))
+    return ModelShape(pipeline_class, str(denoiser.get("_class_name", key)), denoiser, vae, train_steps,
+                      train_steps - int(scheduler.get("steps_offset") or 0), vae_factor, multiple, native, tokens,
                       int(text.get("hidden_size", text.get("d_model", 768))))
 
 
@@ -163,8 +165,8 @@ class Limits:
 
 
 def default_limits(shape: ModelShape, sampler: dict[str, Any]) -> Limits:
-    """Limits derived from the model: steps up to max(100, 4 x the deployment steps) and never beyond the scheduler's
-    training timesteps; sides from a quarter to twice the native size (or the deployment size if larger), in
+    """Limits derived from the model: steps up to max(100, 4 x the deployment steps) and never beyond what the
+    scheduler can take (its training timesteps less its offset); sides from a quarter to twice the native size (or the deployment size if larger), in
     multiples of the latent factor; 8 prompts a request, 16 a coalesced batch, guidance up to 20."""
     multiple = shape.size_multiple
     native = max(shape.native_size)
@@ -173,7 +175,7 @@ def default_limits(shape: ModelShape, sampler: dict[str, Any]) -> Limits:
     min_side = max(multiple, native // 4 // multiple * multiple)
     steps = int(sampler.get("steps", 25))
     return Limits(max_prompts=8, max_batch=16, max_prompt_chars=2000,
-                  max_steps=max(1, min(shape.num_train_timesteps, max(100, 4 * steps))), max_guidance=20.0,
+                  max_steps=max(1, min(shape.max_scheduler_steps, max(100, 4 * steps))), max_guidance=20.0,
                   size_multiple=multiple, min_side=min_side, max_side=max_side)
 
 
@@ -431,6 +433,8 @@ class GenerationQueue:
     budget), runs them as one batch and hands each its images. Between denoising steps it expires requests past their
     deadline and stops the batch when none still waits."""
 
+    IDLE_EXIT_S = 300.0  # a worker idle this long ends (the next request starts one): a dropped model can be freed
+
     def __init__(self, generate: Generate, limits: Limits, time_limit: float, fits: Callable[[list[Job]], bool] | None = None,
                  on_start: Callable[[], None] | None = None):
         self.generate, self.limits, self.time_limit = generate, limits, time_limit
@@ -489,8 +493,13 @@ class GenerationQueue:
             with self.condition:
                 batch = self._take()
                 while not batch:
-                    self.condition.wait()
-                    batch = self._take()
+                    if not self.condition.wait(timeout=self.IDLE_EXIT_S):
+                        batch = self._take()
+                        if not batch:  # submit() sees no live worker (same lock) and starts a new one
+                            self.worker = None
+                            return
+                    else:
+                        batch = self._take()
             self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
@@ -779,6 +788,9 @@ def serving_document(shape: ModelShape, sampler: dict[str, Any], dtype: str | No
     (:func:`default_limits` with ``overrides``, checked)."""
     limits = {**asdict(default_limits(shape, sampler)), **(overrides or {})}
     limits_from(limits)  # a bad override fails at log time, not at the first request
+    if limits["max_steps"] > shape.max_scheduler_steps:
+        raise ServingError(f"serving limit max_steps must be in 1..{shape.max_scheduler_steps} (the scheduler's training "
+                           f"timesteps less its offset), got {limits['max_steps']}")
     return {"format": SERVING_FORMAT, "sampler": dict(sampler), "dtype": dtype, "device": device, "limits": limits}
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import subprocess
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -673,10 +674,14 @@ def log_pipeline_model(pipeline: Path, params: dict[str, Any], workspace: Path |
         shutil.copytree(slimdiff_package(workspace), code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         serving = Path(staging) / SERVING_FILE
         serving.write_text(json.dumps(document, indent=2) + "\n")
-        return mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_CODE), artifacts={"pipeline": str(pipeline), "serving": str(serving)},
-            signature=pyfunc_signature(sampler), code_paths=[str(code)], pip_requirements=serving_requirements(),
-        )
+        with warnings.catch_warnings():
+            # the signature is explicit; an input example would make MLflow load the pipeline and generate images
+            # while logging (its serving-input check), so there is none, and MLflow's advice to add one is not shown
+            warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+            return mlflow.pyfunc.log_model(
+                name="model", python_model=str(PYFUNC_CODE), artifacts={"pipeline": str(pipeline), "serving": str(serving)},
+                signature=pyfunc_signature(sampler), code_paths=[str(code)], pip_requirements=serving_requirements(),
+            )
 
 
 def summary_markdown(workspace: Path, params: dict[str, Any], result: dict[str, Any], durations: dict[str, float]) -> str:

@@ -1,10 +1,14 @@
-"""The registered model is servable (issue 15, item 2): ``mlflow models serve`` from the registry alias ``@champion``
-on a loopback port, in an environment where the checkout's ``slimdiff`` cannot be imported (the code must travel with
-the model), answers a real HTTP request with two prompts; the images equal the pipeline's own.
+"""The registered model is servable (issue 15, item 2; issue 24): ``mlflow models serve`` from the registry alias
+``@champion`` on a loopback port, in an environment where the checkout's ``slimdiff`` cannot be imported (the code must
+travel with the model), answers a real HTTP request with two prompts; the images equal the pipeline's own. Concurrent
+clients get the images a lone request gets; hostile requests (a huge size, a billion steps, 100 prompts, an unknown
+param, malformed JSON, more memory than the server allows, more time than its limit) get a 4xx/504 naming the param
+and the valid range, and the server answers after each of them.
 
 The model is logged with the job's own function (``flows.tracking.log_pipeline_model``) from a tiny compressed
-pipeline built in-process, registered and aliased ``champion``: the flow end to end is ``tests/test_flows.py``.
-About a minute on a loaded 2-core machine (most of it the server's start-up).
+pipeline built in-process, registered and aliased ``champion``: the flow end to end is ``tests/test_flows.py``. One
+server start for the module; about two minutes on a loaded 2-core machine (most of it the compression and the
+server's start-up). The pure limits, the memory predictor and the queue are ``tests/test_serving_limits.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import socket
 import subprocess
 import sys
@@ -28,6 +33,8 @@ BIN = Path(sys.executable).parent
 MLFLOW = str(BIN / "mlflow") if (BIN / "mlflow").exists() else "mlflow"
 NAME = "slimdiff-serve-test"
 SAMPLER = {"steps": 3, "guidance": 4.0, "height": None, "width": None, "seed": 0}
+SERVE = {"max_steps": 900}  # params.yaml: serve overrides; 900 steps let one valid request outlast the time limit
+TIME_LIMIT = 4  # SLIMDIFF_SERVE_TIME_LIMIT of the test server, seconds
 PROMPTS = ["a small red circle at the top left", "a large blue square at the bottom right"]
 
 # Imported by every Python process of the server (PYTHONPATH): drops the checkout and its editable-install finder,
@@ -71,7 +78,7 @@ def registered(tmp_path_factory):
     try:
         experiment = mlflow.create_experiment("serve", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            info = log_pipeline_model(folder, {"sampler": SAMPLER}, REPO)
+            info = log_pipeline_model(folder, {"sampler": SAMPLER, "serve": SERVE, "model": {"dtype": "float32"}}, REPO)
         version = mlflow.register_model(info.model_uri, NAME).version
         MlflowClient().set_registered_model_alias(NAME, "champion", version)
     finally:
@@ -105,6 +112,14 @@ def test_logged_model_has_signature_params_schema_code_and_pinned_requirements(r
     code = local / "code" / "slimdiff"
     assert (code / "io.py").is_file() and (code / "__init__.py").is_file() and not list(code.rglob("__pycache__"))
     assert Model.load(local / "MLmodel").flavors["python_function"]["code"] == "code"
+    # the served defaults and limits travel as serving.json (not as model_config, which MLflow copies into run params)
+    serving = json.loads((local / "artifacts" / "serving.json").read_text())
+    assert serving["sampler"] == SAMPLER and serving["dtype"] == "float32" and serving["device"] == "auto"
+    assert serving["limits"]["max_steps"] == 900 and serving["limits"]["size_multiple"] == 8
+    assert (serving["limits"]["min_side"], serving["limits"]["max_side"]) == (8, 32)  # tiny pipeline: native 16 px
+    assert "model_config" not in Model.load(local / "MLmodel").flavors["python_function"]
+    run = mlflow.MlflowClient(uri).get_run(info.run_id)
+    assert not [k for k in run.data.params if k.startswith("sampler/")], run.data.params
 
 
 def test_serve_champion_from_the_registry_without_the_checkout(registered, tmp_path):
@@ -117,9 +132,14 @@ def test_serve_champion_from_the_registry_without_the_checkout(registered, tmp_p
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(HIDE_CHECKOUT.format(repo=str(REPO)))
+    from flows.pyfunc_model import model_shape, predict_memory
+
+    shape = model_shape(folder)
+    memory = predict_memory(shape, 16, 16, 16, SAMPLER["guidance"])  # a full coalesced batch at the native size fits
+    assert predict_memory(shape, 8, 32, 32, SAMPLER["guidance"]) > memory  # 8 prompts at the largest size do not
     # the server execs `uvicorn`: the environment's bin folder on PATH, as after `source .venv/bin/activate`
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(hide), MLFLOW_TRACKING_URI=uri,
-               SLIMDIFF_THREADS="1",
+               SLIMDIFF_THREADS="1", SLIMDIFF_SERVE_TIME_LIMIT=str(TIME_LIMIT), SLIMDIFF_SERVE_MAX_MEMORY=str(memory),
                MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", HF_HUB_OFFLINE="1")
     # the check is real: in this environment the checkout's packages are not importable
     probe = subprocess.run([sys.executable, "-c", "import slimdiff"], cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -146,9 +166,8 @@ def test_serve_champion_from_the_registry_without_the_checkout(registered, tmp_p
             time.sleep(0.5)
         ready = time.monotonic() - start
 
-        def invoke(params: dict) -> tuple[int, bytes]:
-            body = json.dumps({"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]}, "params": params})
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+        def post(body: bytes) -> tuple[int, bytes]:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                              headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=300) as response:
@@ -156,16 +175,62 @@ def test_serve_champion_from_the_registry_without_the_checkout(registered, tmp_p
             except urllib.error.HTTPError as error:
                 return error.code, error.read()
 
+        def invoke(params: dict, prompts=PROMPTS) -> tuple[int, bytes]:
+            return post(json.dumps({"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in prompts]},
+                                    "params": params}).encode())
+
+        def images_of(status: int, answer: bytes) -> np.ndarray:
+            assert status == 200, answer[:2000]
+            return np.asarray(json.loads(answer)["predictions"], dtype=np.uint8)
+
+        def alive() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=10) as response:
+                return response.status == 200
+
         begin = time.monotonic()
-        status, answer = invoke({"steps": 2, "seed": 1})
+        images = images_of(*invoke({"steps": 2, "seed": 1}))
         first = time.monotonic() - begin
-        assert status == 200, answer[:2000]
-        images = np.asarray(json.loads(answer)["predictions"])
-        status, answer = invoke({"steps": 2, "seed": 2})
-        assert status == 200, answer[:2000]
-        other_seed = np.asarray(json.loads(answer)["predictions"])
-        status, answer = invoke({"steps": 0})
-        assert status >= 400 and b"steps must be a whole number >= 1, got 0" in answer, answer[:2000]
+        other_seed = images_of(*invoke({"steps": 2, "seed": 2}))
+
+        # concurrent clients: each answer is the image a lone request gets (two prompts x two seeds, 8 clients at once)
+        cases = [([PROMPTS[i % 2]], {"steps": 2, "seed": 1 + i // 2 % 2}) for i in range(8)]  # 4 distinct, each twice
+        lone = {i: images_of(*invoke(params, prompts)) for i, (prompts, params) in enumerate(cases[:4])}
+        answers: list = [None] * len(cases)
+
+        def client(index: int) -> None:
+            answers[index] = invoke(cases[index][1], cases[index][0])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(cases))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        for index, answer in enumerate(answers):
+            got, want = images_of(*answer), lone[index % 4]
+            # requests that arrive together run as one batch: batched float sums may differ in the last bit
+            assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1, index
+
+        # hostile requests: refused before any work (or stopped at the time limit), naming the param and the range;
+        # the server answers after each
+        hostile = [
+            (invoke({"height": 100000, "width": 100000}), 400, b"param height must be a whole number in 8..32, got 100000"),
+            (invoke({"steps": 1_000_000_000}), 400, b"param steps must be a whole number in 1..900, got 1000000000"),
+            (invoke({"steps": 0}), 400, b"param steps must be a whole number in 1..900, got 0"),
+            (invoke({"steps": 2}, ["a prompt"] * 100), 400, b"a request holds 1..8 prompts, got 100"),
+            (invoke({"stpes": 2}), 400, b"unknown param(s) ['stpes']; valid: steps, guidance, seed, height, width"),
+            (invoke({"seed": -3}), 400, b"param seed must be a whole number in 0..9223372036854775807, got -3"),
+            (invoke({"guidance": 1e9}), 400, b"param guidance must be a number in 0..20, got 1000000000.0"),
+            (invoke({"height": 20}), 400, b"param height must be a multiple of 8 (the model's latent factor) in 8..32"),
+            (post(b'{"dataframe_split": {"columns": ["prompt"], "data": [["a"'), 400, b""),
+            (invoke({"steps": 2, "height": 32, "width": 32}, ["a prompt"] * 8), 400, b"over this server's limit of"),
+            (invoke({"steps": 900}), 504, f"request exceeded the time limit of {TIME_LIMIT} s".encode()),
+        ]
+        for index, ((status, answer), expected_status, expected) in enumerate(hostile):
+            assert status == expected_status and expected in answer, (index, status, answer[-600:])
+            assert alive(), index
+        assert b"of 900; its compute has ended" in hostile[-1][0][1], hostile[-1][0][1][-400:]
+        again = images_of(*invoke({"steps": 2, "seed": 1}))  # the worker is free again, and still right
+        assert np.array_equal(again, images)
     finally:
         try:
             os.killpg(server.pid, signal.SIGKILL)
@@ -184,3 +249,5 @@ def test_serve_champion_from_the_registry_without_the_checkout(registered, tmp_p
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1  # thread counts may differ in the last bit
     assert not np.array_equal(images[0], images[1])  # the two prompts give two images
     assert not np.array_equal(images, other_seed)  # the seed param is honoured, not ignored
+    log_text = log.read_text()
+    assert "Traceback" not in log_text, log_text[-3000:]  # every refusal is an answer, not a crash

@@ -43,6 +43,7 @@ def test_limits_derived_from_the_reference_model(reference):
     shape, limits = reference
     assert shape.vae_scale_factor == 4 and shape.native_size == (32, 32) and shape.size_multiple == 8
     assert shape.denoiser_class == "UNet2DConditionModel" and shape.num_train_timesteps == 1000
+    assert shape.max_scheduler_steps == 999  # steps_offset 1
     assert (limits.min_side, limits.max_side) == (8, 64)  # a quarter to twice the native 32 px
     assert limits.max_steps == 100 and limits.max_prompts == 8 and limits.max_batch == 16
     assert limits_from(asdict(limits)) == limits  # what serving.json holds reads back
@@ -51,7 +52,7 @@ def test_limits_derived_from_the_reference_model(reference):
 def test_limits_follow_the_deployment_sampler_and_the_scheduler(reference):
     shape, _ = reference
     assert default_limits(shape, {**SAMPLER, "steps": 50}).max_steps == 200  # 4x the deployment steps
-    assert default_limits(replace(shape, num_train_timesteps=150), {**SAMPLER, "steps": 50}).max_steps == 150
+    assert default_limits(replace(shape, max_scheduler_steps=150), {**SAMPLER, "steps": 50}).max_steps == 150
     assert default_limits(shape, {**SAMPLER, "height": 48, "width": 40}).max_side == 96  # twice the deployment size
 
 
@@ -60,6 +61,7 @@ def test_limits_follow_the_deployment_sampler_and_the_scheduler(reference):
     ({"min_side": 12}, "must be multiples of size_multiple 8"),
     ({"max_batch": 4}, "max_batch (4) must be >= max_prompts (8)"),
     ({"max_stepz": 3}, "unknown setting(s) ['max_stepz']"),
+    ({"max_steps": 1000}, "serving limit max_steps must be in 1..999 (the scheduler's training timesteps less its offset)"),
 ])
 def test_bad_limit_overrides_fail_at_log_time(reference, change, message):
     shape, _ = reference
@@ -287,6 +289,16 @@ def test_a_request_that_expires_while_queued_never_runs():
     assert fake.calls == [[1], [1]]  # a (stopped at its first step) and c; b was dropped unrun
 
 
+def test_an_idle_worker_ends_and_the_next_request_starts_one(monkeypatch):
+    monkeypatch.setattr(GenerationQueue, "IDLE_EXIT_S", 0.1)
+    queue = GenerationQueue(FakeGenerator(), LIMITS, time_limit=60)
+    queue.wait(queue.submit(["a"], S1))
+    first = queue.worker
+    first.join(5)
+    assert not first.is_alive() and queue.worker is None
+    assert queue.wait(queue.submit(["b"], S1)).shape[0] == 1 and queue.worker is not first
+
+
 def test_a_failing_batch_fails_its_requests_and_the_worker_lives_on():
     calls = []
 
@@ -382,10 +394,10 @@ def test_served_time_limit_and_memory_limit_on_the_real_pipeline(tiny, monkeypat
 
     monkeypatch.setenv("SLIMDIFF_THREADS", "1")
     monkeypatch.setenv("SLIMDIFF_SERVE_TIME_LIMIT", "0.5")
-    model = tiny.load(max_steps=1000)
+    model = tiny.load(max_steps=900)
     with pytest.raises(MlflowException) as error:
-        model.predict(None, {"prompt": PROMPTS}, params={"steps": 1000, "height": 32, "width": 32})
-    assert error.value.get_http_status_code() == 504 and "of 1000; its compute has ended" in error.value.message
+        model.predict(None, {"prompt": PROMPTS}, params={"steps": 900, "height": 32, "width": 32})
+    assert error.value.get_http_status_code() == 504 and "of 900; its compute has ended" in error.value.message
     assert lone(model, PROMPTS[:1]).shape == (1, 16, 16, 3)  # the worker serves on
 
     monkeypatch.delenv("SLIMDIFF_SERVE_TIME_LIMIT")
