@@ -51,3 +51,19 @@ def test_flux_block_benchmark_smoke(tmp_path):
     assert all(value > 0 for value in result["latency_ms"].values())
     page = doc.read_text()
     assert page.startswith("# GPU page") and page.count(bench.MARK) == 1
+
+
+def test_gpu_job_smoke_runs_every_stage(tmp_path):
+    """benchmarks/gpu/job.py (the job's stages on a GPU, against the memory prediction) on a tiny Flux workspace."""
+    spec = importlib.util.spec_from_file_location("gpu_job", ROOT / "benchmarks" / "gpu" / "job.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "job.json"
+    assert bench.main(["--smoke", "--device", "cpu", "--out", str(out), "--workspace", str(tmp_path / "ws")]) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] and list(result["stages"]) == list(bench.STAGES)
+    for stage, row in result["stages"].items():
+        assert row["exit_code"] == 0 and row["peak_host_bytes"] > 0, stage
+        if stage != "latency":  # not measured for a parameter budget: no prediction
+            assert row["predicted_host_bytes"] > 0, stage
+    assert result["metrics"]["params"]["removed_fraction_of_compressible"] > 0.25

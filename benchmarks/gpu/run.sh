@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# The GPU benchmark, one script (at most ~8 minutes on one H100/H200): the CUDA tests, then the whole
-# compression of an SD 1.5-shaped pipeline (benchmarks/gpu/sd15.py), then one real-width Flux double and
-# single block (benchmarks/gpu/flux_block.py). Time limits: CUDA tests 150 s, sd15.py BENCH_TIMEOUT (default
-# 360 s), flux_block.py FLUX_TIMEOUT (default 75 s): at most 585 s, inside one 600 s device call. Writes gpu.json,
-# flux_block.json, the rendered docs page and the test log to $OUT (the device tool's folder) or, without it,
-# into the repository (benchmarks/results/, docs/benchmarks-gpu.md).
+# The GPU benchmark, one script (at most ~9 minutes on one H100/H200): the CUDA tests (every device-parametrised
+# test: engine, device, families, latency, the real-size stages), then the main job's stages on the reference model
+# on CUDA (benchmarks/gpu/job.py: each stage's time and peak host/GPU memory against slimdiff.memory's prediction),
+# then the whole compression of an SD 1.5-shaped pipeline (benchmarks/gpu/sd15.py: the tied --latency 0.7 plan's
+# measured speed-up with padded attention), then one real-width Flux double and single block
+# (benchmarks/gpu/flux_block.py). Time limits: CUDA tests TESTS_TIMEOUT (default 120 s), job.py JOB_TIMEOUT (150 s),
+# sd15.py BENCH_TIMEOUT (240 s), flux_block.py FLUX_TIMEOUT (60 s): at most 570 s, inside one 600 s device call.
+# Writes gpu.json, gpu_job.json, flux_block.json, the rendered docs page and the test log to $OUT (the device tool's
+# folder) or, without it, into the repository (benchmarks/results/, docs/benchmarks-gpu.md).
 #
 #   bash benchmarks/gpu/run.sh            # on a CUDA machine
 #   bash benchmarks/gpu/run.sh --smoke    # tiny pipeline on whatever device there is (CI runs this on CPU)
 #   SKIP_CUDA_TESTS=1 BENCH_TIMEOUT=240 bash benchmarks/gpu/run.sh --capture-budget 45   # extra args go to sd15.py
 #
-# Python: $PYTHON, else .venv/bin/python, else python3. Wheels in .whl/ (diffusers and the two small
-# packages it needs beyond a stock CUDA image) are installed into /tmp/site when diffusers is missing.
+# Python: $PYTHON, else .venv/bin/python, else python3. Wheels in .whl/ are installed into /tmp/site when diffusers
+# is missing. The device image lacks diffusers and datasets (the curate stage) and their small dependencies; fetch
+# them here before a device call (the device tool's README: pip download --no-deps --only-binary=:all:
+# --python-version 3.12 ... -d .whl diffusers==0.42.1 datasets dill multiprocess), carry .whl.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-}
@@ -46,14 +51,18 @@ if [ -n "${SKIP_CUDA_TESTS:-}" ]; then
   echo "CUDA tests skipped (SKIP_CUDA_TESTS set)"
 elif "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   "$PY" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
-  timeout 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_engine.py tests/test_device.py 2>&1 | tee "$LOG" | tail -15
+  timeout "${TESTS_TIMEOUT:-120}" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_engine.py tests/test_device.py \
+    tests/test_families.py tests/test_latency.py tests/test_real_size.py 2>&1 | tee "$LOG" | tail -15
   status=${PIPESTATUS[0]}
   echo "cuda tests: exit $status"
 else
   echo "no CUDA device: CUDA tests skipped"
 fi
-timeout "${BENCH_TIMEOUT:-360}" "$PY" -u benchmarks/gpu/sd15.py $SMOKE --out "$JSON" --doc "$DOC" "$@" || status=$?
+# the main job's stages on the reference model on CUDA, each stage's memory against the prediction (issue 21)
+JOB_JSON=$(dirname "$JSON")/gpu_job.json
+timeout "${JOB_TIMEOUT:-150}" "$PY" -u benchmarks/gpu/job.py $SMOKE --out "$JOB_JSON" ${DOC:+--doc "$DOC"} || status=$?
+timeout "${BENCH_TIMEOUT:-240}" "$PY" -u benchmarks/gpu/sd15.py $SMOKE --out "$JSON" --doc "$DOC" "$@" || status=$?
 # one real-width Flux double + single block: original vs compressed latency (issue 12); its section goes after sd15's
 FLUX_JSON=$(dirname "$JSON")/flux_block.json
-timeout "${FLUX_TIMEOUT:-75}" "$PY" -u benchmarks/gpu/flux_block.py $SMOKE --out "$FLUX_JSON" --doc "$DOC" || status=$?
+timeout "${FLUX_TIMEOUT:-60}" "$PY" -u benchmarks/gpu/flux_block.py $SMOKE --out "$FLUX_JSON" --doc "$DOC" || status=$?
 exit $status
