@@ -12,9 +12,7 @@ per module subset (``slimdiff.gain_shards``).
 worker is restarted and its shard re-run, resuming from the shard's checkpoint) for the length of the sub-flow;
 ``tcp://host:port`` uses a running Dask scheduler whose workers see this workspace at the same path.
 
-Test-only fault injection, off unless set: ``SLIMDIFF_KILL_AFTER_CHECKPOINT=<folder>`` makes the first capture-shard
-try (in any worker) that starts a denoiser call after writing its shard's checkpoint SIGKILL its own process, once
-per folder (``kill_after_checkpoint``); every try is logged to ``<folder>/tries.jsonl`` (``tests/test_shards.py``).
+Test-only, off unless set: ``SLIMDIFF_KILL_AFTER_CHECKPOINT=<folder>`` kills one worker after its shard's first checkpoint.
 """
 
 from __future__ import annotations
