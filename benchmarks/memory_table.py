@@ -4,7 +4,7 @@ Each denoiser is built on the meta device (shapes only), its compressible groups
 sites enumerated exactly as ``slimdiff.capture.capture`` does, and the bytes of the statistics it
 would accumulate computed with ``slimdiff.capture.statistics_bytes`` (tests/test_memory.py checks that
 formula against the tensors a real recorder allocates). Writes benchmarks/results/memory.json and
-docs/memory.md and prints the table.
+its section of docs/memory.md and prints the table.
 
     .venv/bin/python benchmarks/memory_table.py [--buckets 4] [--capacity-gb 80]
 
@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.pages import update_section  # noqa: E402
 from slimdiff.capture import sites_for, statistics_bytes  # noqa: E402
 from slimdiff.groups import compressible_groups, find_groups  # noqa: E402
 from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
@@ -37,6 +38,7 @@ GIB = 2**30
 RESULTS = ROOT / "benchmarks" / "results" / "memory.json"
 DOC = ROOT / "docs" / "memory.md"
 COMMAND = ".venv/bin/python benchmarks/memory_table.py --buckets {buckets} --capacity-gb {capacity_gb:g}"
+HEADING = "## The capture's statistics at real scale (benchmarks/memory_table.py)"
 
 
 SDXL_UNET = dict(
@@ -157,7 +159,7 @@ def write_doc(rows: list[dict], capacity_gb: float) -> str:
     b = rows[0]["num_buckets"]
     command = COMMAND.format(buckets=b, capacity_gb=capacity_gb)
     one_bucket = sum(r["statistics_1_bucket_bytes"] for r in rows) / sum(r["statistics_bytes"] for r in rows)
-    text = f"""# Memory of the capture statistics at real scale
+    text = f"""{HEADING}
 
 How much memory the statistics of a capture (method.md §2) take for three real denoisers, with
 {b} timestep buckets (the default) and with 1. Computed, not measured: each denoiser is built from its
@@ -177,7 +179,7 @@ XL-2 1024-MS from the `transformer/config.json` of PixArt-alpha/PixArt-Sigma-XL-
 what diffusers' `scripts/convert_pixart_sigma_to_diffusers.py` builds at image size 1024. The
 parameter counts reproduce the published ones (SD 1.5 859.5 M, SDXL 2.57 B, PixArt 0.61 B).
 
-## What is stored per site
+### What is stored per site
 
 A *site* is one hooked `nn.Linear` input of width d: per transformer block the self-attention query
 input (`attn1.to_q`, shared by QK and VO self), the cross-attention query input (`attn2.to_q`), the text
@@ -192,7 +194,7 @@ input (`attn2.to_k`, shared by QK and VO cross) and the feed-forward hidden inpu
 
 Bytes per site: 8 (d^2 + d) + 4 B (d^2 + d) + 8 B for B > 1 buckets, 8 (d^2 + d) + 8 for one.
 
-## Table
+### Table
 
 Byte sizes in GiB (2^30 bytes). Capacity: {capacity_gb:g} GB = {capacity_gb:g} x 10^9 bytes
 ({gib(rows[0]['capacity_bytes']):.2f} GiB), the conservative reading of an "80 GB" card.
@@ -206,7 +208,7 @@ memory come on top. The whole-job peak is measured on GPU separately in
 and cuts the statistics to {one_bucket:.0%} of the {b}-bucket size, at the price of an influence
 score that sees the pooled statistics only and cannot weight timestep buckets.
 """
-    DOC.write_text(text)
+    update_section(DOC, HEADING, text)
     return text
 
 
