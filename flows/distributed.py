@@ -12,7 +12,7 @@ per module subset (``slimdiff.gain_shards``).
 worker is restarted and its shard re-run, resuming from the shard's checkpoint) for the length of the sub-flow;
 ``tcp://host:port`` uses a running Dask scheduler whose workers see this workspace at the same path.
 
-Test-only, off unless set: ``SLIMDIFF_KILL_AFTER_CHECKPOINT=<folder>`` kills one worker after its shard's first checkpoint.
+Test-only (off unless set): ``SLIMDIFF_KILL_AFTER_CHECKPOINT=<folder>`` kills one worker after a first checkpoint.
 """
 
 from __future__ import annotations
