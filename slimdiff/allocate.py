@@ -81,6 +81,8 @@ class PlanEntry:
     method: str = ""  # how its decomposition whitens or selects (fallbacks included)
     full_params: int = 0  # parameters at full width where not unit x full width (an unfactorised adaLN modulation)
     full_macs: int = 0  # likewise for MACs
+    attention_pairs: int = 0  # attention groups: query-key pairs per sample and call, summed over heads
+    attention_floor: int = 0  # the width of this attention's other group when it is left intact
 
     def _params(self, width: int) -> int:
         return self.full_params if (self.full_params and width >= self.full_width) else self.unit_params * width
@@ -134,12 +136,13 @@ class WidthPlan:
 
     @property
     def macs_before(self) -> int:
-        """Compressible MACs per sample and denoiser call at full width (0 when the scores held no token counts)."""
-        return sum(m.macs_at(m.full_width) for m in self.modules)
+        """Compressible MACs per sample and denoiser call at full width (0 when the scores held no token counts):
+        projections, and the attention products at each attention's run width (``macs_of``)."""
+        return macs_of(self.modules, {m.name: m.full_width for m in self.modules})
 
     @property
     def macs_after(self) -> int:
-        return sum(m.macs_at(m.width) for m in self.modules)
+        return macs_of(self.modules, self.widths)
 
     @property
     def budget_kind(self) -> str:
@@ -238,21 +241,52 @@ def _short_block(block: str) -> str:
 BUDGET_KINDS = ("params", "macs", "latency")
 
 
+def macs_of(modules: Sequence, widths: dict[str, int]) -> int:
+    """Compressible MACs per sample and call of ``modules`` (score or plan entries) at ``widths``, as the kernels run
+    them: every module's projections at its width, and each attention's two products (logits and weighted values)
+    at its run width, the wider of its QK and VO widths (``slimdiff.slim.attend`` pads the narrower; a group left
+    intact keeps its full width, ``attention_floor``). One count for a plan's prediction and the evaluated model."""
+    total = 0
+    runs: dict[str, tuple[int, int]] = {}  # attention -> (pairs, run width)
+    for m in modules:
+        width = widths.get(m.name, m.full_width)
+        total += m.macs_at(width)
+        if m.attention_pairs:
+            attention = m.name.rsplit(".", 1)[0]
+            pairs, run = runs.get(attention, (m.attention_pairs, 0))
+            runs[attention] = (pairs, max(run, width, m.attention_floor))
+    return total + sum(2 * pairs * run for pairs, run in runs.values())
+
+
+# budgets that hold an attention's QK and VO at one width, and why: the attention products run at the wider of the
+# two (``slimdiff.slim.attend`` pads the narrower), so only one width is a saving a table or a MAC count can see
+TIED_BUDGETS = {
+    "latency": "a latency budget ties QK and VO to one per-head width (its table times attentions so); leave tie_qk_vo "
+               "unset (auto) or true",
+    "macs": "a MACs budget ties QK and VO to one per-head width (attention runs at the wider of the two, so narrowing one "
+            "alone saves no attention MACs); leave tie_qk_vo unset (auto) or true",
+}
+
+
 def allowed_widths(module: ModuleScore, min_keep: float) -> list[int]:
     """Grid widths that keep at least ``min_keep`` of the module (the full width is always allowed)."""
     floor = min_keep * module.full_width
     return [w for w in module.widths if w >= floor - 1e-9] or [module.full_width]
 
 
-def cost_at(module: ModuleScore, width: int, budget_kind: str) -> int:
-    """What ``module`` costs at ``width`` in the budget's currency: parameters or MACs."""
-    return module.params_at(width) if budget_kind == "params" else module.macs_at(width)
+def cost_at(modules: Sequence[ModuleScore], width: int, budget_kind: str) -> int:
+    """What ``modules`` (one, or an attention's QK and VO held at one width) cost at ``width`` in the budget's
+    currency: parameters or MACs (their attention products at the run width, ``macs_of``)."""
+    if budget_kind == "params":
+        return sum(m.params_at(width) for m in modules)
+    return macs_of(modules, {m.name: width for m in modules})
 
 
 def removable(scores: InfluenceScores, min_keep: float, budget_kind: str = "params") -> int:
     """The most cost (parameters or MACs) that can go without breaking ``min_keep``."""
-    return sum(cost_at(m, m.full_width, budget_kind) - cost_at(m, allowed_widths(m, min_keep)[0], budget_kind)
-               for m in scores.modules)
+    units = _tied_groups(scores.modules) if budget_kind == "macs" else [[m] for m in scores.modules]
+    return sum(cost_at(u, max(m.full_width for m in u), budget_kind) - cost_at(u, _common_widths(u, min_keep)[0], budget_kind)
+               for u in units)
 
 
 def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFAULT_MIN_KEEP, budget_kind: str = "params",
@@ -287,7 +321,7 @@ def check_budget(scores: InfluenceScores, budget: Budget, min_keep: float = DEFA
     keep = budget.value
     if not 0 < keep < 1:
         raise BudgetError(f"a MACs budget is the fraction of compressible MACs to keep, 0 < F < 1; got {keep}")
-    total = sum(m.macs_at(m.full_width) for m in scores.modules)
+    total = macs_of(scores.modules, {m.name: m.full_width for m in scores.modules})
     max_removable = removable(scores, min_keep, "macs")
     target = int(round((1 - keep) * total))
     if target < 1 or target > max_removable:
@@ -362,7 +396,7 @@ def _units(modules: Sequence[ModuleScore], sis: dict, min_keep: float, budget_ki
             units.append(make(group, allowed, [curve.at(w) for w in allowed]))
         return units
     groups = _tied_groups(modules) if tie_qk_vo else [[m] for m in modules]
-    return [make(group, allowed, [float(sum(cost_at(g, w, budget_kind) for g in group)) for w in allowed])
+    return [make(group, allowed, [float(cost_at(group, w, budget_kind)) for w in allowed])
             for group in groups for allowed in [_common_widths(group, min_keep)]]
 
 
@@ -402,10 +436,9 @@ def allocate(scores: InfluenceScores, budget: Budget | float, allocator: str = "
     predicted latency, whatever the budget kind.
     """
     if tie_qk_vo is None:
-        tie_qk_vo = budget_kind == "latency"
-    if budget_kind == "latency" and not tie_qk_vo:
-        raise BudgetError("a latency budget ties QK and VO to one per-head width (its table times attentions so); "
-                          "leave tie_qk_vo unset (auto) or true")
+        tie_qk_vo = budget_kind in TIED_BUDGETS
+    if budget_kind in TIED_BUDGETS and not tie_qk_vo:
+        raise BudgetError(TIED_BUDGETS[budget_kind])
     if allocator not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     value = budget.value if isinstance(budget, Budget) else budget
@@ -448,7 +481,8 @@ def allocate(scores: InfluenceScores, budget: Budget | float, allocator: str = "
     for m in scores.modules:
         index = m.widths.index(widths[m.name])
         entries.append(PlanEntry(m.name, m.kind, m.block, m.full_width, widths[m.name], m.unit_params,
-                                 float(sis[m.name][index]), m.unit_macs, m.method, m.full_params, m.full_macs))
+                                 float(sis[m.name][index]), m.unit_macs, m.method, m.full_params, m.full_macs,
+                                 m.attention_pairs, m.attention_floor))
     settings = {
         "budget": budget.value, "budget_kind": budget_kind, "tie_qk_vo": tie_qk_vo, "min_keep": min_keep,
         "bucket_weights": list(bucket_weights) if bucket_weights else None,

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from slimdiff.allocate import (ALLOCATORS, BUDGET_KINDS, DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, BudgetError, WidthPlan,
+from slimdiff.allocate import (ALLOCATORS, BUDGET_KINDS, TIED_BUDGETS, DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, BudgetError, WidthPlan,
                                allocate, check_budget)
 from slimdiff.capture import Capture, SamplerSettings, capture, denoiser_of
 from slimdiff.decompose import DEFAULT_REG
@@ -63,9 +63,8 @@ class SlimDiffConfig:
         elif not 0 < self.budget < 1:
             what = "compressible MACs" if self.budget_kind == "macs" else "the denoiser's measured latency"
             raise BudgetError(f"a {self.budget_kind} budget is the fraction of {what} to keep, 0 < F < 1; got {self.budget}")
-        if self.budget_kind == "latency" and self.tie_qk_vo is False:
-            raise BudgetError("a latency budget ties QK and VO to one per-head width (its table times attentions so); "
-                              "leave tie_qk_vo unset (auto) or true")
+        if self.budget_kind in TIED_BUDGETS and self.tie_qk_vo is False:
+            raise BudgetError(TIED_BUDGETS[self.budget_kind])
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"unknown allocator {self.allocator!r}; choose one of {', '.join(ALLOCATORS)}")
         if not 0 <= self.min_keep < 1:

@@ -110,12 +110,14 @@ def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def count_macs(model: nn.Module, call: DenoiserCall) -> dict[str, int]:
-    """Multiply-accumulates of ``model(*args, **kwargs)`` for the whole batch of ``call``.
+    """Multiply-accumulates of ``model(*args, **kwargs)`` for the whole batch of ``call``, as the kernels run them.
 
     Linear: input tokens x in x out (every ``nn.Linear``, so both factors of a factorised layer);
-    Conv: output elements x in/groups x kernel; attention (analytic from the q/k/v projection output
-    shapes, so narrower q/k/v heads count less): Q K^T = B Nq Nk (heads x qk width) and
-    P V = B Nq Nk (heads x v width). Returns ``linear``, ``conv``, ``attention`` and ``total``.
+    Conv: output elements x in/groups x kernel; attention (from the q/k/v projection outputs of each attention
+    call): Q K^T and P V each B x heads x Nq x Nk x the run width, the wider of the per-head QK and V widths
+    (``slimdiff.slim.attend`` pads the narrower side), where Nq and Nk count every stream of a joint attention
+    (``to_q`` and ``add_q_proj`` rows). Equals ``torch.utils.flop_counter.FlopCounterMode`` / 2 under the math SDPA
+    kernel (tested per family). Returns ``linear``, ``conv``, ``attention`` and ``total``.
     """
     counts = {"linear": 0, "conv": 0, "attention": 0}
     shapes: dict[str, dict[str, tuple]] = {}
@@ -132,14 +134,14 @@ def count_macs(model: nn.Module, call: DenoiserCall) -> dict[str, int]:
             shapes.setdefault(attn_name, {})[role] = tuple(output.shape)
         return hook
 
-    def attention_hook(attn_name: str):
+    def attention_hook(attn_name: str, heads: int):
         def hook(module, args, output):
             seen = shapes.pop(attn_name, {})
             if not {"q", "k", "v"} <= set(seen):
                 return
-            q, k, v = seen["q"], seen["k"], seen["v"]
-            batch, n_query, n_key = q[0], math.prod(q[1:-1]), math.prod(k[1:-1])
-            counts["attention"] += batch * n_query * n_key * (q[-1] + v[-1])
+            tokens = lambda role: sum(math.prod(seen[r][1:-1]) for r in (role, f"add_{role}") if r in seen)  # noqa: E731
+            batch, width = seen["q"][0], max(seen["q"][-1], seen["v"][-1]) // heads
+            counts["attention"] += 2 * batch * heads * tokens("q") * tokens("k") * width
         return hook
 
     handles = []
@@ -150,9 +152,11 @@ def count_macs(model: nn.Module, call: DenoiserCall) -> dict[str, int]:
             elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 handles.append(module.register_forward_hook(conv_hook))
         for name, attn in _attention_modules(model).items():
-            for role, proj in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v)):
-                handles.append(proj.register_forward_hook(projection_hook(name, role)))
-            handles.append(attn.register_forward_hook(attention_hook(name)))
+            for role in ("q", "k", "v"):
+                for stream, proj in ((role, getattr(attn, f"to_{role}")), (f"add_{role}", getattr(attn, f"add_{role}_proj", None))):
+                    if isinstance(proj, nn.Module):
+                        handles.append(proj.register_forward_hook(projection_hook(name, stream)))
+            handles.append(attn.register_forward_hook(attention_hook(name, int(attn.heads))))
         args, kwargs = call
         with torch.inference_mode():
             model(*args, **kwargs)

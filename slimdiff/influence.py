@@ -75,11 +75,15 @@ class ModuleScore:
     widths: list[int]
     errors: list[list[float] | None]  # [bucket][width index]; None where a bucket saw no tokens
     gain: float = 1.0
-    unit_macs: int = 0  # MACs of one unit of width per sample and call at the capture's resolution (0: unknown)
+    unit_macs: int = 0  # projection MACs of one unit of width per sample and call at the capture's resolution (0: unknown)
     method: str = ""  # how the decomposition whitens or selects (fallbacks included), for the record
     # cost at full width where it is not unit x full width: an unfactorised adaLN modulation (0: unit x full width)
     full_params: int = 0
     full_macs: int = 0
+    # attention groups: query-key pairs per sample and call summed over heads; the logits and the weighted values each
+    # cost this many MACs per unit of the attention's run width, the wider of its QK and VO widths (slim.attend pads)
+    attention_pairs: int = 0
+    attention_floor: int = 0  # the width of this attention's other group when it is left intact (its run width floor)
 
     def params_at(self, width: int) -> int:
         """Parameters at ``width`` (an adaLN modulation at full width is the original linear)."""
@@ -88,7 +92,7 @@ class ModuleScore:
         return self.unit_params * width
 
     def macs_at(self, width: int) -> int:
-        """MACs per sample and call at ``width``."""
+        """Projection MACs per sample and call at ``width`` (the attention products: ``slimdiff.allocate.macs_of``)."""
         if self.full_macs and width >= self.full_width:
             return self.full_macs
         return self.unit_macs * width
@@ -209,7 +213,7 @@ def _full_params(group: ModuleGroup) -> int:
 
 def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, granularity: Granularity,
                  reg: float = DEFAULT_REG, max_ffn_points: int = 64, gain: float | None = None,
-                 store=None) -> ModuleScore:
+                 store=None, attention_floor: int = 0) -> ModuleScore:
     """Per-bucket predicted error of ``group`` at every grid width, from the capture alone.
 
     FFN curves are exact at up to ``max_ffn_points`` grid widths (always including the ends) and
@@ -262,7 +266,44 @@ def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, gran
     return ModuleScore(group.name, group.kind, group.block, group.heads, group.width, group.unit_params, widths, errors,
                        1.0 if gain is None else gain, unit_macs_of(group, site_tokens), decomposition.method,
                        full_params=_full_params(group),
-                       full_macs=group.in_features * group.out_features if group.kind == "adaln" else 0)
+                       full_macs=group.in_features * group.out_features if group.kind == "adaln" else 0,
+                       attention_pairs=attention_pairs_of(group, site_tokens), attention_floor=attention_floor)
+
+
+def attention_of(group: ModuleGroup) -> str:
+    """The attention a QK or VO group belongs to (its name without ``.qk`` / ``.vo``), else ""."""
+    return group.name.rsplit(".", 1)[0] if group.kind.startswith(("qk", "vo")) else ""
+
+
+def attention_floors(groups: Sequence[ModuleGroup]) -> dict[str, int]:
+    """For each compressible QK or VO group whose attention's other group is left intact: that group's width, below
+    which the attention products never run (``slimdiff.slim.attend`` pads to the wider width)."""
+    by_attention: dict[str, list[ModuleGroup]] = {}
+    for group in groups:
+        if attention_of(group):
+            by_attention.setdefault(attention_of(group), []).append(group)
+    floors = {}
+    for members in by_attention.values():
+        for group in members:
+            intact = [g.width for g in members if g is not group and not g.compressible]
+            if group.compressible and intact:
+                floors[group.name] = max(intact)
+    return floors
+
+
+def attention_pairs_of(group: ModuleGroup, site_tokens: dict[str, int]) -> int:
+    """Query-key pairs per sample and call summed over heads (attention groups; 0 otherwise or when the capture saw
+    no single resolution): image and text tokens together in a joint attention."""
+    if not group.kind.startswith(("qk", "vo")):
+        return 0
+    if group.kind in ("qk_joint", "vo_joint"):
+        tokens = [site_tokens.get(site, 0) for site in group.sites]
+        return group.heads * sum(tokens) ** 2 if all(t > 0 for t in tokens) else 0
+    if group.kind == "vo_single":
+        query_tokens = key_tokens = site_tokens.get(group.sites[0], 0)
+    else:
+        query_tokens, key_tokens = site_tokens.get(f"{group.path}.to_q", 0), site_tokens.get(group_input_sites(group)[1], 0)
+    return group.heads * query_tokens * key_tokens if query_tokens > 0 and key_tokens > 0 else 0
 
 
 def unit_macs_of(group: ModuleGroup, site_tokens: dict[str, int]) -> int:
@@ -279,12 +320,11 @@ def unit_macs_of(group: ModuleGroup, site_tokens: dict[str, int]) -> int:
             return 0
         if group.kind == "ffn_single":
             return tokens[0] * (group.in_features + group.out_features)
-        total = sum(tokens)
-        if group.kind == "qk_joint":  # per head: each stream's query and key rows, and the logits of all tokens
-            return group.heads * (sum(2 * t * d for t, d in zip(tokens, group.stream_in)) + total * total)
-        # per head: each stream's value rows, each output projection on its stream's rows, the weighted values
+        if group.kind == "qk_joint":  # per head: each stream's query and key rows
+            return group.heads * sum(2 * t * d for t, d in zip(tokens, group.stream_in))
+        # per head: each stream's value rows, each output projection on its stream's rows
         return group.heads * (sum(t * d for t, d in zip(tokens, group.stream_in))
-                              + sum(t * d for t, d in zip(tokens, group.stream_out)) + total * total)
+                              + sum(t * d for t, d in zip(tokens, group.stream_out)))
     if group.kind == "ffn":
         query_site = key_site = f"{group.path}.net.2"
     else:
@@ -316,7 +356,9 @@ def score(denoiser: nn.Module, capture: Capture, gains: "Gains | None" = None, g
         if missing:
             raise ValueError(f"propagation gains hold none for {missing[:3]}; re-measure gains")
     values = gains.gains if gains is not None else {}
-    modules = [module_score(denoiser, g, capture, granularity, reg, max_ffn_points, values.get(g.name), store)
+    floors = attention_floors(find_groups(denoiser))
+    modules = [module_score(denoiser, g, capture, granularity, reg, max_ffn_points, values.get(g.name), store,
+                            floors.get(g.name, 0))
                for g in tqdm(groups, desc="score", unit="module", disable=not progress)]
     metadata = {
         "reg": reg,

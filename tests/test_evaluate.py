@@ -102,21 +102,24 @@ def test_macs_drop_by_removed_weights_times_tokens():
     before = count_macs(model, call)
     tokens = _tokens_per_linear(model, call)
     groups = {g.kind: g for g in compressible_groups(model)}  # the last block's groups
-    ffn, qk, vo = groups["ffn"], groups["qk_self"], groups["vo_cross"]
-    cut = {ffn.name: ffn.width - 8, qk.name: qk.width - 1, vo.name: vo.width - 1}
+    ffn, qk, vo_self, vo = groups["ffn"], groups["qk_self"], groups["vo_self"], groups["vo_cross"]
+    # the self-attention narrowed on both sides, the cross-attention's VO alone (its attention runs padded to QK's width)
+    cut = {ffn.name: ffn.width - 8, qk.name: qk.width - 1, vo_self.name: vo_self.width - 1, vo.name: vo.width - 1}
     attn_qk, attn_vo = model.get_submodule(qk.path), model.get_submodule(vo.path)
     expected_linear = (
         tokens[f"{ffn.path}.net.0.proj"] * 8 * 2 * ffn.in_features  # gated: value and gate rows, no bias MACs
         + tokens[f"{ffn.path}.net.2"] * 8 * ffn.out_features
         + tokens[f"{qk.path}.to_q"] * qk.heads * attn_qk.to_q.in_features
         + tokens[f"{qk.path}.to_k"] * qk.heads * attn_qk.to_k.in_features
+        + tokens[f"{qk.path}.to_v"] * vo_self.heads * attn_qk.to_v.in_features
+        + tokens[f"{qk.path}.to_out.0"] * vo_self.heads * attn_qk.to_out[0].out_features
         + tokens[f"{vo.path}.to_v"] * vo.heads * attn_vo.to_v.in_features
         + tokens[f"{vo.path}.to_out.0"] * vo.heads * attn_vo.to_out[0].out_features
     )
     batch, n_query = 2, tokens[f"{qk.path}.to_q"] // 2
-    n_key_self, n_key_cross = n_query, tokens[f"{vo.path}.to_k"] // 2
-    expected_attention = batch * n_query * n_key_self * qk.heads + batch * n_query * n_key_cross * vo.heads
-    for group in (ffn, qk, vo):
+    # logits and weighted values of the self-attention one width narrower; the cross-attention saves nothing there
+    expected_attention = 2 * batch * n_query * n_query * qk.heads
+    for group in (ffn, qk, vo_self, vo):
         resize_group(model, group, cut[group.name])
     with torch.no_grad():
         for p in model.parameters():

@@ -101,14 +101,15 @@ class ModuleGroup:
         return width >= full or self.params_at(width) < self.params_at(full)
 
     def unit_macs(self, query_tokens: int, key_tokens: int) -> int:
-        """Multiply-accumulates that one unit of width costs per sample and call, with ``query_tokens`` rows
-        (FFN: its tokens) and ``key_tokens`` key/value rows: the projections, and for attention the logits
-        (QK) or the probability-weighted values (VO). Biases and softmax are not counted. Joint layouts count
-        from the tokens of every stream (``slimdiff.influence.unit_macs_of``)."""
+        """Multiply-accumulates of the projections that one unit of width costs per sample and call, with
+        ``query_tokens`` rows (FFN: its tokens) and ``key_tokens`` key/value rows. The attention products are not
+        per group: both run at the wider of an attention's QK and VO widths (``slimdiff.slim.attend`` pads the
+        narrower), ``attention_pairs`` per unit of that width. Biases and softmax are not counted. Joint layouts
+        count from the tokens of every stream (``slimdiff.influence.unit_macs_of``)."""
         if self.kind.startswith("qk"):
-            return self.heads * (query_tokens * self.in_features + key_tokens * self.out_features + query_tokens * key_tokens)
+            return self.heads * (query_tokens * self.in_features + key_tokens * self.out_features)
         if self.kind.startswith("vo"):
-            return self.heads * (key_tokens * self.in_features + query_tokens * self.out_features + query_tokens * key_tokens)
+            return self.heads * (key_tokens * self.in_features + query_tokens * self.out_features)
         if self.kind == "adaln":
             return self.in_features + self.out_features  # once per sample and call, not per token
         up_rows = 2 if self.gated else 1
