@@ -132,11 +132,11 @@ class SiteStats:
 
     def add(self, bucket: int, outer: Tensor, first: Tensor, tokens: int) -> None:
         """Add one call's Gram matrix and token sum (any float dtype, same device) to ``bucket``."""
-        self.sum_outer.add_(outer)
+        _add_in_rows(self.sum_outer, outer)
         self.sum.add_(first)
         self.count[bucket] += tokens
         if self.bucket_sum_outer is not None:
-            self.bucket_sum_outer[bucket].add_(outer)
+            _add_in_rows(self.bucket_sum_outer[bucket], outer)
             self.bucket_sum[bucket].add_(first)
 
     def outer_in(self, buckets: Sequence[int]) -> tuple[Tensor, Tensor, int]:
@@ -158,6 +158,27 @@ class SiteStats:
         """The same sums on ``device`` (the token counts stay on the host)."""
         move = (lambda t: None if t is None else t.to(device))
         return SiteStats(move(self.sum_outer), move(self.sum), self.count.clone(), move(self.bucket_sum_outer), move(self.bucket_sum))
+
+
+# rows of a (d, d) sum updated at a time: adding a float32 Gram matrix into a float64 sum converts it through a
+# temporary, which would otherwise be the whole (d, d) matrix in float64 (1.2 GB at 12288 wide)
+_ADD_BYTES = 64 << 20
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """Whether every value is finite, checked in row blocks (no full-size boolean mask at once)."""
+    rows = max(1, _ADD_BYTES // max(1, tensor.shape[-1] * tensor.element_size()))
+    return all(bool(torch.isfinite(tensor[start:start + rows]).all()) for start in range(0, tensor.shape[0], rows))
+
+
+def _add_in_rows(total: Tensor, part: Tensor) -> None:
+    """``total += part`` in row blocks, so that a dtype conversion never holds more than ``_ADD_BYTES`` at once."""
+    if total.dtype == part.dtype:
+        total.add_(part)
+        return
+    rows = max(1, _ADD_BYTES // max(1, total.shape[-1] * total.element_size()))
+    for start in range(0, total.shape[0], rows):
+        total[start:start + rows].add_(part[start:start + rows])
 
 
 def statistics_bytes(dims: Sequence[int], num_buckets: int, bucket_bytes: int = 4) -> int:
@@ -292,7 +313,7 @@ class Capture:
 
     def check_finite(self, where: str = "capture") -> None:
         """Fail naming the first site whose sums hold NaN or Inf (e.g. half-precision activations that overflowed)."""
-        bad = [site for site, stats in self.sites.items() if not bool(torch.isfinite(stats.sum_outer).all())]
+        bad = [site for site, stats in self.sites.items() if not _all_finite(stats.sum_outer)]
         if bad:
             more = f" (and {len(bad) - 1} more sites)" if len(bad) > 1 else ""
             raise ValueError(f"{where}: the statistics of {bad[0]}{more} hold NaN/Inf: activations overflowed or were "
