@@ -56,11 +56,31 @@ def _tracking_step(uri: str, step: str):
                             f"(nothing is registered twice)") from None
 
 
+def _auth_reason(error: BaseException) -> str | None:
+    """For a server with authentication that refused this request (MLflow's UNAUTHENTICATED / PERMISSION_DENIED): who
+    was refused, in a few words; else None."""
+    code = getattr(error, "error_code", None)
+    if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return None
+    try:
+        _, who = _credentials()
+    except TrackingError as partial:
+        return str(partial)
+    if code == "UNAUTHENTICATED":
+        return f"the server refused the credentials of {who} (HTTP 401)" if who else \
+            f"the server requires credentials (HTTP 401): set {USERNAME_ENV} and {PASSWORD_ENV}"
+    return f"{who or 'anonymous access'} lacks the permission (HTTP 403)"
+
+
 def _failure_reason(error: BaseException) -> tuple[str, bool]:
     """(the reason of an MLflow client error in a few words, whether the server did not answer). For a server that
-    does not answer: the request and the connection error (MLflow's own message repeats the URL three times);
-    else MLflow's first line."""
+    does not answer: the request and the connection error (MLflow's own message repeats the URL three times); for
+    refused credentials, whose; else MLflow's first line."""
     import requests
+
+    refused = _auth_reason(error)
+    if refused is not None:
+        return refused, False
 
     cause: BaseException | None = error
     while cause is not None:
@@ -130,7 +150,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             if error.code == 403:
                 raise TrackingError(f"tracking server {uri}: {who or 'anonymous access'} may not read experiments "
                                     f"(HTTP 403)") from None
-            raise TrackingError(f"tracking server {uri} answered an experiments search with HTTP {error.code}") from None
+            raise TrackingError(f"tracking server {uri} answered an experiments search with HTTP {error.code} "
+                                f"({error.reason})" + (f" to {who}" if who else "")) from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise TrackingError(f"tracking server {uri} is unreachable ({reason})") from None
@@ -557,8 +578,11 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
         mlflow.log_metrics(headline)
         if timing:
             mlflow.log_metrics({**timing, "duration.total_s": total if total is not None else sum(durations.values())})
-        dataset = mlflow.data.from_pandas(slimset, source=str((outputs / "slimset" / "slimset.jsonl").resolve()), name="slimset",
-                                          digest=str(slimset_stats["digest"])[:36])
+        with warnings.catch_warnings():
+            # MLflow registers its local-file dataset source for two URI schemes and warns that a path matches both
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            dataset = mlflow.data.from_pandas(slimset, source=str((outputs / "slimset" / "slimset.jsonl").resolve()),
+                                              name="slimset", digest=str(slimset_stats["digest"])[:36])
         mlflow.log_input(dataset, context="calibration")
         mlflow.set_tags(tags)
         mlflow.log_dict(plan, "width_plan.json")
@@ -743,9 +767,9 @@ def registered_versions(name: str) -> list:
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":  # the one answer that means "no versions"
             return []
-        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        message = _auth_reason(error) or f"{error.error_code}: {(str(error).strip().splitlines() or [type(error).__name__])[0]}"
         raise TrackingError(f"tracking server {mlflow.get_tracking_uri()}: cannot list the versions of {name!r} "
-                            f"({error.error_code}: {message})") from None
+                            f"({message}); the outputs are kept: re-run to retry") from None
 
 
 def _version_with_lineage(name: str, lineage: dict[str, str], checkpoint_hash: str):
