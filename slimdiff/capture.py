@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from slimdiff.calls import call_spec
 from slimdiff.device import module_device
 from slimdiff.groups import ModuleGroup, adapter_for, compressible_groups
 from slimdiff.utils import atomic_path, stream_safetensors
@@ -546,6 +547,7 @@ class ActivationRecorder:
         self._handles: list = []
         self._signature = inspect.signature(denoiser.forward)
         self.calls = 0
+        self.call: dict | None = None  # the spec of the first denoiser call (slimdiff.calls.call_spec): its shapes
 
     def bucket_of(self, timesteps: Tensor) -> Tensor:
         """Bucket index of each timestep (on the CPU: one small copy per denoiser call)."""
@@ -563,6 +565,8 @@ class ActivationRecorder:
         if timestep.numel() == 1:
             timestep = timestep.expand(batch)
         self._bucket_ids = self.bucket_of(timestep)
+        if self.call is None:
+            self.call = call_spec(bound)
         self.calls += 1
 
     def _on_linear(self, site: str):
@@ -798,6 +802,7 @@ def capture(
         "prompts_digest": prompts_digest_from_hashes(hashes),
         "denoiser_calls": recorder.calls,
         "site_tokens": dict(recorder.site_tokens),
+        "call": recorder.call,
         "dtype": fingerprint["dtype"],
         "device_type": device.type,
     }

@@ -141,15 +141,24 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from slimdiff.evaluate import folder_macs
     from slimdiff.io import describe
 
     info = describe(args.folder)
+    macs = folder_macs(args.folder)  # at the capture's call shape, counted on the meta device
+    info["macs"] = macs
+    info["macs_fraction"] = macs["fraction"] if macs else None
+    for key in ("compressible_before", "compressible_after"):
+        info[key] = info["params"][key]
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
     p = info["params"]
     print(f"{info['model']}: {info['denoiser']}, {p['total']:,} parameters ({info['dtype']}, {info['bytes'] / 2**20:,.1f} MiB); "
           f"compressible {p['compressible_before']:,} -> {p['compressible_after']:,} ({p['removed_fraction']:.1%} removed)")
+    if macs:
+        print(f"  denoiser MACs per sample and call at the capture's shape: {macs['original_per_call']:,} -> "
+              f"{macs['compressed_per_call']:,} ({macs['fraction']:.1%} kept)")
     for name, m in info["modules"].items():
         # an adaLN modulation's width is a rank: below full it is two linears (factorised), at full the original one
         shape = " factorised" if m["kind"] == "adaln" and m["width"] < m["full_width"] else ""

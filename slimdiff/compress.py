@@ -129,7 +129,7 @@ class CompressionResult:
             "config": self.config.to_dict(),
             "capture": {k: meta.get(k) for k in ("prompts_digest", "num_prompts", "scheduler", "num_inference_steps",
                                                  "guidance_scale", "height", "width", "seed", "bucket_edges", "dtype",
-                                                 "device_type")},
+                                                 "device_type", "call")},
             "plan": {"allocator": self.plan.allocator, "removed": self.plan.removed, "target_removed": self.plan.target_removed,
                      "compressible_before": self.plan.params_before, "compressible_after": self.plan.params_after,
                      "predicted_error": self.plan.predicted_error, "budget_kind": self.plan.budget_kind,

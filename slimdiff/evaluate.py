@@ -181,6 +181,33 @@ def macs_per_call(denoiser: nn.Module, example_call: DenoiserCall, batch: int | 
     return total // batch
 
 
+def folder_macs(folder) -> dict[str, Any] | None:
+    """MACs of one call of a saved compressed denoiser and of its original, per sample, at the capture's call shape
+    (the spec the capture recorded), counted on the meta device: no weight is read. None when the folder's capture
+    recorded no call (a model saved before calls were recorded)."""
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+
+    from slimdiff.calls import meta_call
+    from slimdiff.io import empty_denoiser, read_config
+
+    folder = Path(folder)
+    key, config = read_config(folder)
+    spec = (config.get("info", {}).get("capture") or {}).get("call")
+    if not spec:
+        return None
+    compressed = empty_denoiser(folder / key, config).to("meta")
+    cls = type(compressed)
+    with init_empty_weights(include_buffers=True):
+        original = cls.from_config(cls.load_config(str(folder / key)))
+    call = meta_call(spec)
+    batch = _batch_of(call)
+    before, after = count_macs(original.to("meta"), call)["total"] // batch, count_macs(compressed, call)["total"] // batch
+    return {"original_per_call": before, "compressed_per_call": after, "fraction": after / before if before else None,
+            "call_batch": batch}
+
+
 # ---- signal metrics ----------------------------------------------------------------------------
 
 def sqnr_db(reference: Tensor, test: Tensor) -> Tensor:

@@ -108,3 +108,33 @@ def test_joint_attention_counts_text_and_image_tokens():
         model(**inputs, return_dict=False)
     bmm = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}.get("aten.bmm", 0)
     assert counts["attention"] == bmm // 2 > 0
+
+
+@pytest.mark.parametrize("make", ["tiny_sd_pipeline", "tiny_flux_pipeline"])
+def test_info_json_reports_the_macs_fraction_at_the_capture_call_shape(make, tmp_path, capsys):
+    import json
+
+    import slimdiff
+    from slimdiff import testing
+    from slimdiff.capture import SamplerSettings, denoiser_of
+    from slimdiff.cli import main
+
+    pipe = getattr(testing, make)()
+    sampler = SamplerSettings(2, height=32, width=32) if "flux" in make else SamplerSettings(2)
+    _, denoiser = denoiser_of(pipe)
+    original = copy.deepcopy(denoiser)  # compress_pipeline narrows the pipeline's own denoiser
+    result = slimdiff.compress_pipeline(pipe, ["a red circle", "a blue square", "a cat", "a dog"],
+                                        slimdiff.SlimDiffConfig(budget=0.4, batch_size=4), sampler, progress=False)
+    slimdiff.save(pipe, tmp_path / "model", result.info(), full_widths={m.name: m.full_width for m in result.plan.modules})
+    assert main(["info", str(tmp_path / "model"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"params", "compressible_before", "compressible_after", "macs_fraction"} <= set(info)
+    # the same count on the real modules, at the recorded call's shape
+    from slimdiff.calls import meta_call
+
+    _, kwargs = meta_call(result.capture.metadata["call"])
+    real = {k: (torch.zeros(v.shape, dtype=v.dtype) if torch.is_tensor(v) else
+                {kk: torch.zeros(vv.shape, dtype=vv.dtype) for kk, vv in v.items()} if isinstance(v, dict) else v)
+            for k, v in kwargs.items()}
+    expected = count_macs(denoiser, ((), real))["total"] / count_macs(original, ((), real))["total"]
+    assert info["macs_fraction"] == pytest.approx(expected, rel=1e-12) and info["macs_fraction"] < 1
