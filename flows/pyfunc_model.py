@@ -162,6 +162,9 @@ class Limits:
     max_memory: int | str | None = None  # bytes; None: half the memory available once the model is loaded
     max_queue: int = 64  # requests waiting for the worker; more are refused with HTTP 503
     coalesce: bool = True
+    # with coalescing, how long a batch waits for more requests with its settings: at most this, and at most 5 % of
+    # the previous batch's run time (a lone client pays <= 5 %; clients that send back to back meet in one batch)
+    batch_wait_s: float = 0.05
 
 
 def default_limits(shape: ModelShape, sampler: dict[str, Any]) -> Limits:
@@ -198,6 +201,9 @@ def limits_from(config: dict[str, Any]) -> Limits:
     if limits.min_side > limits.max_side or limits.min_side % limits.size_multiple or limits.max_side % limits.size_multiple:
         raise ServingError(f"serving limits: min_side {limits.min_side} and max_side {limits.max_side} must be multiples of "
                            f"size_multiple {limits.size_multiple} with min_side <= max_side")
+    if isinstance(limits.batch_wait_s, bool) or not isinstance(limits.batch_wait_s, (int, float)) \
+            or not 0 <= limits.batch_wait_s <= 1:
+        raise ServingError(f"serving limit batch_wait_s must be a number of seconds in 0..1, got {limits.batch_wait_s!r}")
     if limits.max_batch < limits.max_prompts:
         raise ServingError(f"serving limit max_batch ({limits.max_batch}) must be >= max_prompts ({limits.max_prompts})")
     return limits
@@ -430,8 +436,8 @@ Generate = Callable[[list[Job], Callable[[int], None]], np.ndarray]
 class GenerationQueue:
     """Requests wait here for the one worker thread that runs the pipeline; the worker takes the oldest request and,
     with ``coalesce``, every queued request whose settings equal it (up to ``max_batch`` prompts and the memory
-    budget), runs them as one batch and hands each its images. Between denoising steps it expires requests past their
-    deadline and stops the batch when none still waits."""
+    budget; it waits :attr:`Limits.batch_wait_s` at most for more), runs them as one batch and hands each its images.
+    Between denoising steps it expires requests past their deadline and stops the batch when none still waits."""
 
     IDLE_EXIT_S = 300.0  # a worker idle this long ends (the next request starts one): a dropped model can be freed
 
@@ -444,6 +450,7 @@ class GenerationQueue:
         self.condition = threading.Condition()
         self.worker: threading.Thread | None = None
         self.batches: list[int] = []  # prompts per batch run (for tests and the benchmark)
+        self.last_run_s = 0.0  # the previous batch's generation time
 
     def submit(self, prompts: list[str], settings: RequestSettings) -> Job:
         job = Job(prompts, settings, time.monotonic() + self.time_limit)
@@ -467,24 +474,32 @@ class GenerationQueue:
         return job.images
 
     def _take(self) -> list[Job]:
-        """The oldest live job and, when coalescing, the queued jobs with the same settings that fit (caller holds the
-        condition)."""
+        """The oldest live job and, when coalescing, the queued jobs with the same settings that fit, waiting up to the
+        batch window for more (caller holds the condition)."""
         while self.pending and self.pending[0].done.is_set():
             self.pending.popleft()  # expired while waiting
         if not self.pending:
             return []
         batch = [self.pending.popleft()]
         if self.limits.coalesce:
-            count = len(batch[0].prompts)
-            for job in list(self.pending):
-                if job.done.is_set() or job.settings.batch_key != batch[0].settings.batch_key:
-                    continue
-                if count + len(job.prompts) > self.limits.max_batch or not self.fits(batch + [job]):
-                    continue
-                self.pending.remove(job)
-                batch.append(job)
-                count += len(job.prompts)
+            self._join(batch)
+            end = time.monotonic() + min(self.limits.batch_wait_s, 0.05 * self.last_run_s)
+            while sum(len(j.prompts) for j in batch) < self.limits.max_batch and time.monotonic() < end:
+                self.condition.wait(end - time.monotonic())
+                self._join(batch)
         return batch
+
+    def _join(self, batch: list[Job]) -> None:
+        """Move the queued jobs with the batch's settings that fit into it."""
+        count = sum(len(j.prompts) for j in batch)
+        for job in list(self.pending):
+            if job.done.is_set() or job.settings.batch_key != batch[0].settings.batch_key:
+                continue
+            if count + len(job.prompts) > self.limits.max_batch or not self.fits(batch + [job]):
+                continue
+            self.pending.remove(job)
+            batch.append(job)
+            count += len(job.prompts)
 
     def _loop(self) -> None:
         if self.on_start is not None:
@@ -519,7 +534,9 @@ class GenerationQueue:
         try:
             on_step(0)
             self.batches.append(sum(len(j.prompts) for j in batch))
+            begin = time.monotonic()
             images = self.generate(batch, on_step)
+            self.last_run_s = time.monotonic() - begin
         except _Stop:
             return
         except BaseException as error:  # noqa: BLE001 - every waiter gets the failure, the worker lives on

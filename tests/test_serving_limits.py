@@ -235,6 +235,22 @@ def test_queued_requests_with_equal_settings_run_as_one_batch():
     assert [int(r[0, 0, 0, 0]) for r in results] == [9, 1, 0, 2, 0]  # each request gets its own images (its seed)
 
 
+def test_a_batch_waits_briefly_for_requests_sent_back_to_back():
+    """Two clients that send their next request as soon as they get an answer would otherwise alternate, one request
+    per batch; the batch window (at most batch_wait_s and 5 % of the previous batch's time) lets them meet."""
+    fake = FakeGenerator()
+    queue = GenerationQueue(fake, replace(LIMITS, batch_wait_s=1.0), time_limit=60)
+    queue.last_run_s = 100.0  # window: min(1 s, 5 s)
+    first = queue.submit(["a"], S1)
+    time.sleep(0.1)  # the worker has taken the first and waits for company
+    second = queue.submit(["b"], replace(S1, seed=5))
+    assert queue.wait(first).shape[0] == 1 and int(queue.wait(second)[0, 0, 0, 0]) == 5
+    assert fake.calls == [[1, 1]]
+    queue.last_run_s = 0.0  # no previous batch time: no wait
+    queue.wait(queue.submit(["c"], S1))
+    assert fake.calls[-1] == [1]
+
+
 def test_without_coalescing_every_request_is_its_own_batch():
     fake = FakeGenerator()
     fake.release.clear()
