@@ -138,7 +138,7 @@ def _capture_plan(state: dict[str, Any]):
     """The capture's shard plan (cached in ``state``)."""
     if "capture_plan" not in state:
         from slimdiff.shards import plan_shards
-        from slimdiff.stages import read_slimset, sampler_settings, shard_count
+        from slimdiff.stages import read_slimset, timestep_grid_setting, sampler_settings, shard_count
 
         params = state["params"]
         c = params["capture"]
@@ -146,7 +146,7 @@ def _capture_plan(state: dict[str, Any]):
             state["pipe"], read_slimset(state["slimset"]), sampler_settings(params),
             shards=shard_count(params, "capture", "shards"), site_groups=shard_count(params, "capture", "site_groups"),
             num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]), model_id=str(params["model"].get("id", "")),
-            model_hash=state["model_hash"])
+            model_hash=state["model_hash"], timestep_grid_points=timestep_grid_setting(c))
     return state["capture_plan"]
 
 

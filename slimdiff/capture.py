@@ -27,12 +27,14 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from slimdiff.calls import call_spec
+from slimdiff.calls import DenoiserCall, call_spec
 from slimdiff.device import module_device
 from slimdiff.groups import ModuleGroup, adapter_for, compressible_groups
 from slimdiff.utils import atomic_path, stream_safetensors
 
 CAPTURE_FORMAT = "slimdiff-capture/2"
+# timesteps at which the conditioning sites (adaLN inputs) are recorded, spread over the scheduler's range
+DEFAULT_TIMESTEP_GRID = 64
 
 
 def gram_dtype(activation_dtype: torch.dtype) -> torch.dtype:
@@ -515,8 +517,16 @@ class ActivationRecorder:
     """
 
     def __init__(self, denoiser: nn.Module, sites: Sequence[str], num_buckets: int = 4, num_train_timesteps: int = 1000,
-                 stats: dict[str, SiteStats] | None = None, timestep_scale: float = 1.0):
+                 stats: dict[str, SiteStats] | None = None, timestep_scale: float = 1.0,
+                 conditioning_sites: Sequence[str] = ()):
         self.denoiser = denoiser
+        # sites whose input depends on the timestep and pooled conditions alone (adaLN modulations): recorded over a
+        # timestep grid (``record_grid``), not from the sampler's calls (method.md §7)
+        self.conditioning_sites = set(conditioning_sites) & set(sites)
+        self._grid = False
+        self._grid_seen: set[str] = set()
+        self.last_call: DenoiserCall | None = None  # the denoiser call the grid replays (``keep_call``)
+        self.keep_call = False
         self.site_names = list(sites)
         self.edges = bucket_edges(num_buckets, num_train_timesteps)
         self.num_buckets = num_buckets
@@ -565,6 +575,11 @@ class ActivationRecorder:
         if timestep.numel() == 1:
             timestep = timestep.expand(batch)
         self._bucket_ids = self.bucket_of(timestep)
+        if self._grid:
+            return
+        if self.keep_call:
+            self.last_call = (tuple(_detach_clone(a) for a in args), {k: _detach_clone(v) for k, v in kwargs.items()})
+            self.keep_call = False
         if self.call is None:
             self.call = call_spec(bound)
         self.calls += 1
@@ -572,7 +587,11 @@ class ActivationRecorder:
     def _on_linear(self, site: str):
         columns = self._columns[site]
 
+        conditioning = site in self.conditioning_sites
+
         def hook(module: nn.Module, args: tuple) -> None:
+            if conditioning != self._grid:
+                return  # conditioning sites come from the grid, every other site from the sampler's calls
             x = args[0].detach()
             if columns is not None:
                 x = x[..., columns]
@@ -594,8 +613,37 @@ class ActivationRecorder:
                 flat = chunk.reshape(-1, chunk.shape[-1])
                 outer, first = gram(flat)
                 stats.add(bucket, outer, first, flat.shape[0])
+            if self._grid:
+                self._grid_seen.add(site)
+                if self._grid_seen >= self.conditioning_sites:
+                    raise _GridStop  # the rest of the call reads no conditioning site
 
         return hook
+
+    def record_grid(self, timesteps: Sequence[float]) -> int:
+        """Replay the kept denoiser call (``last_call``) at each scheduler timestep of ``timesteps``, each replay
+        stopping once every conditioning site has been recorded: those sites' statistics over the whole timestep range
+        with this call's pooled conditions (text, guidance, class), whatever the sampler visits. Returns the replays."""
+        if not self.conditioning_sites or self.last_call is None:
+            return 0
+        args, kwargs = self.last_call
+        signature = self._signature.bind_partial(*args, **kwargs)
+        original = signature.arguments["timestep"]
+        self._grid = True
+        try:
+            for t in timesteps:
+                value = float(t) / self.timestep_scale
+                signature.arguments["timestep"] = (torch.full_like(original, value) if torch.is_tensor(original)
+                                                   else type(original)(value))
+                self._grid_seen = set()
+                try:
+                    self.denoiser(*signature.args, **signature.kwargs)
+                except _GridStop:
+                    pass
+        finally:
+            self._grid = False
+            self._bucket_ids = None
+        return len(timesteps)
 
     def __enter__(self) -> "ActivationRecorder":
         try:
@@ -615,6 +663,41 @@ class ActivationRecorder:
             handle.remove()
         self._handles.clear()
         self._bucket_ids = None
+
+
+class _GridStop(Exception):
+    """Ends a grid replay of a denoiser call once its conditioning sites are recorded."""
+
+
+def _detach_clone(value):
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detach_clone(v) for k, v in value.items()}
+    return value
+
+
+def timestep_grid(num_train_timesteps: int, points: int) -> list[float]:
+    """``points`` scheduler timesteps spread evenly over [0, num_train_timesteps): the middle of equal intervals, so
+    that every timestep bucket receives the same share."""
+    if points < 0:
+        raise ValueError(f"timestep grid must be >= 0 points, got {points}")
+    return [(i + 0.5) * num_train_timesteps / points for i in range(points)]
+
+
+def conditioning_sites(groups: Sequence[ModuleGroup]) -> list[str]:
+    """Sites whose input depends only on the timestep and pooled conditions: the adaLN modulations' inputs."""
+    return list(dict.fromkeys(site for g in groups if g.kind == "adaln" for site in g.sites))
+
+
+def hooked_conditioning_sites(denoiser: nn.Module, sites: Sequence[str]) -> list[str]:
+    """The conditioning sites among ``sites`` (what a capture of those sites records over the timestep grid)."""
+    return [site for site in conditioning_sites(compressible_groups(denoiser)) if site in set(sites)]
+
+
+def grid_points_for(denoiser: nn.Module, sites: Sequence[str], points: int) -> int:
+    """The timestep grid a capture of ``sites`` uses: ``points``, or 0 when none of them is a conditioning site."""
+    return points if hooked_conditioning_sites(denoiser, sites) else 0
 
 
 def denoiser_of(pipe) -> tuple[str, nn.Module]:
@@ -682,11 +765,12 @@ def _quiet_pipeline(pipe):
 
 
 def capture_fingerprint(denoiser: nn.Module, prompts: Sequence[str], sampler: SamplerSettings, sites: Sequence[str],
-                        num_buckets: int, batch_size: int, scheduler, model_hash: str) -> dict:
+                        num_buckets: int, batch_size: int, scheduler, model_hash: str, timestep_grid: int = 0) -> dict:
     """Everything that decides the sums a capture accumulates, batch by batch (what a resumed capture must match)."""
     parameter = next(denoiser.parameters())
     ordered = hashlib.sha256("\n".join(prompt_hash(p) for p in prompts).encode()).hexdigest()
     return {
+        "timestep_grid": timestep_grid,
         "model_hash": model_hash,
         "denoiser_class": type(denoiser).__name__,
         "sampler": sampler.to_dict(),
@@ -737,8 +821,14 @@ def capture(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 100,
     model_hash: str | None = None,
+    timestep_grid_points: int = DEFAULT_TIMESTEP_GRID,
 ) -> Capture:
     """Run ``pipe`` over ``prompts`` with the deployment sampler and return the accumulated statistics.
+
+    Inputs that depend only on the timestep and pooled conditions (adaLN modulations, ``conditioning_sites``) are
+    recorded over ``timestep_grid_points`` timesteps spread over the scheduler's whole range, replaying each batch's
+    first denoiser call with its pooled text (method.md §7): their statistics then hold at any step count,
+    scheduler or resolution shift, not only at the sampler's timesteps. 0 records them from the sampler's calls.
 
     Statistics accumulate on the denoiser's device. ``extra_sites`` names further ``nn.Linear``
     modules (by path in the denoiser) whose inputs to record, e.g. for per-matrix baselines. With
@@ -766,17 +856,23 @@ def capture(
     num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
     sites = list(dict.fromkeys([*sites_for(groups), *extra_sites]))
     model_hash = model_hash or model_content_hash(denoiser)
-    fingerprint = capture_fingerprint(denoiser, prompts, sampler, sites, num_buckets, batch_size, pipe.scheduler, model_hash)
+    conditioning = hooked_conditioning_sites(denoiser, sites)
+    grid = timestep_grid(num_train_timesteps, timestep_grid_points) if conditioning else []
+    fingerprint = capture_fingerprint(denoiser, prompts, sampler, sites, num_buckets, batch_size, pipe.scheduler, model_hash,
+                                      len(grid))
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     stats, done, calls = _resume_point(checkpoint, fingerprint, device) if checkpoint else (None, 0, 0)
     recorder = ActivationRecorder(denoiser, sites, num_buckets, num_train_timesteps, stats=stats,
-                                  timestep_scale=adapter_for(denoiser).TIMESTEP_SCALE)
+                                  timestep_scale=adapter_for(denoiser).TIMESTEP_SCALE,
+                                  conditioning_sites=conditioning if grid else ())
     recorder.calls = calls
     batches_per_checkpoint = max(1, math.ceil(checkpoint_every / batch_size))
     with recorder, _quiet_pipeline(pipe), torch.inference_mode():
         bar = tqdm(total=len(prompts), initial=done, desc="capture", unit="prompt", disable=not progress)
         for index, batch in enumerate(_batches(prompts[done:], batch_size), 1):
+            recorder.keep_call = bool(grid)
             pipe(**sampler.pipe_kwargs(pipe, batch), output_type="latent")
+            recorder.record_grid(grid)  # the batch's pooled conditions at every grid timestep
             done += len(batch)
             bar.update(len(batch))
             if checkpoint is not None and index % batches_per_checkpoint == 0 and done < len(prompts):
@@ -803,6 +899,8 @@ def capture(
         "denoiser_calls": recorder.calls,
         "site_tokens": dict(recorder.site_tokens),
         "call": recorder.call,
+        "conditioning": {"sites": sorted(recorder.conditioning_sites), "timestep_grid": len(grid),
+                         "timesteps": "uniform over [0, num_train_timesteps)"} if grid else None,
         "dtype": fingerprint["dtype"],
         "device_type": device.type,
     }

@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--buckets", type=int, default=4, help="timestep buckets")
+    c.add_argument("--timestep-grid", type=int, default=64, help="adaLN inputs recorded at this many timesteps over the "
+                   "scheduler's whole range (0: at the sampler's timesteps only)")
     c.add_argument("--reg", type=float, default=1e-3, help="covariance regularisation lambda")
     c.add_argument("--ffn-step", type=int, default=8)
     c.add_argument("--rank-step", default="auto", help="per-head width step: a whole number, or auto = 8 on CUDA, 1 elsewhere")
@@ -120,7 +122,7 @@ def _compress(args: argparse.Namespace) -> int:
     config = SlimDiffConfig(budget=budget.value, budget_kind=budget_kind, tie_qk_vo=args.tie_qk_vo, allocator=args.allocator,
                             min_keep=args.min_keep, reg=args.reg, num_buckets=args.buckets, ffn_step=args.ffn_step,
                             rank_step=resolve_rank_step(args.rank_step, device),
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, timestep_grid=args.timestep_grid)
     sampler = SamplerSettings(args.steps, args.guidance, args.height, args.width, args.seed)
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -18,7 +18,7 @@ import torch
 
 from slimdiff.allocate import (ALLOCATORS, BUDGET_KINDS, TIED_BUDGETS, DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, BudgetError, WidthPlan,
                                allocate, check_budget)
-from slimdiff.capture import Capture, SamplerSettings, capture, denoiser_of
+from slimdiff.capture import DEFAULT_TIMESTEP_GRID, Capture, SamplerSettings, capture, denoiser_of
 from slimdiff.decompose import DEFAULT_REG
 from slimdiff.factorisations import store_for
 from slimdiff.groups import compressible_groups
@@ -53,6 +53,7 @@ class SlimDiffConfig:
     rel_noise: float = 0.05
     max_ffn_points: int = 64
     batch_size: int = 8
+    timestep_grid: int = DEFAULT_TIMESTEP_GRID  # adaLN inputs recorded at this many timesteps over the whole range
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -80,6 +81,8 @@ class SlimDiffConfig:
             bad = [w for w in self.bucket_weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)]
             if bad or not sum(self.bucket_weights) > 0:
                 raise ValueError(f"bucket_weights must be finite numbers >= 0 with a positive sum, got {list(self.bucket_weights)}")
+        if self.timestep_grid < 0:
+            raise ValueError(f"timestep_grid must be >= 0 timesteps, got {self.timestep_grid}")
         for name in ("gain_prompts", "gain_calls", "batch_size", "max_ffn_points", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -150,7 +153,7 @@ def compress_pipeline(pipe, prompts: Sequence[str], config: SlimDiffConfig = Sli
         check_budget(skeleton_scores(groups, config.granularity), Budget.parse(config.budget), config.min_keep,  # before any work
                      config.budget_kind, table)
     stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
-                    groups=groups, model_id=model_id, progress=progress)
+                    groups=groups, model_id=model_id, progress=progress, timestep_grid_points=config.timestep_grid)
     gains = measure_gains(pipe, list(prompts)[: config.gain_prompts], sampler, config.gain_calls, config.rel_noise,
                           seed=sampler.seed, progress=progress)
     with tempfile.TemporaryDirectory(prefix="slimdiff-factorisations-") as folder:  # one factorisation per group

@@ -36,6 +36,7 @@ import torch
 
 from slimdiff.capture import (
     _PARTS,
+    DEFAULT_TIMESTEP_GRID,
     _SHARD_INVARIANT_KEYS,
     Capture,
     SamplerSettings,
@@ -43,6 +44,7 @@ from slimdiff.capture import (
     capture,
     capture_fingerprint,
     denoiser_of,
+    grid_points_for,
     model_content_hash,
     prompt_hash,
     prompts_digest_from_hashes,
@@ -53,7 +55,7 @@ from slimdiff.utils import atomic_path, stream_safetensors
 
 SHARD_FORMAT = "slimdiff-capture-shard/1"
 # identity fields a shard digest covers besides its prompts (capture_fingerprint minus the prompt order)
-IDENTITY_KEYS = ("model_hash", "denoiser_class", "sampler", "scheduler", "sites", "num_buckets", "batch_size",
+IDENTITY_KEYS = ("model_hash", "denoiser_class", "sampler", "scheduler", "sites", "num_buckets", "batch_size", "timestep_grid",
                  "device_type", "dtype")
 
 
@@ -161,6 +163,7 @@ class ShardPlan(ContentAddressedPlan):
     num_buckets: int
     batch_size: int
     sampler: SamplerSettings
+    timestep_grid_points: int = DEFAULT_TIMESTEP_GRID
 
     @property
     def prompt_shards(self) -> int:
@@ -177,7 +180,7 @@ class ShardPlan(ContentAddressedPlan):
 
 def plan_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, shards: int, site_groups: int = 1,
                 num_buckets: int = 4, batch_size: int = 8, model_id: str = "", extra_sites: Sequence[str] = (),
-                model_hash: str | None = None) -> ShardPlan:
+                model_hash: str | None = None, timestep_grid_points: int = DEFAULT_TIMESTEP_GRID) -> ShardPlan:
     """The shards of a capture of ``prompts`` on ``pipe`` (hashes the model once, unless given ``model_hash``, its
     ``model_content_hash``; runs no denoiser call)."""
     from slimdiff.groups import compressible_groups
@@ -194,10 +197,11 @@ def plan_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, shard
     for s_index, site_run in enumerate(site_runs):
         for p_index, run in enumerate(prompt_runs):
             identity = _identity(capture_fingerprint(denoiser, run, sampler, site_run, num_buckets, batch_size,
-                                                     pipe.scheduler, model_hash))
+                                                     pipe.scheduler, model_hash,
+                                                     grid_points_for(denoiser, site_run, timestep_grid_points)))
             planned.append(Shard(len(planned), p_index, s_index, tuple(run), tuple(site_run), identity,
                                  shard_digest(identity, run)))
-    return ShardPlan(planned, model_id, num_buckets, batch_size, sampler)
+    return ShardPlan(planned, model_id, num_buckets, batch_size, sampler, timestep_grid_points)
 
 
 def _identity(fingerprint: dict) -> dict:
@@ -224,7 +228,8 @@ def capture_shard(pipe, plan: ShardPlan, shard: Shard, folder: str | Path, *, ch
     _, denoiser = denoiser_of(pipe)
     model_hash = model_hash or model_content_hash(denoiser)
     here = _identity(capture_fingerprint(denoiser, shard.prompts, plan.sampler, shard.sites, plan.num_buckets,
-                                         plan.batch_size, pipe.scheduler, model_hash))
+                                         plan.batch_size, pipe.scheduler, model_hash,
+                                         grid_points_for(denoiser, shard.sites, plan.timestep_grid_points)))
     if here != shard.identity:
         differ = sorted(k for k in IDENTITY_KEYS if here[k] != shard.identity[k])
         raise ValueError(f"shard {shard.index} ({shard.digest[:12]}) was planned for another {', '.join(differ)} than "
@@ -239,7 +244,8 @@ def capture_shard(pipe, plan: ShardPlan, shard: Shard, folder: str | Path, *, ch
     try:
         stats = capture(pipe, list(shard.prompts), plan.sampler, num_buckets=plan.num_buckets, batch_size=plan.batch_size,
                         groups=[], extra_sites=shard.sites, model_id=plan.model_id, progress=progress,
-                        checkpoint=checkpoint, checkpoint_every=checkpoint_every, model_hash=model_hash)
+                        checkpoint=checkpoint, checkpoint_every=checkpoint_every, model_hash=model_hash,
+                        timestep_grid_points=plan.timestep_grid_points)
         stats.metadata["shard"] = {"format": SHARD_FORMAT, "digest": shard.digest, "identity": shard.identity,
                                    "prompt_hashes_in_order": [prompt_hash(p) for p in shard.prompts],
                                    "prompt_shard": shard.prompt_index, "site_group": shard.site_index}
@@ -425,7 +431,8 @@ def _stream_safetensors(path: Path, layout: dict, handles: dict, metadata: dict[
 
 def capture_sharded(pipe, prompts: Sequence[str], sampler: SamplerSettings, folder: str | Path, out: str | Path, *,
                     shards: int, site_groups: int = 1, num_buckets: int = 4, batch_size: int = 8, model_id: str = "",
-                    checkpoint_every: int = 100, progress: bool = False) -> tuple[ShardPlan, list[int]]:
+                    checkpoint_every: int = 100, progress: bool = False,
+                    timestep_grid_points: int = DEFAULT_TIMESTEP_GRID) -> tuple[ShardPlan, list[int]]:
     """Plan, compute the missing shards here (one after another), verify and merge into ``out``.
 
     Returns the plan and the indices of the shards this call computed (none when a distributed run, e.g.
@@ -433,7 +440,8 @@ def capture_sharded(pipe, prompts: Sequence[str], sampler: SamplerSettings, fold
     _, denoiser = denoiser_of(pipe)
     model_hash = model_content_hash(denoiser)  # once, for the plan and every shard computed here
     plan = plan_shards(pipe, prompts, sampler, shards=shards, site_groups=site_groups, num_buckets=num_buckets,
-                       batch_size=batch_size, model_id=model_id, model_hash=model_hash)
+                       batch_size=batch_size, model_id=model_id, model_hash=model_hash,
+                       timestep_grid_points=timestep_grid_points)
     missing = plan.missing(folder)
     if missing:
         print(f"capture: computing {len(missing)} of {len(plan.shards)} shards in this process "

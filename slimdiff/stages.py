@@ -75,8 +75,17 @@ def config_from(params: dict[str, Any]):
         temperature=float(a.get("temperature", 0.1)), bucket_weights=tuple(a["bucket_weights"]) if a.get("bucket_weights") else None,
         reg=float(s["reg"]), ffn_step=int(s["ffn_step"]), rank_step=rank_step, max_ffn_points=int(s["max_ffn_points"]),
         gain_prompts=int(s["gain_prompts"]), gain_calls=int(s["gain_calls"]), rel_noise=float(s["rel_noise"]),
-        num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]),
+        num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]), timestep_grid=timestep_grid_setting(c),
     )
+
+
+def timestep_grid_setting(capture: dict[str, Any]) -> int:
+    """``capture.timestep_grid`` (default 64), a whole number >= 0."""
+    value = capture.get("timestep_grid", 64)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"params.yaml capture.timestep_grid must be a whole number >= 0 (0: the sampler's timesteps only), "
+                         f"got {value!r}")
+    return value
 
 
 def device_settings(params: dict[str, Any]):
@@ -191,7 +200,8 @@ def stage_capture(params: dict[str, Any]) -> None:
         return
     stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
                     model_id=str(params["model"].get("id", params["model"]["path"])), checkpoint=CAPTURE_CHECKPOINT,
-                    checkpoint_every=int(params["capture"].get("checkpoint_every", 100)))
+                    checkpoint_every=int(params["capture"].get("checkpoint_every", 100)),
+                    timestep_grid_points=config.timestep_grid)
     stats.save(CAPTURE_FILE)
     CAPTURE_CHECKPOINT.unlink(missing_ok=True)
 
@@ -210,7 +220,7 @@ def capture_shards(params: dict[str, Any], pipe, prompts: list[str], folder: Pat
                               shards=shard_count(params, "capture", "shards"),
                               site_groups=shard_count(params, "capture", "site_groups"), num_buckets=int(c["num_buckets"]),
                               batch_size=int(c["batch_size"]), model_id=str(params["model"].get("id", params["model"]["path"])),
-                              checkpoint_every=int(c.get("checkpoint_every", 100)))
+                              checkpoint_every=int(c.get("checkpoint_every", 100)), timestep_grid_points=timestep_grid_setting(c))
     for shard in plan.shards:
         plan.path(folder, shard).unlink(missing_ok=True)
     return plan
