@@ -23,7 +23,7 @@ from flows.distributed import check_cluster, fan_out_capture, fan_out_gains
 
 def preflight(workspace: Path) -> dict[str, Any]:
     """Everything that can be checked before any stage runs: params, model folder, prompts, budget, tracking."""
-    from slimdiff.stages import check_memory, config_from, device_settings, load_params
+    from slimdiff.stages import check_memory, config_from, device_settings, held_out_samplers, load_params
 
     if not (workspace / "dvc.yaml").is_file():
         raise FileNotFoundError(f"{workspace / 'dvc.yaml'} not found: not a slimdiff workspace")
@@ -46,6 +46,7 @@ def preflight(workspace: Path) -> dict[str, Any]:
     # paths in params.yaml are relative to the workspace (where the stages run)
     located = {**params, "model": {**params["model"], "path": str(model)}}
     device_settings(located)  # a device or dtype this machine cannot run fails here, before any stage
+    held_out_samplers(located)  # evaluate.samplers: an unknown scheduler or a bad step count fails here
     check_memory(located)  # prints each stage's predicted peak memory; one that would not fit fails here
     check_cluster(params)  # capture.shards / capture.cluster: an unreachable cluster fails here (flows/distributed.py)
     if os.environ.get("SLIMDIFF_THREADS", "auto").strip().lower() != "auto":

@@ -411,10 +411,104 @@ def stage_evaluate(params: dict[str, Any]) -> None:
             metrics["latency"].update(predicted_fraction=predicted,
                                       predicted_upper_bound=metrics["plan"]["predicted_latency_upper_bound"],
                                       prediction_error=measured / predicted - 1)
+    _alignment_ratio(metrics)
+    held_out = {}
+    prompts = evaluation_prompts(params)[: int(e.get("held_out_n", 50))]
+    for name, sampler, scheduler in held_out_samplers(params):  # the settings the model was not calibrated on
+        other_original, other_compressed = _with_scheduler(original, scheduler), _with_scheduler(compressed, scheduler)
+        result = evaluate(other_original, other_compressed, prompts, sampler, evaluator=evaluator, measure_latency=False,
+                          progress=True)
+        held_out[name] = {"sampler": {**sampler.to_dict(), "scheduler": type(other_original.scheduler).__name__},
+                          "fidelity": result["fidelity"], **({"alignment": result["alignment"]} if "alignment" in result else {})}
+        _alignment_ratio(held_out[name])
+    if held_out:
+        metrics["held_out"] = held_out
+        metrics["worst"] = worst_case(metrics)
+    write_json(METRICS_FILE, metrics)
+
+
+# the metrics a held-out sampler can make worse, and which way is worse: the gate checks the worst of every sampler
+WORST_OF = {"fidelity.noise_sqnr_db": min, "fidelity.image_psnr_db": min, "alignment.ratio_to_original": min}
+
+
+def worst_case(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Each of ``WORST_OF`` at its worst over the calibration sampler and every held-out sampler, and where."""
+    from slimdiff.utils import flatten
+
+    worst = {}
+    for key, pick in WORST_OF.items():
+        values = {"calibration sampler": flatten(metrics).get(key)}
+        values.update({name: flatten(entry).get(key) for name, entry in metrics.get("held_out", {}).items()})
+        known = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if known:
+            where = pick(known, key=known.get)
+            worst[key] = {"value": known[where], "sampler": where}
+    return worst
+
+
+def _alignment_ratio(metrics: dict[str, Any]) -> None:
     if "alignment" in metrics:
         original, compressed_acc = metrics["alignment"]["original"]["overall"], metrics["alignment"]["compressed"]["overall"]
         metrics["alignment"]["ratio_to_original"] = compressed_acc / original if original else None
-    write_json(METRICS_FILE, metrics)
+
+
+def held_out_samplers(params: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``evaluate.samplers``: the held-out sampler settings the evaluate stage measures besides the calibration one,
+    each ``{name, steps, scheduler, guidance, height, width}`` (omitted keys: the calibration sampler's; ``scheduler``:
+    a diffusers scheduler class, built from the pipeline's scheduler config; ``scheduler_config``: overrides). Returns
+    (name, SamplerSettings, (scheduler class, overrides) or None) each; a bad entry fails with one line naming it."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    from slimdiff.capture import SamplerSettings
+
+    base = sampler_settings(params)
+    entries = params["evaluate"].get("samplers") or []
+    if not isinstance(entries, list):
+        raise ValueError(f"params.yaml evaluate.samplers must be a list of sampler settings, got {type(entries).__name__}")
+    out, names = [], set()
+    for index, entry in enumerate(entries):
+        where = f"params.yaml evaluate.samplers[{index}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping (name, steps, scheduler, ...), got {entry!r}")
+        unknown = sorted(set(entry) - {"name", "steps", "scheduler", "scheduler_config", "guidance", "height", "width"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid: name, steps, scheduler, scheduler_config, guidance, "
+                             "height, width")
+        steps = entry.get("steps", base.num_inference_steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{where}: steps must be a whole number >= 1, got {steps!r}")
+        scheduler = entry.get("scheduler")
+        if scheduler is not None:
+            cls = getattr(diffusers, str(scheduler), None)
+            if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+                raise ValueError(f"{where}: unknown scheduler {scheduler!r}; give a diffusers scheduler class, e.g. "
+                                 "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, "
+                                 "FlowMatchEulerDiscreteScheduler")
+            scheduler = (cls, dict(entry.get("scheduler_config") or {}))
+        elif entry.get("scheduler_config"):
+            raise ValueError(f"{where}: scheduler_config needs a scheduler")
+        try:
+            sampler = SamplerSettings(steps, float(entry.get("guidance", base.guidance_scale)), entry.get("height", base.height),
+                                      entry.get("width", base.width), base.seed)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from None
+        name = str(entry.get("name") or f"{steps} steps" + (f", {entry['scheduler']}" if entry.get("scheduler") else ""))
+        if name in names:
+            raise ValueError(f"{where}: the name {name!r} is used twice")
+        names.add(name)
+        out.append((name, sampler, scheduler))
+    return out
+
+
+def _with_scheduler(pipe, scheduler):
+    """A pipeline sharing ``pipe``'s modules with another scheduler, or ``pipe`` itself."""
+    if scheduler is None:
+        return pipe
+    cls, overrides = scheduler
+    other = type(pipe)(**{**pipe.components, "scheduler": cls.from_config(pipe.scheduler.config, **overrides)})
+    other.set_progress_bar_config(disable=True)
+    return other
 
 
 def _evaluator(params: dict[str, Any]):

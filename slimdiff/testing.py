@@ -256,7 +256,8 @@ def make_workspace(root, overrides: dict | None = None, family: str = "sd", pipe
         params["sampler"].update({"height": 32, "width": 32})
     params["capture"].update({"batch_size": 6})
     params["score"].update({"gain_prompts": 2, "gain_calls": 2})
-    params["evaluate"].update({"prompts": "data/eval.txt", "n": 4, "evaluator": None, "latency_repeats": 2})
+    params["evaluate"].update({"prompts": "data/eval.txt", "n": 4, "evaluator": None, "latency_repeats": 2,
+                               "samplers": [{"name": "3 steps", "steps": 3}], "held_out_n": 2})
     params["report"] = {"samples": 2}
     params["gate"] = {"min_image_psnr_db": 0.0}
     params["recompress"] = {"source": "data/model", "cron": "0 3 * * *"}

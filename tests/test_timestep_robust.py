@@ -84,8 +84,8 @@ def _flow_match_karras(pipe):
 
 def _error(original, compressed, sampler, scheduler=None) -> float:
     if scheduler is not None:
-        original, compressed = copy.copy(original), copy.copy(compressed)
-        original.scheduler, compressed.scheduler = scheduler(original), scheduler(compressed)
+        original = type(original)(**{**original.components, "scheduler": scheduler(original)})
+        compressed = type(compressed)(**{**compressed.components, "scheduler": scheduler(compressed)})
     result = fidelity(original, compressed, HELD_OUT_PROMPTS, sampler, num_buckets=4, batch_size=4)
     return 10 ** (-result["noise_sqnr_db"] / 10)
 
