@@ -61,6 +61,7 @@ def test_bad_held_out_samplers_fail_in_preflight_with_one_line(tmp_path, capsys,
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["samplers"] = BAD[expected]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    capsys.readouterr()  # what building the workspace printed
     assert main(["--workspace", str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0] and "evaluate.samplers[" in err[0], err

@@ -303,6 +303,7 @@ def test_a_job_that_would_not_fit_fails_in_preflight_with_one_line_and_writes_no
     from flows.compress import main
 
     root = testing.make_workspace(tmp_path / "ws", family="flux")
+    capsys.readouterr()  # what building the workspace printed
     monkeypatch.setenv("SLIMDIFF_HOST_MEMORY", "0.3GiB")
     before = sorted(p.relative_to(root) for p in root.rglob("*") if ".git" not in p.parts and ".dvc" not in p.parts)
     assert main(["--workspace", str(root)]) == 2
