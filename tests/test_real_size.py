@@ -200,6 +200,14 @@ def test_flux_goes_through_every_stage_with_every_budget_kind(flux_workspace, tm
     first = 3 if device.type == "cpu" else 1  # another device: capture again on it
     for stage in STAGES[first:]:
         assert main([stage]) == 0, stage
+        if stage == "latency" and kind == "latency":
+            # the table was measured; the plan is decided from closed-form times (a unit at width w of full width f
+            # takes 1 + 4 w / f ms, the denoiser 100 ms), so that no assertion depends on timing noise
+            table = json.loads((root / "outputs" / "latency.json").read_text())
+            for curve in table["curves"]:
+                curve["ms"] = [1.0 + 4.0 * w / curve["widths"][-1] for w in curve["widths"]]
+            table["denoiser_ms"] = 100.0
+            (root / "outputs" / "latency.json").write_text(json.dumps(table))
     latency = json.loads((root / "outputs" / "latency.json").read_text())
     plan = json.loads((root / "outputs" / "plan" / "width_plan.json").read_text())
     metrics = json.loads((root / "outputs" / "metrics.json").read_text())
