@@ -93,7 +93,7 @@ def measure(name: str, class_name: str, config: dict, num_buckets: int, capacity
     total = statistics_bytes(dims, num_buckets)
     per_bucket = total - pooled - counts  # float32 per-bucket sums (absent with one bucket)
     # the same split written out, so the formula cannot drift from what this page says it stores
-    assert pooled == sum(8 * (d * d + d) for d in dims)
+    assert pooled == sum(8 * (d * d + 2 * d) for d in dims)
     assert per_bucket == (0 if num_buckets == 1 else sum(4 * num_buckets * (d * d + d) for d in dims))
 
     largest_site = max(sites, key=lambda s: model.get_submodule(s).in_features)
@@ -188,11 +188,11 @@ input (`attn2.to_k`, shared by QK and VO cross) and the feed-forward hidden inpu
 
 | part | shape | precision | where | read by |
 |---|---|---|---|---|
-| pooled sum of x x^T and of x | (d, d), (d) | float64 | model's device | the decompositions (every group) |
+| pooled sums of x x^T, of x and of abs(x) | (d, d), (d), (d) | float64 | model's device | the decompositions (every group); abs(x): ASVD |
 | per-bucket sums of x x^T and of x | ({b}, d, d), ({b}, d) | float32 (float64 for a float64 model) | model's device | only the influence score; absent with 1 bucket |
 | token counts | ({b}) | int64 | host | normalisation |
 
-Bytes per site: 8 (d^2 + d) + 4 B (d^2 + d) + 8 B for B > 1 buckets, 8 (d^2 + d) + 8 for one.
+Bytes per site: 8 (d^2 + 2d) + 4 B (d^2 + d) + 8 B for B > 1 buckets, 8 (d^2 + 2d) + 8 for one.
 
 ### Table
 

@@ -23,10 +23,9 @@ as sqrt(S) into both factors, as SVD-LLM and ASVD do.
 - ``asvd`` (ASVD, Yuan et al. 2023, arXiv 2312.05821; hahnyuan/ASVD4LLM ``act_aware_utils.calib_input_distribution``
   and ``modules/svd_linear.SVDLinear.from_linear``): s_j = m_j^alpha + 1e-6 with m_j the calibration mean of |x_j|
   (scaling method ``abs_mean``) and alpha = 0.5; W diag(s) = U Sigma V^T, W' = (U_k Sigma_k^1/2)(Sigma_k^1/2 V_k^T
-  diag(s)^-1). Here m_j = rms(x_j) = sqrt(E[x_j^2]), the statistic the capture holds (it records no E|x_j|), and
-  the floor s_j >= (1e-6 max_j rms(x_j))^alpha instead of "+ 1e-6"; the exact SVD where the official code calls
-  ``torch.svd_lowrank``. These deviations are documented, not optional: the official statistic needs a capture
-  that sums |x| per input.
+  diag(s)^-1). m_j is the capture's sum of |x_j| over its tokens (``SiteStats.sum_abs``); the exact SVD where the
+  official code calls ``torch.svd_lowrank``. Option ``statistic="rms"`` (before issue 23): m_j = rms(x_j) =
+  sqrt(E[x_j^2]) and the floor s_j >= (1e-6 max_j rms(x_j))^alpha instead of "+ 1e-6".
 All three keep one rank ratio r / min(d_in, d_out) for every matrix (option ``ratio_of="params"``: one
 kept-weight fraction per matrix instead, r = ratio d_in d_out / (d_in + d_out), SVD-LLM's official rank rule; the
 official ASVD searches per-layer ranks by perplexity sensitivity, which has no counterpart here), found by
@@ -193,19 +192,20 @@ def _truncated(linear: nn.Linear, rank: int, scale: Tensor | None = None,
 
 def factorize(linear: nn.Linear, rank: int, method: str = "svd", cov: Tensor | None = None,
               alpha: float = DEFAULT_ASVD_ALPHA, reg: float | None = None,
-              shift: str = "on_failure") -> FactorizedLinear:
+              shift: str = "on_failure", magnitude: Tensor | None = None) -> FactorizedLinear:
     """Rank-``rank`` factorisation of ``linear`` by ``method`` (``cov``: second moment or Gram of its input).
 
     svd: W = U S V^T. svd_llm: W S_x = U S V^T with S_x from ``svd_llm_whitening(cov, shift, reg)``,
-    W' = U S V^T S_x^-1. asvd: W diag(s) = U S V^T with s = ``asvd_scale(cov, alpha)``, W' = U S V^T diag(s)^-1.
-    The singular values are split evenly between the factors; the bias stays on the second.
+    W' = U S V^T S_x^-1. asvd: W diag(s) = U S V^T with s = ``asvd_scale(magnitude, alpha)`` (the official formula,
+    ``magnitude`` the mean |x| per input channel) or, without ``magnitude``, the rms variant from ``cov``;
+    W' = U S V^T diag(s)^-1. The singular values are split evenly between the factors; the bias stays on the second.
     """
     if method not in FACTORIZATIONS:
         raise ValueError(f"unknown factorisation {method!r}; choose one of {', '.join(FACTORIZATIONS)}")
     d_out, d_in = linear.weight.shape
     if not 1 <= rank <= min(d_in, d_out):
         raise ValueError(f"rank must be in 1..{min(d_in, d_out)}, got {rank}")
-    if method != "svd" and cov is None:
+    if method != "svd" and cov is None and not (method == "asvd" and magnitude is not None):
         raise ValueError(f"factorisation {method!r} needs the input second moment (cov)")
     device = linear.weight.device
     if method == "svd":
@@ -213,16 +213,34 @@ def factorize(linear: nn.Linear, rank: int, method: str = "svd", cov: Tensor | N
     if method == "svd_llm":
         white, _ = svd_llm_whitening(cov.to(device), shift, reg)
         return _truncated(linear, rank, white.factor, white.inv_t.T)  # S, S^-1
-    return _truncated(linear, rank, asvd_scale(cov.to(device), alpha))
+    if magnitude is not None:
+        return _truncated(linear, rank, asvd_scale(magnitude.to(device, torch.float64), alpha))
+    return _truncated(linear, rank, asvd_rms_scale(cov.to(device), alpha))
 
 
-def asvd_scale(cov: Tensor, alpha: float = DEFAULT_ASVD_ALPHA) -> Tensor:
-    """ASVD's input scaling s_j = rms(x_j)^alpha from a second moment (floored so it stays invertible).
+def asvd_scale(magnitude: Tensor, alpha: float = DEFAULT_ASVD_ALPHA) -> Tensor:
+    """ASVD's official input scaling s_j = m_j^alpha + 1e-6, m_j the mean |x_j| (``abs_mean``)."""
+    return magnitude.to(torch.float64) ** alpha + 1e-6
 
-    The official s_j = mean|x_j|^alpha + 1e-6 needs a statistic the capture does not hold (see the module docstring)."""
+
+def asvd_rms_scale(cov: Tensor, alpha: float = DEFAULT_ASVD_ALPHA) -> Tensor:
+    """The scaling before issue 23 (``statistic="rms"``): s_j = rms(x_j)^alpha from a second moment, floored at
+    (1e-6 max_j rms(x_j))^alpha so that it stays invertible."""
     rms = torch.diagonal(cov.to(torch.float64)).clamp_min(0).sqrt()
     floor = rms.max().clamp_min(1e-30) * 1e-6
     return rms.clamp_min(floor) ** alpha
+
+
+def mean_abs(capture: Capture, site: str) -> Tensor:
+    """E[|x_j|] of a site's input over every token of the capture (``SiteStats.sum_abs``)."""
+    if site not in capture.sites:
+        raise KeyError(f"the capture holds no statistics for {site}; capture with "
+                       f"extra_sites=slimdiff.baselines.baseline_sites(denoiser)")
+    stats = capture.sites[site]
+    if stats.sum_abs is None:
+        raise ValueError(f"the capture holds no sum of |x| for {site} (it predates them): ASVD's official statistic "
+                         "needs a capture taken with this slimdiff; re-run the capture, or use statistic='rms'")
+    return stats.sum_abs.to(torch.float64) / int(stats.count.sum())
 
 
 # ---- which matrices, which statistics ------------------------------------------------------------
@@ -422,12 +440,23 @@ def svd_llm(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | Non
     return settings
 
 
+ASVD_STATISTICS = ("abs_mean", "rms")
+
+
 def asvd(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
-         *, alpha: float = DEFAULT_ASVD_ALPHA, ratio_of: str = "rank") -> dict[str, Any]:
-    """ASVD per matrix (module docstring): SVD of W diag(s), s_j = rms(x_j)^alpha, undone on the first factor."""
-    settings = _factorize_matrices(denoiser, budget, ratio_of, lambda m, linear, rank: factorize(
-        linear, rank, "asvd", _second_moment(capture, m.site), alpha))
-    settings.update(alpha=alpha, activation_magnitude="sqrt(diag E[x x^T])")
+         *, alpha: float = DEFAULT_ASVD_ALPHA, ratio_of: str = "rank", statistic: str = "abs_mean") -> dict[str, Any]:
+    """ASVD per matrix (module docstring): SVD of W diag(s), s_j = mean|x_j|^alpha + 1e-6 (``statistic="rms"``: the
+    variant before issue 23, rms(x_j)^alpha floored), undone on the first factor."""
+    if statistic not in ASVD_STATISTICS:
+        raise ValueError(f"asvd statistic must be one of {', '.join(ASVD_STATISTICS)}, got {statistic!r}")
+    if statistic == "abs_mean":
+        factor_of = lambda m, linear, rank: factorize(linear, rank, "asvd", alpha=alpha,  # noqa: E731
+                                                       magnitude=mean_abs(capture, m.site))
+    else:
+        factor_of = lambda m, linear, rank: factorize(linear, rank, "asvd", _second_moment(capture, m.site), alpha)  # noqa: E731
+    settings = _factorize_matrices(denoiser, budget, ratio_of, factor_of)
+    settings.update(alpha=alpha, statistic=statistic,
+                    activation_magnitude="E|x|" if statistic == "abs_mean" else "sqrt(diag E[x x^T])")
     return settings
 
 

@@ -112,6 +112,7 @@ class SiteStats:
     count: Tensor  # (buckets,) int64 tokens per bucket (CPU)
     bucket_sum_outer: Tensor | None  # (buckets, d, d) float32 (float64 for float64 models); None with one bucket
     bucket_sum: Tensor | None  # (buckets, d)
+    sum_abs: Tensor | None = None  # (d,) float64: sum of |x| (ASVD's mean |x|); None in captures written before it
 
     @classmethod
     def zeros(cls, buckets: int, dim: int, device: torch.device | str = "cpu",
@@ -123,6 +124,7 @@ class SiteStats:
             torch.zeros(buckets, dtype=torch.int64, device="cpu"),  # bookkeeping stays on the host: no syncs
             torch.zeros(buckets, dim, dim, dtype=bucket_dtype, device=device) if per_bucket else None,
             torch.zeros(buckets, dim, dtype=bucket_dtype, device=device) if per_bucket else None,
+            torch.zeros(dim, dtype=torch.float64, device=device),
         )
 
     @property
@@ -133,10 +135,12 @@ class SiteStats:
     def num_buckets(self) -> int:
         return self.count.shape[0]
 
-    def add(self, bucket: int, outer: Tensor, first: Tensor, tokens: int) -> None:
-        """Add one call's Gram matrix and token sum (any float dtype, same device) to ``bucket``."""
+    def add(self, bucket: int, outer: Tensor, first: Tensor, tokens: int, absolute: Tensor | None = None) -> None:
+        """Add one call's Gram matrix, token sum and sum of absolute values (any float dtype, same device) to ``bucket``."""
         _add_in_rows(self.sum_outer, outer)
         self.sum.add_(first)
+        if absolute is not None and self.sum_abs is not None:
+            self.sum_abs.add_(absolute)
         self.count[bucket] += tokens
         if self.bucket_sum_outer is not None:
             _add_in_rows(self.bucket_sum_outer[bucket], outer)
@@ -154,13 +158,14 @@ class SiteStats:
                 self.bucket_sum[index].sum(0, dtype=torch.float64), tokens)
 
     def nbytes(self) -> int:
-        parts = (self.sum_outer, self.sum, self.count, self.bucket_sum_outer, self.bucket_sum)
+        parts = (self.sum_outer, self.sum, self.count, self.bucket_sum_outer, self.bucket_sum, self.sum_abs)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def to(self, device: torch.device | str) -> "SiteStats":
         """The same sums on ``device`` (the token counts stay on the host)."""
         move = (lambda t: None if t is None else t.to(device))
-        return SiteStats(move(self.sum_outer), move(self.sum), self.count.clone(), move(self.bucket_sum_outer), move(self.bucket_sum))
+        return SiteStats(move(self.sum_outer), move(self.sum), self.count.clone(), move(self.bucket_sum_outer), move(self.bucket_sum),
+                         move(self.sum_abs))
 
 
 # rows of a (d, d) sum updated at a time: adding a float32 Gram matrix into a float64 sum converts it through a
@@ -186,7 +191,7 @@ def _add_in_rows(total: Tensor, part: Tensor) -> None:
 
 def statistics_bytes(dims: Sequence[int], num_buckets: int, bucket_bytes: int = 4) -> int:
     """Bytes of the statistics of sites with input widths ``dims``: float64 pooled sums plus per-bucket sums."""
-    pooled = sum(8 * (d * d + d) for d in dims)
+    pooled = sum(8 * (d * d + 2 * d) for d in dims)  # sum x x^T, sum x, sum |x|
     per_bucket = 0 if num_buckets == 1 else sum(bucket_bytes * num_buckets * (d * d + d) for d in dims)
     return pooled + per_bucket + 8 * num_buckets * len(dims)
 
@@ -251,7 +256,7 @@ def bucket_edges(num_buckets: int, num_train_timesteps: int) -> list[float]:
     return [num_train_timesteps * i / num_buckets for i in range(num_buckets + 1)]
 
 
-_PARTS = ("sum_outer", "sum", "count", "bucket_sum_outer", "bucket_sum")
+_PARTS = ("sum_outer", "sum", "count", "bucket_sum_outer", "bucket_sum", "sum_abs")
 
 
 @dataclass
@@ -396,7 +401,7 @@ def _site_stats(path: Path, site: str, parts: dict[str, Tensor]) -> SiteStats:
     """One site's sums, after checking that every part is there with consistent shapes and dtypes."""
     check_site_parts(path, site, parts)
     bucket_outer, bucket_first = parts.get("bucket_sum_outer"), parts.get("bucket_sum")
-    return SiteStats(parts["sum_outer"], parts["sum"], parts["count"].cpu(), bucket_outer, bucket_first)
+    return SiteStats(parts["sum_outer"], parts["sum"], parts["count"].cpu(), bucket_outer, bucket_first, parts.get("sum_abs"))
 
 
 def check_site_parts(path: Path, site: str, parts: dict[str, Tensor]) -> None:
@@ -424,6 +429,9 @@ def check_site_parts(path: Path, site: str, parts: dict[str, Tensor]) -> None:
                             f"{buckets} buckets of width {dim}")
     elif count.dim() == 1 and count.shape[0] > 1:
         problems.append(f"{count.shape[0]} buckets but no per-bucket sums")
+    absolute = parts.get("sum_abs")
+    if absolute is not None and (tuple(absolute.shape) != (dim,) or absolute.dtype != torch.float64):
+        problems.append(f"sum_abs is {absolute.dtype} {tuple(absolute.shape)}, expected float64 ({dim},)")
     if problems:
         raise ValueError(f"{path}: site {site}: {problems[0]}; the file is corrupt, re-run the capture")
 
@@ -612,7 +620,7 @@ class ActivationRecorder:
                 chunk = x if rows is None else x.index_select(0, rows)
                 flat = chunk.reshape(-1, chunk.shape[-1])
                 outer, first = gram(flat)
-                stats.add(bucket, outer, first, flat.shape[0])
+                stats.add(bucket, outer, first, flat.shape[0], flat.abs().sum(0, dtype=torch.float64))
             if self._grid:
                 self._grid_seen.add(site)
                 if self._grid_seen >= self.conditioning_sites:

@@ -296,7 +296,7 @@ class StageMemory:
 
 
 def _site_bytes(width: int, buckets: int, bucket_bytes: int, pooled_only: bool = False) -> int:
-    pooled = F64 * (width * width + width)
+    pooled = F64 * (width * width + 2 * width)  # sum x x^T, sum x, sum |x|
     return pooled if pooled_only or buckets == 1 else pooled + buckets * bucket_bytes * (width * width + width)
 
 

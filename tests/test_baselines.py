@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -426,34 +427,60 @@ def test_svd_llm_baseline_follows_the_formula_on_the_capture(setup, compressed, 
         assert not shifted
 
 
-def test_asvd_is_the_official_formula_with_the_rms_statistic(setup, compressed):
+def test_asvd_is_the_official_formula_with_the_mean_absolute_statistic(setup, compressed):
     """ASVD repo ``SVDLinear.from_linear``: s = m^alpha + 1e-6, W diag(s) = U Sigma V^T, W' = U_k Sigma_k V_k^T / s,
-    m the calibration mean of |x| (``abs_mean``); the capture holds rms(x) instead (module docstring)."""
+    m the calibration mean of |x| (``abs_mean``), here the capture's sum of |x| over its tokens."""
     def official(weight, magnitude, rank, alpha=0.5):
         scale = magnitude**alpha + 1e-6
         u, s, vt = torch.linalg.svd(weight * scale[None, :], full_matrices=False)
         return u[:, :rank] @ torch.diag(s[:rank]) @ vt[:rank] / scale[None, :], scale
 
-    # inputs of constant magnitude per channel (random signs): mean |x_j| = rms(x_j), the official statistic exactly
     torch.manual_seed(3)
     linear = nn.Linear(10, 14).double()
-    magnitude = torch.linspace(0.1, 3.0, 10, dtype=torch.float64)
-    x = torch.sign(torch.randn(300, 10, dtype=torch.float64)) * magnitude
+    x = torch.randn(300, 10, dtype=torch.float64) * torch.linspace(0.1, 3.0, 10, dtype=torch.float64)
     expected, scale = official(linear.weight.detach(), x.abs().mean(0), 4)
-    got = product(factorize(linear, 4, "asvd", x.T @ x / len(x)))
-    assert float(((got - expected) * scale).norm() / (expected * scale).norm()) < 1e-5  # the official + 1e-6
-    # on the capture: the same formula with m = rms(x) (and our floor instead of + 1e-6: relative 1e-6)
+    got = product(factorize(linear, 4, "asvd", magnitude=x.abs().mean(0)))
+    assert float(((got - expected) * scale).norm() / (expected * scale).norm()) < 1e-10
+    assert torch.equal(asvd_scale(x.abs().mean(0)), x.abs().mean(0) ** 0.5 + 1e-6)
+    # on the capture: m = sum |x| / tokens of each site
     pipe, stats, _, _ = setup
     model, report = compressed["asvd"]
-    assert report["settings"]["alpha"] == 0.5 and report["settings"]["ranks"]
+    assert report["settings"]["alpha"] == 0.5 and report["settings"]["statistic"] == "abs_mean" and report["settings"]["ranks"]
     for m in matrices(pipe.unet):
         if m.path in report["settings"]["ranks"]:
-            rms = torch.diagonal(stats.second_moment(m.site)).sqrt()
-            expected, scale = official(pipe.unet.get_submodule(m.path).weight.detach().double(), rms,
+            site = stats.sites[m.site]
+            magnitude = site.sum_abs / int(site.count.sum())
+            expected, scale = official(pipe.unet.get_submodule(m.path).weight.detach().double(), magnitude,
                                        report["settings"]["ranks"][m.path])
             got = product(model.get_submodule(m.path))
             assert float(((got - expected) * scale).norm() / (expected * scale).norm()) < 1e-5, m.path
-    assert torch.equal(asvd_scale(torch.diag(magnitude**2)), magnitude**0.5)
+
+
+def test_asvd_rms_statistic_keeps_the_variant_before_issue_23(setup):
+    """``statistic="rms"``: s = rms(x)^alpha floored at (1e-6 max rms)^alpha, as before the official default."""
+    pipe, stats, _, _ = setup
+    model = copy.deepcopy(pipe.unet)
+    report = compress_with("asvd", model, stats, budget=Budget(0.3), statistic="rms")
+    assert report["settings"]["statistic"] == "rms"
+    for m in matrices(pipe.unet):
+        if m.path in report["settings"]["ranks"]:
+            rms = torch.diagonal(stats.second_moment(m.site)).clamp_min(0).sqrt()
+            scale = rms.clamp_min(rms.max() * 1e-6) ** 0.5
+            weight = pipe.unet.get_submodule(m.path).weight.detach().double()
+            u, s, vt = torch.linalg.svd(weight * scale[None, :], full_matrices=False)
+            rank = report["settings"]["ranks"][m.path]
+            expected = u[:, :rank] @ torch.diag(s[:rank]) @ vt[:rank] / scale[None, :]
+            got = product(model.get_submodule(m.path))
+            assert float(((got - expected) * scale).norm() / (expected * scale).norm()) < 1e-5, m.path
+    with pytest.raises(ValueError, match="asvd statistic must be one of abs_mean, rms, got 'median'"):
+        compress_with("asvd", copy.deepcopy(pipe.unet), stats, budget=Budget(0.3), statistic="median")
+
+
+def test_asvd_refuses_a_capture_without_absolute_sums(setup):
+    pipe, stats, _, _ = setup
+    old = Capture({name: replace(site, sum_abs=None) for name, site in stats.sites.items()}, stats.metadata)
+    with pytest.raises(ValueError, match="holds no sum of \\|x\\| for .*re-run the capture, or use statistic='rms'"):
+        compress_with("asvd", copy.deepcopy(pipe.unet), old, budget=Budget(0.3))
 
 
 # ---- quality ------------------------------------------------------------------------------------
