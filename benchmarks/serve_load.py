@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import signal
 import socket
 import statistics
@@ -235,19 +234,17 @@ def run_level(server: Server, clients: int, seconds: float, pool: list, lone: di
     watcher.join()
     ok = [(key, latency, answer) for key, status, latency, answer in records if status == 200]
     failed = [(status, answer[-300:]) for _, status, _, answer in records if status != 200]
-    wrong, worst = 0, 0
+    differ, wrong, worst = 0, 0, 0
     for key, _, answer in ok:
         got, want = images(answer), lone[key]
-        if got.shape != want.shape or not np.array_equal(got, want):
-            wrong += 1
-        if got.shape == want.shape:
-            worst = max(worst, int(np.abs(got.astype(int) - want.astype(int)).max()))
-        else:
-            worst = 255
+        gap = int(np.abs(got.astype(int) - want.astype(int)).max()) if got.shape == want.shape else 255
+        differ += gap > 0
+        wrong += gap > 1
+        worst = max(worst, gap)
     latencies = sorted(latency for _, latency, _ in ok)
     refused = [h for h in hostile_log if h[1] == h[2] and h[3]]
     return {"clients": clients, "wall_s": wall, "valid": len(records), "ok": len(ok), "failed": len(failed),
-            "failures": failed[:3], "wrong": wrong, "max_diff": worst,
+            "failures": failed[:3], "differ": differ, "wrong": wrong, "max_diff": worst,
             "images_per_s": len(ok) / wall if wall else 0.0,
             "p50_s": statistics.median(latencies) if latencies else float("nan"),
             "p95_s": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))] if latencies else float("nan"),
@@ -282,7 +279,8 @@ def load_benchmark(model: Path, work: Path, seconds: float, levels: list[int], t
                 row = run_level(server, clients, seconds, pool, lone, hostile_requests(over))
                 rows.append(row)
                 print(f"coalesce {coalesce}, {clients} client(s): {row['images_per_s']:.2f} images/s, p50 {row['p50_s']:.2f} s, "
-                      f"p95 {row['p95_s']:.2f} s, {row['ok']}/{row['valid']} ok, {row['wrong']} wrong (max diff {row['max_diff']}), "
+                      f"p95 {row['p95_s']:.2f} s, {row['ok']}/{row['valid']} ok, {row['differ']} not bitwise the lone image, "
+                      f"{row['wrong']} off by more than one level (max diff {row['max_diff']}), "
                       f"hostile {row['hostile_refused']}/{row['hostile']} refused with the server alive, "
                       f"peak RSS {row['peak_rss_mib']:.0f} MiB" + (f"; failures {row['failures']}" if row["failures"] else "")
                       + (f"; unexpected hostile answers {row['hostile_unexpected']}" if row["hostile_unexpected"] else ""))
@@ -293,13 +291,14 @@ def load_benchmark(model: Path, work: Path, seconds: float, levels: list[int], t
 
 
 def render_load(results: dict, seconds: float, threads: int, memory: int, over: tuple[int, int], pool: list) -> str:
-    header = ["coalescing", "clients", "images/s", "p50 latency", "p95 latency", "valid requests ok", "failed", "wrong (max diff)",
-              "hostile refused, server alive", "peak RSS"]
+    header = ["coalescing", "clients", "images/s", "p50 latency", "p95 latency", "valid requests ok", "failed",
+              "not bitwise the lone image", "wrong (> 1 level)", "hostile refused, server alive", "peak RSS"]
     rows = []
     for coalesce, result in results.items():
         for row in result["rows"]:
             rows.append([coalesce, row["clients"], f"{row['images_per_s']:.2f}", f"{row['p50_s']:.2f} s", f"{row['p95_s']:.2f} s",
-                         f"{row['ok']}/{row['valid']}", row["failed"], f"{row['wrong']} ({row['max_diff']})",
+                         f"{row['ok']}/{row['valid']}", row["failed"], f"{row['differ']} (max {row['max_diff']} level)",
+                         row["wrong"],
                          f"{row['hostile_refused']}/{row['hostile']}", f"{row['peak_rss_mib']:.0f} MiB"])
     one = {c: r["rows"][0]["images_per_s"] for c, r in results.items() if r["rows"]}
     eight = {c: r["rows"][-1]["images_per_s"] for c, r in results.items() if r["rows"]}
@@ -312,8 +311,10 @@ def render_load(results: dict, seconds: float, threads: int, memory: int, over: 
              f"that many clients sending one-prompt requests at the deployment sampler back to back for {seconds:g} s "
              f"({len(pool)} distinct prompt/seed pairs), plus one client sending a hostile request every 0.5 s (a "
              "100000 px side, a billion steps, 100 prompts, an unknown param, a negative seed, guidance 1e9, a 1 MB "
-             "prompt, malformed JSON, a request over the memory limit). \"wrong\": answers that differ from the image "
-             "the same request gets alone, bitwise (in brackets the largest difference, in uint8 levels). The machine "
+             "prompt, malformed JSON, a request over the memory limit). Every answer is compared with the image the same "
+             "request gets alone: \"not bitwise\" counts answers that differ at all (a coalesced batch's float sums "
+             "differ from a lone request's in the last bit: the UNet alone differs by ~1e-6 between batch 1 and 4), with "
+             "the largest difference in uint8 levels; \"wrong\" counts answers off by more than one level. The machine "
              "was shared with other jobs while measuring (load average below), so the times are noisy; the counts are not.",
              "", markdown_table(header, rows), ""]
     for coalesce in results:
@@ -321,6 +322,9 @@ def render_load(results: dict, seconds: float, threads: int, memory: int, over: 
             lines.append(f"- coalescing {coalesce}: 8 clients {eight[coalesce]:.2f} images/s vs 1 client {one[coalesce]:.2f} "
                          f"(x{eight[coalesce] / one[coalesce]:.2f}); server ready {results[coalesce]['ready_s']:.0f} s after "
                          f"start; alive at the end: {results[coalesce]['alive']}")
+    lines.append("- fewer hostile requests at 8 clients: MLflow's server runs each `predict` in asyncio's default thread "
+                 "pool (6 threads on 2 cores) and a request waiting for the worker holds its thread, so a hostile request "
+                 "waits for a free thread before it is refused (`/ping` answers throughout)")
     lines.append(f"- load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return "\n".join(lines) + "\n"
 
@@ -340,17 +344,19 @@ def measure_one(model: str, prompts: int, side: int, guidance: float) -> None:
     pipe.set_progress_bar_config(disable=True)
     pipe(**SamplerSettings(1, guidance, 8, 8, 0).pipe_kwargs(pipe, ["warm-up"]), output_type="np")  # lazy initialisation
 
-    def rss() -> int:
+    def status(key: str) -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-        return 0
+        raise RuntimeError(f"/proc/self/status has no {key}")
 
-    before = rss()
+    # the peak RSS so far is the load's (slimdiff.load verifies and assigns every file): reset it to the current RSS
+    # (Linux >= 4.0), so that VmHWM after the call is the call's own peak
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS")
     pipe(**SamplerSettings(2, guidance, side, side, 0).pipe_kwargs(pipe, ["a red circle at the top left"] * prompts),
          output_type="np")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"delta": peak - before}))
+    print(json.dumps({"delta": status("VmHWM") - before}))
 
 
 def memory_benchmark(model: Path) -> str:
@@ -372,10 +378,12 @@ def memory_benchmark(model: Path) -> str:
               f"predicted (x{MEMORY_FACTOR:g} + {MEMORY_OVERHEAD // 2**20} MiB)", "covered"]
     return "\n".join([
         "## Memory prediction (benchmarks/serve_load.py)", "",
-        f"`.venv/bin/python benchmarks/serve_load.py --skip-load` on {machine()}; {time.strftime('%Y-%m-%d')}. Each row is a "
-        "fresh process: the served model loaded, one warm-up call at 8 px, then one call of 2 steps; \"measured\" is the "
-        "process's peak RSS (`ru_maxrss`) minus its RSS before the call (what the OOM killer counts; steps do not change "
-        "it). \"counted\" is what `flows.pyfunc_model.predict_memory` counts from the component configs before its factor.",
+        f"`{' '.join(['.venv/bin/python', 'benchmarks/serve_load.py', *sys.argv[1:]])}` on {machine()}; "
+        f"{time.strftime('%Y-%m-%d')}. Each row is a "
+        "fresh process: the served model loaded, one warm-up call at 8 px, the peak RSS reset (`/proc/self/clear_refs`), "
+        "then one call of 2 steps; \"measured\" is the process's peak RSS during the call (`VmHWM`) minus its RSS before "
+        "it (what the OOM killer counts; the number of steps does not change it). \"counted\" is what "
+        "`flows.pyfunc_model.predict_memory` counts from the component configs before its factor.",
         "", markdown_table(header, rows), ""]) + "\n"
 
 

@@ -52,8 +52,8 @@ MEMORY_FRACTION = 0.5  # of the memory available after the model loaded, when no
 # Working memory of a request: the activation tensors alive at the peak of the denoiser and of the VAE decoder,
 # counted from the component configs (see predict_memory), times MEMORY_FACTOR for what the kernels add (oneDNN's
 # blocked-layout copies of convolution inputs and outputs, allocator slack), plus MEMORY_OVERHEAD. The factor was
-# measured on the reference model on the CPU (peak RSS above the loaded model, docs/serving.md): measured/counted
-# was 1.8-2.9 over 32-512 px and 1-8 prompts; 3.5 keeps every measurement below the prediction.
+# measured on the compressed reference model on the CPU (peak RSS above the loaded model, docs/serving.md):
+# measured/counted was 1.6-3.0 over 32-512 px and 1-16 prompts; 3.5 keeps every measurement below the prediction.
 MEMORY_FACTOR = 3.5
 MEMORY_OVERHEAD = 64 * 2**20
 
@@ -534,6 +534,7 @@ class GenerationQueue:
         try:
             on_step(0)
             self.batches.append(sum(len(j.prompts) for j in batch))
+            del self.batches[:-1000]  # the recent ones: a long-running server keeps no growing history
             begin = time.monotonic()
             images = self.generate(batch, on_step)
             self.last_run_s = time.monotonic() - begin

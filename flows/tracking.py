@@ -746,8 +746,8 @@ def _complete_registration(client, name: str, version: str, passed: bool, descri
         client.update_model_version(name, version, description=description)
     client.update_registered_model(name, description=(
         f"slimdiff-compressed text-to-image pipeline: prompts in (column `prompt`), uint8 images out (N x H x W x 3); "
-        f"params steps, guidance, seed, height, width. Serve the champion: "
-        f"`mlflow models serve -m models:/{name}@champion --env-manager local -p 5001` (docs/tracking.md)."))
+        f"params steps, guidance, seed, height, width (valid ranges in the model's serving.json). Serve the champion: "
+        f"`mlflow models serve -m models:/{name}@champion --env-manager local -p 5001` (docs/serving.md)."))
     client.set_registered_model_alias(name, "candidate", version)
     if passed:
         client.set_registered_model_alias(name, "champion", version)

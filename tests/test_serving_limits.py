@@ -2,8 +2,8 @@
 
 Pure functions (validation, limits, the memory predictor) as unit tests; the generation queue with a fake generator
 (coalescing, the queue bound, the time limit between steps, a failing batch); and the pyfunc on a tiny DPM-Solver
-pipeline: concurrent requests give the images a lone request gives, bitwise, with and without coalescing (the
-scheduler that two requests shared used to raise ``IndexError`` inside ``scheduler.step``). The real server is
+pipeline: concurrent requests give the images a lone request gives (bitwise without coalescing, within one uint8 level
+with it; the scheduler that two requests shared used to raise ``IndexError`` inside ``scheduler.step``). The real server is
 ``tests/test_serve.py``.
 """
 
@@ -126,11 +126,11 @@ def test_prompts_of_every_input_form():
 
 # ---- memory -------------------------------------------------------------------------------------------------------
 
-# Peak RSS above the loaded reference model (MiB) for one request, measured in a fresh process per row on the 2-core
-# CPU box (benchmarks/serve_load.py --memory; docs/serving.md): (prompts, side, guidance) -> MiB.
-MEASURED_MIB = {(1, 32, 4.0): 0.9, (1, 64, 4.0): 9.4, (1, 128, 4.0): 35.6, (1, 256, 4.0): 136.5, (4, 128, 4.0): 86.1,
-                (1, 256, 1.0): 115.8, (2, 256, 4.0): 184.1, (4, 256, 4.0): 410.2, (1, 512, 4.0): 344.8,
-                (1, 512, 1.0): 455.1, (2, 512, 4.0): 623.4, (2, 128, 4.0): 54.1, (8, 64, 4.0): 76.0}
+# Peak RSS above the loaded model during one request, the compressed reference model in a fresh process per row on the
+# 2-core CPU box (benchmarks/serve_load.py, docs/serving.md "Memory prediction"): (prompts, side, guidance) -> MiB.
+MEASURED_MIB = {(1, 32, 4.0): 1.8, (8, 32, 4.0): 10.5, (16, 32, 4.0): 21.7, (1, 64, 4.0): 6.7, (8, 64, 4.0): 41.1,
+                (1, 128, 4.0): 28.0, (4, 128, 4.0): 126.8, (1, 256, 1.0): 154.1, (1, 256, 4.0): 154.2,
+                (4, 256, 4.0): 402.0, (1, 512, 4.0): 405.3}
 
 
 def test_predicted_memory_covers_every_measurement_on_the_reference_model(reference):
@@ -396,7 +396,11 @@ def test_concurrent_requests_give_the_images_a_lone_request_gives(tiny, monkeypa
         thread.join(120)
     for got, want in zip(results, expected):
         assert isinstance(got, np.ndarray), got
-        assert got.shape == want.shape and np.array_equal(got, want)  # bitwise (uint8), coalesced or not
+        assert got.shape == want.shape
+        if coalesce:  # a batch's float sums differ from a lone request's in the last bit: at most one uint8 level
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+        else:  # one request per batch, each its own scheduler run: bitwise the lone image
+            assert np.array_equal(got, want)
     batches = model.queue.batches[len(requests):]
     assert sum(batches) == sum(len(r) for r in requests)
     if coalesce:
