@@ -47,13 +47,15 @@ def preflight(workspace: Path) -> dict[str, Any]:
     located = {**params, "model": {**params["model"], "path": str(model)}}
     device_settings(located)  # a device or dtype this machine cannot run fails here, before any stage
     held_out_samplers(located)  # evaluate.samplers: an unknown scheduler or a bad step count fails here
+    # the tracking server and its credentials (a few requests) before the memory footprint (it builds the pipeline's
+    # classes): an unreachable server or refused credentials fail with their one line and nothing else
+    check_tracking_uri(tracking_uri(workspace))
     check_memory(located)  # prints each stage's predicted peak memory; one that would not fit fails here
     check_cluster(params)  # capture.shards / capture.cluster: an unreachable cluster fails here (flows/distributed.py)
     if os.environ.get("SLIMDIFF_THREADS", "auto").strip().lower() != "auto":
         from slimdiff.device import choose_threads
 
         choose_threads()  # a bad SLIMDIFF_THREADS fails here, naming the value
-    check_tracking_uri(tracking_uri(workspace))
     return params
 
 
