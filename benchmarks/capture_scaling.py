@@ -18,8 +18,10 @@
    their FLOP counts, converted to H200 time by the CPU/H200 ratio of the SD 1.5 capture measured in this repo
    (docs/benchmarks-cost.md, docs/benchmarks-gpu.md). A projection: says so on the page.
 
-Writes benchmarks/results/capture_scaling.json and its section of docs/benchmarks-cost.md (between markers; other
-sections of that page are left alone).
+Measuring writes benchmarks/results/capture_scaling.json (with the command, the machine and the code version; a part
+taken over from the previous file by --skip-scaling / --skip-flux keeps the command that measured it); rendering writes
+its section of docs/benchmarks-cost.md ("## Sharded capture on Dask workers (issue 13)"; the rest of the page is left
+alone) from it alone: ``--render-only``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "capture_scaling.json"
 DOC = ROOT / "docs" / "benchmarks-cost.md"
-BEGIN, END = "<!-- capture-scaling (benchmarks/capture_scaling.py) -->", "<!-- /capture-scaling -->"
+HEADING = "## Sharded capture on Dask workers (issue 13)"
 GIB = 2**30
 
 
@@ -76,11 +78,11 @@ def scaling(args) -> dict:
     from prefect_dask import DaskTaskRunner
 
     from flows.distributed import capture_shards, local_cluster_kwargs
-    from slimdiff.capture import capture
+    from slimdiff.statistics.recording import capture
     from slimdiff.compress import read_prompts
     from slimdiff.device import apply_threads
-    from slimdiff.shards import merge_shards
-    from slimdiff.stages import SHARD_DIR, _pipeline, load_params, sampler_settings
+    from slimdiff.statistics.shards import merge_shards
+    from slimdiff.pipeline.stages import SHARD_DIR, _pipeline, load_params, sampler_settings
 
     workspace = make_workspace(args)
     params = load_params(workspace / "params.yaml")
@@ -132,7 +134,7 @@ def scaling(args) -> dict:
     # the merge of the last run's shards, and the plain single-process capture of the same prompts
     apply_threads(1)
     pipe = _pipeline(params)
-    from slimdiff.shards import plan_shards
+    from slimdiff.statistics.shards import plan_shards
 
     c = params["capture"]
     plan = plan_shards(pipe, read_prompts(workspace / "outputs" / "slimset" / "slimset.jsonl"), sampler_settings(params),
@@ -174,9 +176,10 @@ def flux_config() -> dict:
 
 def memory_per_worker(buckets: int) -> dict:
     from benchmarks.memory_table import MODELS, build_on_meta
-    from slimdiff.capture import site_width, sites_for, statistics_bytes
-    from slimdiff.groups import compressible_groups
-    from slimdiff.shards import split_sites
+    from slimdiff.arch.sites import site_width, sites_for
+    from slimdiff.statistics.sums import statistics_bytes
+    from slimdiff.arch import compressible_groups
+    from slimdiff.statistics.shards import split_sites
 
     models = {"SD 1.5": MODELS["SD 1.5 UNet"], "SDXL base": MODELS["SDXL base UNet"],
               "Flux-dev": ("FluxTransformer2DModel", flux_config())}
@@ -210,9 +213,10 @@ def flux_block_costs(token_sets: list[tuple[int, int]], repeats: int) -> dict:
     from diffusers import FluxTransformer2DModel
 
     from slimdiff.arch import adapter_for
-    from slimdiff.capture import ActivationRecorder, sites_for
+    from slimdiff.statistics.recorder import ActivationRecorder
+    from slimdiff.arch.sites import sites_for
     from slimdiff.device import apply_threads
-    from slimdiff.groups import compressible_groups
+    from slimdiff.arch import compressible_groups
 
     apply_threads(1)
 
@@ -344,14 +348,26 @@ def _sd15_ratio(cost: dict, gpu: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ page
 
 
-def render(result: dict) -> str:
+def load(path: Path = RESULTS) -> dict | None:
+    from benchmarks.pages import read_results
+
+    return read_results(path) if Path(path).is_file() else None
+
+
+def render(result: dict) -> list[tuple[Path, str, str]]:
+    from benchmarks.pages import NOT_RECORDED, provenance
+
     s = result.get("scaling")
-    lines = [BEGIN, "", "## Sharded capture on Dask workers (issue 13)", "",
-             "Command (machine below; both cores should be otherwise idle):", "", "```bash",
-             result["command"], "```", "",
-             f"Machine: {result['machine']}; torch {result['torch']}, dask {result['dask']}, prefect {result['prefect']}; "
-             f"one torch thread per worker. Load average (1, 5, 15 min) before: {result['load_before']}, after: "
-             f"{result['load_after']}.", ""]
+    machine = f"{result['machine']}; torch {result['torch']}, dask {result['dask']}, prefect {result['prefect']}"
+    lines = [HEADING, "", "Both cores should be otherwise idle while it runs.", "", *provenance(result, machine),
+             (f"Dask {result['dask']}, Prefect {result['prefect']}; one" if result.get("system") else "One")
+             + " torch thread per worker. Load average (1, 5, 15 min) "
+             f"before: {result['load_before']}, after: {result['load_after']}.", ""]
+    by = (s or {}).get("measured_by")
+    if by and by.get("command") != result.get("command"):
+        lines += [("The scaling part was taken over from an earlier run: "
+                   + (f"`{by['command']}`" if by.get("command") else f"{NOT_RECORDED} (file predates recorded commands)")
+                   + (f" ({str(by['date'])[:10]})." if by.get("date") else ".")), ""]
     if s:
         one, two = s["runs"].get("1", []), s["runs"].get("2", [])
 
@@ -435,19 +451,9 @@ def render(result: dict) -> str:
                   f"{f['gpu_capacity_for_statistics_gib']:.0f} GiB per worker do not fit beside the bf16 weights in 90 % "
                   "of an 80 GB GPU: with 4 buckets Flux needs the site groups of the last row; with 1 bucket (pooled "
                   "float64 only, a third of the bytes) fewer."]
-    lines += ["", f"Raw figures: `benchmarks/results/capture_scaling.json`. Design: [distributed.md](distributed.md).", "", END]
-    return "\n".join(lines) + "\n"
-
-
-def write_doc(text: str) -> None:
-    page = DOC.read_text() if DOC.exists() else ""
-    if BEGIN in page and END in page:
-        before, rest = page.split(BEGIN, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
-        page = before + text + ("\n" + after if after else "")
-    else:
-        page = page.rstrip("\n") + "\n\n" + text
-    DOC.write_text(page)
+    lines += ["", f"Raw figures: `{result.get('_source', 'benchmarks/results/capture_scaling.json')}`; re-render: "
+              "`.venv/bin/python benchmarks/capture_scaling.py --render-only`. Design: [distributed.md](distributed.md).", ""]
+    return [(DOC, HEADING, "\n".join(lines))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,20 +475,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--efficiency", type=float, default=None, help="default: the measured 2-worker speed-up / 2")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-doc", dest="doc", action="store_false")
+    parser.add_argument("--render-only", action="store_true", help="only re-render the page section from the results file")
     args = parser.parse_args(argv)
+    from benchmarks.pages import read_results, run_record, write_results, write_sections
+
+    if args.render_only:
+        result = load(RESULTS)
+        if result is None:
+            raise SystemExit(f"{RESULTS}: no results file; run the benchmark first")
+        write_sections(render(result))
+        return 0
     import dask
     import prefect
     import torch
 
-    command = ".venv/bin/python benchmarks/capture_scaling.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    result: dict = {"command": command, "torch": torch.__version__, "dask": dask.__version__, "prefect": prefect.__version__,
+    record = run_record(__file__, argv)
+    command = record["command"]
+    result: dict = {**record, "torch": torch.__version__, "dask": dask.__version__, "prefect": prefect.__version__,
                     "python": platform.python_version(), "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU"
                     if not torch.cuda.is_available() else torch.cuda.get_device_name(0), "load_before": load_average()}
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if not args.skip_scaling:
         result["scaling"] = scaling(args)
+        result["scaling"]["measured_by"] = {"command": command, "date": record["date"]}
     elif "scaling" in previous:
-        result["scaling"] = previous["scaling"]
+        result["scaling"] = previous["scaling"]  # with the command that measured it
+        earlier = previous.get("command")
+        result["scaling"].setdefault("measured_by", {"command": earlier if earlier and "--skip-scaling" not in earlier else None,
+                                                     "date": previous.get("date")})
     result["memory"] = memory_per_worker(4)
     if args.efficiency is None:
         speedup = (result.get("scaling") or {}).get("speedup_2_vs_1")
@@ -497,9 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         result["flux_block_cpu_s"] = costs
         result["flux"] = flux_projection(costs, result["memory"], args)
     result["load_after"] = load_average()
-    RESULTS.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_results(RESULTS, result)
     if args.doc:
-        write_doc(render(json.loads(RESULTS.read_text())))
+        write_sections(render(read_results(RESULTS)))
     print(json.dumps({k: result.get(k) for k in ("load_before", "load_after")}), json.dumps(result.get("scaling", {}).get("speedup_2_vs_1")))
     return 0
 

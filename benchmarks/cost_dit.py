@@ -9,11 +9,13 @@ to the whole model. Then the eigenvalue spectrum of the modulation input silu(te
 random pooled-text vectors (Flux: guidance 3.5; SD3.5: both CFG branches) and over every timestep of the tiny PixArt,
 its effective rank, and the predicted error and parameter saving of the factorised modulation at a few ranks.
 
-Writes benchmarks/results/cost_dit.json, docs/img/adaln_spectrum.png and the section "SD3.5-Large and Flux at real
-widths (issue 12)" of docs/benchmarks-cost.md (only that section; the rest of the page is left as it is).
+Measuring writes benchmarks/results/cost_dit.json (with the command, the machine and the code version); rendering
+writes docs/img/adaln_spectrum.png and the section "SD3.5-Large and Flux at real widths (issue 12)" of
+docs/benchmarks-cost.md (only that section; the rest of the page is left as it is) from it alone.
 
     .venv/bin/python benchmarks/cost_dit.py [--flux-depth 1 1] [--sd35-depth 2] [--px 512] [--calls 3] [--buckets 4]
     .venv/bin/python benchmarks/cost_dit.py --quick --out /tmp/cost_dit.json   # tiny widths, seconds
+    .venv/bin/python benchmarks/cost_dit.py --render-only                     # re-render from the results file
 """
 
 from __future__ import annotations
@@ -38,13 +40,19 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import pages  # noqa: E402
 from slimdiff.arch import adapter_for  # noqa: E402
 from slimdiff.device import apply_threads  # noqa: E402
-from slimdiff.capture import ActivationRecorder, Capture, SiteStats, parse_site, site_width, sites_for, statistics_bytes  # noqa: E402
-from slimdiff.groups import ModuleGroup, find_groups  # noqa: E402
-from slimdiff.slim import decompose_group  # noqa: E402
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture, SiteStats, statistics_bytes
+from slimdiff.arch.sites import parse_site, site_width, sites_for
+from slimdiff.arch import ModuleGroup, find_groups
+from slimdiff.decomposition.groups import decompose_group
 
 SECTION = "## SD3.5-Large and Flux at real widths (issue 12)"
+RESULTS = ROOT / "benchmarks" / "results" / "cost_dit.json"
+DOC = ROOT / "docs" / "benchmarks-cost.md"
+PLOT = ROOT / "docs" / "img" / "adaln_spectrum.png"
 CATEGORIES = ("qk", "vo", "mlp", "adaln", "other")
 
 # FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json)
@@ -181,7 +189,7 @@ def sd3_timesteps(steps: int, image_seq_len: int) -> list[float]:
 def families(quick: bool, flux_depth: tuple[int, int], sd35_depth: int) -> list[Family]:
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    from slimdiff.testing import tiny_flux_transformer, tiny_sd3_transformer
+    from tests.helpers import tiny_flux_transformer, tiny_sd3_transformer
 
     def seeded(builder):
         def build():
@@ -735,7 +743,7 @@ def run_family(family: Family, args, nystrom_reference: dict) -> dict:
 
 def pixart_spectrum(args) -> dict:
     """The tiny PixArt's shared modulation (adaln_single.linear) over every training timestep."""
-    from slimdiff.testing import TINY_DENOISERS
+    from tests.helpers import TINY_DENOISERS
 
     tiny = TINY_DENOISERS["pixart"]
     model = tiny.build(0)
@@ -766,7 +774,10 @@ def pixart_spectrum(args) -> dict:
 # Plot and page
 
 
-def plot(results: dict, path: Path) -> None:
+def draw(results: dict, path: Path = PLOT) -> list[Path]:
+    """The spectrum plot, from the results alone."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -790,9 +801,11 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title("adaLN modulation input: spectrum of E[x x^T] (random weights)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    pages.write_bytes(Path(path), buffer.getvalue())
+    return [Path(path)]
 
 
 def gib(n: float) -> str:
@@ -801,6 +814,15 @@ def gib(n: float) -> str:
 
 def mparams(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def load(path: Path = RESULTS) -> dict | None:
+    return pages.read_results(path) if Path(path).is_file() else None
+
+
+def render(r: dict, doc: Path = DOC, image: Path = PLOT) -> list[tuple[Path, str, str]]:
+    """This benchmark's section of ``doc`` (the plot at ``image``), from the results alone."""
+    return [(Path(doc), SECTION, section(r, os.path.relpath(image, Path(doc).parent)))]
 
 
 def section(r: dict, image: str) -> str:
@@ -821,14 +843,11 @@ def section(r: dict, image: str) -> str:
         "Flux-dev and SD3.5-Large at their exact widths (random weights, seed 0; no download), reduced depth, float32 on",
         "the CPU. Per block kind: which groups the adapter compresses, the share of the weights the allocator can reach,",
         "the covariance memory, the capture overhead and the decomposition time; then the spectrum of the adaLN",
-        "modulation input. Command:",
+        "modulation input.",
         "",
-        "```bash",
-        r["command"],
-        "```",
-        "",
-        f"Machine: {m['nproc']}-core {m['arch']} {m['cpu']} (KVM), {m['ram_gib']} GiB RAM, {m['torch_threads']} torch thread(s); "
-        f"torch {m['torch']}, diffusers {m['diffusers']}. Built: {built('flux-dev')} (real: 19 double + 38 single), "
+        *pages.provenance(r, f"{m['nproc']}-core {m['arch']} {m['cpu']} (KVM), {m['ram_gib']} GiB RAM"),
+        f"{m['torch_threads']} torch thread(s); torch {m['torch']}, diffusers {m['diffusers']}. "
+        f"Built: {built('flux-dev')} (real: 19 double + 38 single), "
         f"{built('sd3.5-large')} (real: 37 joint + the last, `context_pre_only`). Whole-model figures are exact for the full depth (the model rebuilt on the meta "
         "device: shapes only), except the decomposition time, which adds up the measured time of each group's shape. "
         f"Load average during the run: {r['loadavg_start'][0]:.1f} at the start, {r['loadavg_end'][0]:.1f} at the end "
@@ -1021,20 +1040,8 @@ def section(r: dict, image: str) -> str:
 
 
 def update_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of ``path`` (from its heading to the next "## " heading or the end), or append
-    it; everything else in the file is kept byte for byte. Re-read right before writing."""
-    current = path.read_text() if path.exists() else ""
-    lines = current.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION), None)
-    body = text if text.endswith("\n") else text + "\n"
-    if start is None:
-        prefix = current if current.endswith("\n") or not current else current + "\n"
-        new = prefix + ("\n" if prefix and not prefix.endswith("\n\n") else "") + body
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + body + ("\n" + tail if tail and not body.endswith("\n\n") else tail)
-    path.write_text(new)
+    """Replace this benchmark's section of ``path`` (``benchmarks.pages.update_section`` under ``SECTION``)."""
+    pages.update_section(Path(path), SECTION, text)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1059,32 +1066,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/cost_dit.json; quick: none)")
     parser.add_argument("--plot", type=Path, default=None, help="spectrum plot (default docs/img/adaln_spectrum.png; quick: none)")
     parser.add_argument("--doc", type=Path, default=None, help="page whose section to write (default docs/benchmarks-cost.md; quick: none)")
-    parser.add_argument("--render", action="store_true", help="only re-render the page section and the plot from --out")
+    parser.add_argument("--render-only", "--render", dest="render", action="store_true",
+                        help="only re-render the page section and the plot from --out")
     args = parser.parse_args(argv)
     if args.render:
-        out = args.out or ROOT / "benchmarks" / "results" / "cost_dit.json"
-        results = json.loads(out.read_text())
-        image = args.plot or ROOT / "docs" / "img" / "adaln_spectrum.png"
-        doc = args.doc or ROOT / "docs" / "benchmarks-cost.md"
-        plot(results, image)
-        update_section(doc, section(results, os.path.relpath(image, doc.parent)))
+        results = load(args.out or RESULTS)
+        if results is None:
+            raise SystemExit(f"{args.out or RESULTS}: no results file; run the benchmark first")
+        image, doc = args.plot or PLOT, args.doc or DOC
+        draw(results, image)
+        pages.write_sections(render(results, doc, image))
         return results
     if args.n_pooled < 16:
         parser.error("--n-pooled must be >= 16")
     if args.time is None:
         args.time = "all" if args.quick else "largest"
     if not args.quick:
-        args.out = args.out or ROOT / "benchmarks" / "results" / "cost_dit.json"
-        args.plot = args.plot or ROOT / "docs" / "img" / "adaln_spectrum.png"
-        args.doc = args.doc or ROOT / "docs" / "benchmarks-cost.md"
+        args.out = args.out or RESULTS
+        args.plot = args.plot or PLOT
+        args.doc = args.doc or DOC
     apply_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    given = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join([".venv/bin/python benchmarks/cost_dit.py", *given])
-    results: dict = {"machine": machine(), "command": command, "loadavg_start": list(os.getloadavg()),
+    results: dict = {**pages.run_record(__file__, argv), "machine": machine(), "loadavg_start": list(os.getloadavg()),
                      "args": {k: (str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v))
-                              for k, v in vars(args).items()},
+                              for k, v in vars(args).items() if k != "render"},
                      "families": {}}
     nystrom_reference: dict = {}
     for family in families(args.quick, tuple(args.flux_depth), args.sd35_depth):
@@ -1098,14 +1104,12 @@ def main(argv: list[str] | None = None) -> dict:
     results["total_s"] = time.perf_counter() - start
     results["peak_rss_gib"] = peak_rss_gib()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        pages.write_results(args.out, results, indent=1)
         args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     if args.plot:
-        plot(results, args.plot)
+        draw(results, args.plot)
     if args.doc:
-        image = os.path.relpath(args.plot, args.doc.parent) if args.plot else "img/adaln_spectrum.png"
-        update_section(args.doc, section(results, image))
+        pages.write_sections(render(results, args.doc, args.plot or PLOT))
     print(f"done in {results['total_s']:.0f} s; peak RSS {results['peak_rss_gib']:.1f} GiB", flush=True)
     return results
 

@@ -3,15 +3,16 @@
 Real shapes, random weights (no download). Measures, in one process on this machine:
 capture overhead against plain denoiser calls, covariance memory, gain/score/allocate/decompose
 time, peak RAM, and denoiser latency original vs compressed at a 40 % budget (side by side,
-interleaved, median). Writes docs/benchmarks-cost.md and benchmarks/results/cost_sd15.json.
+interleaved, median). Measuring writes benchmarks/results/cost_sd15.json (with the command, the machine and the code
+version); rendering writes the first part of docs/benchmarks-cost.md (its title section) from it alone.
 
     .venv/bin/python benchmarks/cost_sd15.py [--calls 3] [--gain-calls 1] [--ffn-points 16] [--budget 0.4]
+    .venv/bin/python benchmarks/cost_sd15.py --render-only      # re-render the page section from the results file
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -25,14 +26,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.pages import provenance, read_results, run_record, write_results, write_sections  # noqa: E402
 from slimdiff.device import apply_threads  # noqa: E402
-from slimdiff.allocate import allocate  # noqa: E402
-from slimdiff.capture import ActivationRecorder, Capture, sites_for  # noqa: E402
-from slimdiff.groups import compressible_groups  # noqa: E402
-from slimdiff.influence import Granularity, propagation_gains, score  # noqa: E402
-from slimdiff.slim import decompose  # noqa: E402
-from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
+from slimdiff.planning.allocation import allocate
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture
+from slimdiff.arch.sites import sites_for
+from slimdiff.arch import compressible_groups
+from slimdiff.scoring.influence import Granularity, score
+from slimdiff.scoring.gains import propagation_gains
+from slimdiff.decomposition.apply import decompose
+from tests.helpers import SD15_UNET_CONFIG
 
+RESULTS = ROOT / "benchmarks" / "results" / "cost_sd15.json"
+DOC = ROOT / "docs" / "benchmarks-cost.md"
+TITLE = "# Cost at real scale: SD 1.5-shaped UNet"
 
 
 def peak_rss_gib() -> float:
@@ -53,9 +61,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    from diffusers import UNet2DConditionModel
-
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--gain-calls", type=int, default=1)
@@ -66,11 +72,22 @@ def main() -> None:
     parser.add_argument("--latency-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: SLIMDIFF_THREADS, else auto)")
     parser.add_argument("--overhead-only", action="store_true",
-                        help="only re-measure the capture overhead (interleaved) and update the JSON and page")
-    args = parser.parse_args()
+                        help="only re-measure the capture overhead (interleaved) into the results file; the page says "
+                        "which command measured it")
+    parser.add_argument("--render-only", action="store_true", help="only re-render the page section from the results file")
+    args = parser.parse_args(argv)
+    if args.render_only:
+        results = load(RESULTS)
+        if results is None:
+            raise SystemExit(f"{RESULTS}: no results file; run the benchmark first")
+        write_sections(render(results))
+        return 0
+    from diffusers import UNet2DConditionModel
+
     apply_threads(args.threads)
-    results: dict = {"machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)",
-                     "torch": torch.__version__, "args": vars(args)}
+    results: dict = {**run_record(__file__, argv),
+                     "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)",
+                     "torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k != "render_only"}}
     torch.manual_seed(0)
     build = time.perf_counter()
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
@@ -99,14 +116,15 @@ def main() -> None:
     results["capture_calls_s"] = captured
     results["capture_overhead"] = captured / plain
     if args.overhead_only:
-        out = ROOT / "benchmarks" / "results" / "cost_sd15.json"
-        full = json.loads(out.read_text())
+        # the overhead rows of the full run are replaced by this run's, which the page names with its own command
+        full = {k: v for k, v in read_results(RESULTS).items() if not k.startswith("_")}
         full.update({k: results[k] for k in ("plain_calls_s", "capture_calls_s", "capture_overhead")})
-        full["overhead_run"] = {"calls": args.calls, "threads": torch.get_num_threads(), "separate_run": True}
-        out.write_text(json.dumps(full, indent=2) + "\n")
-        write_doc(full)
+        full["overhead_run"] = {"calls": args.calls, "threads": torch.get_num_threads(), "separate_run": True,
+                                **{k: results[k] for k in ("command", "system", "code", "date")}}
+        write_results(RESULTS, full)
+        write_sections(render(read_results(RESULTS)))
         print(f"capture {captured:.1f} s vs plain {plain:.1f} s (interleaved): x{captured / plain:.2f}")
-        return
+        return 0
     results["covariance_bytes"] = stats.nbytes
     results["peak_rss_after_capture_gib"] = peak_rss_gib()
     print(f"capture {captured:.1f} s vs plain {plain:.1f} s; covariances {results['covariance_bytes'] / 2**30:.2f} GiB", flush=True)
@@ -146,28 +164,35 @@ def main() -> None:
                 latency[name].append(timed(lambda: model(**inputs[0])))
     results["latency_ms"] = {k: 1000 * statistics.median(v) for k, v in latency.items()}
     results["speedup"] = results["latency_ms"]["original"] / results["latency_ms"]["compressed"]
-    out = ROOT / "benchmarks" / "results" / "cost_sd15.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    write_doc(results)
-    print(json.dumps(results, indent=2))
+    write_results(RESULTS, results)
+    write_sections(render(read_results(RESULTS)))
+    print(f"wrote {RESULTS} and {DOC}")
+    return 0
 
 
-def write_doc(r: dict) -> None:
+# ---- rendering: from the results file alone -----------------------------------------------------------------------
+
+
+def load(path: Path = RESULTS) -> dict | None:
+    return read_results(path) if Path(path).is_file() else None
+
+
+def render(r: dict) -> list[tuple[Path, str, str]]:
     gib = 2**30
+    overhead = r.get("overhead_run", {})
+    if overhead.get("separate_run"):
+        separate = (f" (a separate run: `{overhead['command']}`, {str(overhead['date'])[:10]})" if overhead.get("command")
+                    else " (a separate run: `--overhead-only`)")
+    else:
+        separate = ""
     lines = [
-        "# Cost at real scale: SD 1.5-shaped UNet",
+        TITLE,
         "",
         "A `UNet2DConditionModel` with Stable Diffusion 1.5's exact configuration (random weights, seed 0; no",
-        "download), compressed on this machine. Command:",
+        "download), compressed on this machine.",
         "",
-        "```bash",
-        f".venv/bin/python benchmarks/cost_sd15.py --calls {r['args']['calls']} --gain-calls {r['args']['gain_calls']} "
-        f"--ffn-points {r['args']['ffn_points']} --buckets {r['args']['buckets']} --budget {r['args']['budget']}"
-        + (f" --threads {r['args']['threads']}" if r['args'].get('threads') else ""),
-        "```",
-        "",
-        f"Machine: {r['machine']}; torch {r['torch']}. Denoiser calls are CFG-shaped: batch 2, 64x64 latents, 77 text tokens.",
+        *provenance(r, f"{r['machine']}; torch {r['torch']}", r["args"]),
+        "Denoiser calls are CFG-shaped: batch 2, 64x64 latents, 77 text tokens.",
         "",
         "| quantity | value |",
         "|---|---|",
@@ -175,7 +200,7 @@ def write_doc(r: dict) -> None:
         f"| compressible (16 transformer blocks: QK, VO self/cross, FFN) | {r['compressible_params'] / 1e6:.1f} M in {r['transformer_blocks']} blocks |",
         f"| plain denoiser calls ({r['args']['calls']}) | {r['plain_calls_s']:.1f} s |",
         f"| same calls with capture hooks, interleaved with the plain ones | {r['capture_calls_s']:.1f} s (overhead x{r['capture_overhead']:.2f})"
-        + (" (a separate run: `--overhead-only`)" if r.get("overhead_run", {}).get("separate_run") else "") + " |",
+        + separate + " |",
         f"| covariance memory ({r['args']['buckets']} timestep buckets: pooled float64, per-bucket float32) | {r['covariance_bytes'] / gib:.2f} GiB |",
         f"| propagation gains ({r['args']['gain_calls']} call per module) | {r['gains_s']:.0f} s, extrapolated from "
         f"{r['gains_sampled_modules']} of {r['transformer_blocks'] * 5} modules timed ({r['gains_sampled_s']:.0f} s) |",
@@ -194,15 +219,13 @@ def write_doc(r: dict) -> None:
         "[benchmarks-gpu.md](benchmarks-gpu.md).",
         "",
     ]
-    page = ROOT / "docs" / "benchmarks-cost.md"
-    # the page's later sections belong to other scripts (capture_scaling.py, cost_dit.py): rewrite only this part
-    others = ""
-    if page.is_file():
-        text = page.read_text()
-        starts = [i for i in (text.find("\n<!-- "), text.find("\n## ")) if i >= 0]
-        others = text[min(starts):] if starts else ""
-    page.write_text("\n".join(lines).rstrip() + "\n" + others)
+    for note in r.get("notes", []):  # remarks on this run, kept with its figures in the results file
+        lines += [note, ""]
+    lines += [f"Raw figures: `{r.get('_source', 'benchmarks/results/cost_sd15.json')}`; re-render: "
+              "`.venv/bin/python benchmarks/cost_sd15.py --render-only`.", ""]
+    # the page's later sections belong to capture_scaling.py and cost_dit.py
+    return [(DOC, TITLE, "\n".join(lines))]
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -10,12 +10,12 @@ for several seeds with both settings, and compares whole-vs-chunked differences 
 the resulting width plan against the seed-to-seed differences of the whole estimator. FFN and VO
 gains do not change with ``noise_chunk`` (each module has its own generator), so the yardstick of a
 same-seed comparison is the whole estimator with only its QK noise seed changed (whole gains of seed
-s with the QK gains of seed u, re-allocated from the same error curves). Writes
-benchmarks/results/gains_agreement.json and docs/gains-agreement.md; ``--from-json`` regenerates the
-page from the JSON without measuring.
+s with the QK gains of seed u, re-allocated from the same error curves). Measuring writes
+benchmarks/results/gains_agreement.json (with the command, the machine and the code version); rendering writes
+docs/gains-agreement.md from it alone (``--render-only``, or ``--from-json`` for another JSON).
 
     .venv/bin/python benchmarks/gains_agreement.py
-    .venv/bin/python benchmarks/gains_agreement.py --from-json benchmarks/results/gains_agreement.json
+    .venv/bin/python benchmarks/gains_agreement.py --render-only
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -38,17 +36,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.pages import provenance, read_results, relative, run_record, write_results, write_sections  # noqa: E402
 from slimdiff.device import apply_threads  # noqa: E402
-from slimdiff.allocate import allocate  # noqa: E402
-from slimdiff.capture import SamplerSettings, capture, denoiser_of  # noqa: E402
+from slimdiff.planning.allocation import allocate
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.statistics.recording import capture
+from slimdiff.arch.pipelines import denoiser_of
 from slimdiff.compress import load_pipeline, read_prompts  # noqa: E402
-from slimdiff.groups import compressible_groups  # noqa: E402
-from slimdiff.influence import LogitNoise, measure_gains, record_denoiser_calls, score, spearman  # noqa: E402
-from slimdiff.slim import SlimAttnProcessor, original_attention_scale  # noqa: E402
-from slimdiff.utils import atomic_path, write_json  # noqa: E402
+from slimdiff.arch import compressible_groups
+from slimdiff.scoring.gains import LogitNoise, measure_gains, spearman
+from slimdiff.scoring.influence import score
+from slimdiff.runtime.attention import SlimAttnProcessor, original_attention_scale
+from slimdiff.calls import record_calls
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "gains_agreement.json"
 DEFAULT_DOC = ROOT / "docs" / "gains-agreement.md"
+TITLE = "# Propagation gains: chunked logit noise vs the previous whole-tensor draw"
 WHOLE = 2**62
 
 # (key, label): the pair categories compared; the first is the question, the second its yardstick.
@@ -159,7 +162,7 @@ def run(args) -> dict:
 
     gain_prompts = prompts[: args.gain_prompts]
     t = time.perf_counter()
-    calls = record_denoiser_calls(pipe, gain_prompts, sampler, args.calls)
+    calls = record_calls(pipe, gain_prompts, sampler, args.calls)
     chunk_log = {"whole": count_chunks(pipe, calls, WHOLE), "chunked": count_chunks(pipe, calls, args.chunk)}
     timings["chunk_count"] = time.perf_counter() - t
     largest = max(chunk_log["chunked"], key=lambda r: r["elements"])
@@ -216,7 +219,7 @@ def run(args) -> dict:
 
     return {
         "format": "slimdiff-gains-agreement/1",
-        "command": "python benchmarks/gains_agreement.py" + "".join(f" {shlex.quote(a)}" for a in args.argv),
+        **run_record(__file__, args.argv),
         "settings": {
             "model": str(args.model), "prompts_file": str(args.prompts), "calibration_prompts": len(prompts),
             "sampler": sampler.to_dict(), "num_buckets": args.num_buckets, "batch_size": args.batch_size,
@@ -388,7 +391,16 @@ def _fmt(stat: dict, digits: str = ".3f") -> str:
     return f"{format(stat['mean'], digits)} ({format(stat['min'], digits)}–{format(stat['max'], digits)})"
 
 
-def render(data: dict, json_path: Path) -> str:
+def load(path: Path = DEFAULT_JSON) -> dict | None:
+    return read_results(path) if Path(path).is_file() else None
+
+
+def render(data: dict, doc: Path = DEFAULT_DOC) -> list[tuple[Path, str, str]]:
+    """The whole page (its "## " parts included), from the results alone."""
+    return [(Path(doc), TITLE, page(data))]
+
+
+def page(data: dict) -> str:
     comparison = compare(data)
     ok, text = verdict(data, comparison)
     st, m = data["settings"], data["machine"]
@@ -396,9 +408,9 @@ def render(data: dict, json_path: Path) -> str:
     largest = max(log, key=lambda r: r["elements"])
     fewest = min(log, key=lambda r: r["chunks"])
     n_qk = sum(1 for x in data["modules"] if x["kind"].startswith("qk"))
-    rel = json_path.resolve().relative_to(ROOT) if json_path.resolve().is_relative_to(ROOT) else json_path
+    rel = data.get("_source", relative(DEFAULT_JSON))
     out = [
-        "# Propagation gains: chunked logit noise vs the previous whole-tensor draw",
+        TITLE,
         "",
         f"Generated by `benchmarks/gains_agreement.py`; do not edit by hand. Raw data: `{rel}`.",
         "",
@@ -462,8 +474,8 @@ def render(data: dict, json_path: Path) -> str:
         "",
         "## Run",
         "",
-        f"Machine: {m['arch']} CPU, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
-        f"diffusers {m['diffusers']}, Python {m['python']}.",
+        *provenance(data, f"{m['arch']} CPU, {m['cpu_count']} cores, torch {m['torch']}, Python {m['python']}"),
+        f"{m['torch_threads']} torch thread(s); diffusers {m['diffusers']}.",
         "",
         f"Wall time: load {t['load']:.1f} s, capture {t['capture']:.1f} s, chunk count {t['chunk_count']:.1f} s, "
         f"gains {sum(gains_s):.1f} s for {len(gains_s)} sets ({min(gains_s):.1f}–{max(gains_s):.1f} s each), "
@@ -477,9 +489,9 @@ def render(data: dict, json_path: Path) -> str:
     for r in data["runs"]:
         out.append(f"| {r['seed']} | {r['setting']} | {r['seconds']['gains']:.1f} | {r['seconds']['score']:.1f} | "
                    f"{r['seconds']['allocate']:.2f} |")
-    out += ["", "Command (then `--from-json` regenerates this page without measuring):", "", "```bash",
-            data["command"].replace("python ", ".venv/bin/python ", 1),
-            f".venv/bin/python benchmarks/gains_agreement.py --from-json {rel}", "```", ""]
+    out += ["", "Re-render this page from the results file without measuring:", "", "```bash",
+            ".venv/bin/python benchmarks/gains_agreement.py --render-only"
+            + ("" if rel == relative(DEFAULT_JSON) else f" --json {rel}"), "```", ""]
     return "\n".join(out)
 
 
@@ -487,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--from-json", type=Path, help="regenerate the page from this JSON without measuring")
+    p.add_argument("--render-only", action="store_true", help="regenerate the page from --json without measuring")
     p.add_argument("--model", type=Path, default=Path("data/reference/model"))
     p.add_argument("--prompts", type=Path, default=Path("data/reference/captions.jsonl"))
     p.add_argument("--num-prompts", type=int, default=128, help="calibration prompts: the first N of --prompts")
@@ -506,23 +519,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     args = p.parse_args(argv)
     args.argv = argv
+    if args.render_only and args.from_json is None:
+        args.from_json = args.json
     if args.from_json is not None:
         if not args.from_json.is_file():
             p.error(f"--from-json {args.from_json}: no such file")
-        data = json.loads(args.from_json.read_text())
-        json_path = args.from_json
+        data = read_results(args.from_json)
     else:
         data = run(args)
         comparison = compare(data)
         data["derived"] = {"summary": comparison["summary"], "judgement": judge(comparison),
                            "agrees": verdict(data, comparison)[0]}
-        write_json(args.json, data)
-        json_path = args.json
+        write_results(args.json, data, sort_keys=True)
+        data = read_results(args.json)
         print(f"wrote {args.json}", file=sys.stderr)
-    page = render(data, json_path)
-    args.doc.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.doc) as tmp:
-        Path(tmp).write_text(page)
+    write_sections(render(data, args.doc))
     print(f"wrote {args.doc}", file=sys.stderr)
     comparison = compare(data)
     for r in judge(comparison):

@@ -7,11 +7,12 @@ plan fixes the MACs; then, at those MACs: a `--macs` plan, a `--latency` plan (i
 the same MACs), `uniform` and every baseline of `slimdiff.baselines` (their parameter budget found by
 bisection to the same MACs, counted by hooks on the compressed model). Each is evaluated in one process
 against the original: noise SQNR, image PSNR, alignment and Fréchet distance to the original on test and
-held-out-combination prompts, MACs ratio and CPU latency (interleaved). Writes
-benchmarks/results/macs_vs_params.json, docs/benchmarks-macs.md and docs/img/quality_vs_latency.png.
+held-out-combination prompts, MACs ratio and CPU latency (interleaved). Measuring writes
+benchmarks/results/macs_vs_params.json (with the command, the machine and the code version); rendering writes
+docs/benchmarks-macs.md and docs/img/macs_vs_latency.png from it alone.
 
     .venv/bin/python benchmarks/macs_vs_params.py [--budgets 0.4] [--prompts 200] [--heldout 50] [--threads 1]
-    .venv/bin/python benchmarks/macs_vs_params.py --from-json benchmarks/results/macs_vs_params.json
+    .venv/bin/python benchmarks/macs_vs_params.py --render-only       # re-render from the results file
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.pages import provenance, read_results, run_record, write_bytes, write_results, write_sections  # noqa: E402
+
 OUT_JSON = ROOT / "benchmarks" / "results" / "macs_vs_params.json"
 OUT_DOC = ROOT / "docs" / "benchmarks-macs.md"
-OUT_PLOT = ROOT / "docs" / "img" / "quality_vs_latency.png"
+# its own name: quality.py draws docs/img/quality_vs_latency.png for docs/benchmarks.md
+OUT_PLOT = ROOT / "docs" / "img" / "macs_vs_latency.png"
+TITLE = "# Every method at the same MACs on the reference model: quality and measured latency"
 BASELINE_METHODS = ("slimdiff_modegpt", "svd_llm", "asvd", "svd", "wanda_sp", "flap")
 
 
@@ -54,18 +59,21 @@ def bisect_budget(make, macs_of, goal: int, lo: float, hi: float, keeps: bool, i
     return best
 
 
-def run(args: argparse.Namespace) -> dict:
-    from slimdiff.allocate import allocate
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
+    from slimdiff.planning.allocation import allocate
     from slimdiff.baselines import baseline_sites, compress_with
-    from slimdiff.capture import capture
+    from slimdiff.statistics.recording import capture
     from slimdiff.compress import load_pipeline
-    from slimdiff.evaluate import evaluate, first_denoiser_call, macs_per_call
-    from slimdiff.influence import Gains, score
-    from slimdiff.latency import measure_pipeline_latency
+    from slimdiff.pipeline.evaluation import evaluate
+    from slimdiff.calls import first_call
+    from slimdiff.cost import macs_per_call
+    from slimdiff.scoring.gains import Gains
+    from slimdiff.scoring.influence import score
+    from slimdiff.planning.latency import measure_pipeline_latency
     from slimdiff.reference.data import sample_scenes
     from slimdiff.reference.evaluator import load_evaluator
-    from slimdiff.slim import decompose
-    from slimdiff.stages import config_from, evaluation_prompts, load_params, read_slimset, sampler_settings
+    from slimdiff.decomposition.apply import decompose
+    from slimdiff.pipeline.stages import config_from, evaluation_prompts, load_params, read_slimset, sampler_settings
 
     from slimdiff.device import apply_threads
 
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
     evaluator = load_evaluator(str(ROOT / params["evaluate"]["evaluator"]))
     heldout = [scene.caption() for scene in sample_scenes(args.heldout, seed=3, heldout=False)]
     prompts = evaluation_prompts(params)[: args.prompts - args.heldout] + heldout
-    example = first_denoiser_call(pipe, prompts[:1], sampler)
+    example = first_call(pipe, prompts[:1], sampler)
 
     def slim(plan):
         model = copy.deepcopy(unet)
@@ -138,16 +146,19 @@ def run(args: argparse.Namespace) -> dict:
                 "seconds": time.perf_counter() - started,
             })
             print(json.dumps(rows[-1]), flush=True)
-            partial = OUT_JSON.with_suffix(".partial.json")  # nothing measured is lost if a later method fails
-            partial.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+            partial = Path(args.out_json).with_suffix(".partial.json")  # nothing measured is lost if a later method fails
+            write_results(partial, {"rows": rows, "complete": False})
             del compressed, model
-    return {"machine": f"{platform.machine()} CPU, {args.threads} torch thread(s)", "torch": torch.__version__,
-            "prompts": len(prompts), "heldout_prompts": len(heldout), "latency_table_device": table.device,
-            "command": " ".join(["benchmarks/macs_vs_params.py", *sys.argv[1:]]), "rows": rows}
+    Path(args.out_json).with_suffix(".partial.json").unlink(missing_ok=True)
+    return {**run_record(__file__, argv), "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s)",
+            "torch": torch.__version__, "prompts": len(prompts), "heldout_prompts": len(heldout),
+            "latency_table_device": table.device, "rows": rows}
 
 
-def plot(result: dict, path: Path = OUT_PLOT) -> Path:
+def draw(result: dict, path: Path = OUT_PLOT) -> list[Path]:
     """Quality (noise SQNR and FD to the original) against measured denoiser latency, every method."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,15 +178,27 @@ def plot(result: dict, path: Path = OUT_PLOT) -> Path:
     fig.suptitle(f"reference model, every method at the MACs of slimdiff --budget {result['rows'][0]['budget']}; "
                  f"{result['machine']}", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    return path
+    write_bytes(Path(path), buffer.getvalue())
+    return [Path(path)]
 
 
-def render(result: dict) -> str:
+def load(path: Path = OUT_JSON) -> dict | None:
+    return read_results(path) if Path(path).is_file() else None
+
+
+def render(result: dict, doc: Path = OUT_DOC) -> list[tuple[Path, str, str]]:
+    return [(Path(doc), TITLE, page(result))]
+
+
+def page(result: dict) -> str:
+    command = result.get("command")
+    if command and command.startswith("benchmarks/"):  # files before the shared recorder kept the script's path only
+        result = {**result, "command": "python " + command}
     lines = [
-        "# Every method at the same MACs on the reference model: quality and measured latency",
+        TITLE,
         "",
         "For each parameter budget, the `slimdiff` parameter plan fixes the MACs per denoiser call; a `--macs` plan, a",
         "`--latency` plan (F bisected to the same compressible MACs; latency table timed on this machine), `uniform` and",
@@ -185,11 +208,9 @@ def render(result: dict) -> str:
         f"{result['heldout_prompts']} with held-out shape-colour combinations), 25 steps, guidance 4, seed 0 per prompt.",
         "Noise SQNR is teacher-forced; alignment is the evaluator's overall accuracy (original model in brackets).",
         "",
-        "```bash",
-        f".venv/bin/python {result['command']}",
-        "```",
-        "",
-        f"Machine: {result['machine']}; torch {result['torch']}." + (f" Conditions: {result['conditions']}." if result.get("conditions") else ""),
+        *provenance(result, f"{result['machine']}; torch {result['torch']}"),
+        f"Latency table timed on {result.get('latency_table_device', '?')}."
+        + (f" Conditions: {result['conditions']}." if result.get("conditions") else ""),
         "",
         "| budget | method | params removed | compressible MACs kept | MACs ratio | predicted error | noise SQNR dB | "
         "PSNR dB | alignment (orig.) | FD to original | predicted latency | measured latency |",
@@ -201,7 +222,7 @@ def render(result: dict) -> str:
                      f"{r['macs_ratio']:.3f} | {fmt(r['predicted_error'], '.4g')} | {r['noise_sqnr_db']:.2f} | {r['image_psnr_db']:.2f} | "
                      f"{r['alignment']:.3f} ({r['alignment_original']:.3f}) | {r['fd_to_original']:.3g} | "
                      f"{fmt(r.get('predicted_latency_fraction'), '.3f')} | {r['measured_latency_fraction']:.3f} |")
-    lines += ["", "![quality against measured latency](img/quality_vs_latency.png)", "",
+    lines += ["", f"![quality against measured latency](img/{OUT_PLOT.name})", "",
               "Reading it: at equal MACs the `--macs` plan predicts less error than the parameter plan by construction",
               "(it minimises SIS per MAC); the measured columns say whether that holds for the images. The reference UNet",
               "is small (32 px images, 8x8 latents): its CPU time is mostly per-op overhead, so its latency fractions stay",
@@ -216,7 +237,8 @@ def render(result: dict) -> str:
               "  least predicted error ([benchmarks-speed.md](benchmarks-speed.md)).",
               "- Predicted latency: `-` for the baselines (no plan), and for untied plans in this run (the engine now gives",
               "  them an upper bound: QK/VO zero-padded to the wider width).",
-              "", "Raw figures: `benchmarks/results/macs_vs_params.json`.", ""]
+              "", f"Raw figures: `{result.get('_source', 'benchmarks/results/macs_vs_params.json')}`; re-render: "
+              "`.venv/bin/python benchmarks/macs_vs_params.py --render-only`.", ""]
     return "\n".join(lines)
 
 
@@ -230,15 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-doc", default=str(OUT_DOC))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--latency-repeats", type=int, default=5)
-    parser.add_argument("--from-json", default=None)
+    parser.add_argument("--from-json", default=None, help="only render, from this results file")
+    parser.add_argument("--render-only", action="store_true", help="only render, from --out-json")
     args = parser.parse_args(argv)
+    if args.render_only and not args.from_json:
+        args.from_json = args.out_json
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
+        result = load(Path(args.from_json))
+        if result is None:
+            raise SystemExit(f"{args.from_json}: no results file; run the benchmark first")
     else:
-        result = run(args)
-        Path(args.out_json).write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.out_doc).write_text(render(result))
-    plot(result, Path(args.out_doc).parent / "img" / OUT_PLOT.name)
+        result = run(args, argv)
+        write_results(Path(args.out_json), result)
+        result = read_results(Path(args.out_json))
+    write_sections(render(result, Path(args.out_doc)))
+    draw(result, Path(args.out_doc).parent / "img" / OUT_PLOT.name)
     return 0
 
 

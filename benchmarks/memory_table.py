@@ -1,15 +1,16 @@
 """Capture-statistics memory of three real denoisers, from their published configs (no download, no allocation).
 
 Each denoiser is built on the meta device (shapes only), its compressible groups and hooked input
-sites enumerated exactly as ``slimdiff.capture.capture`` does, and the bytes of the statistics it
-would accumulate computed with ``slimdiff.capture.statistics_bytes`` (tests/test_memory.py checks that
-formula against the tensors a real recorder allocates). Writes benchmarks/results/memory.json and
-its section of docs/memory.md and prints the table.
+sites enumerated exactly as ``slimdiff.statistics.recording.capture`` does, and the bytes of the statistics it
+would accumulate computed with ``slimdiff.statistics.sums.statistics_bytes`` (tests/test_memory.py checks that
+formula against the tensors a real recorder allocates). Writes benchmarks/results/memory.json (with the command, the
+machine and the code version), renders its section of docs/memory.md from it and prints the table.
 
     .venv/bin/python benchmarks/memory_table.py [--buckets 4] [--capacity-gb 80]
+    .venv/bin/python benchmarks/memory_table.py --render-only      # re-render the section from memory.json
 
 Configs (hard-coded below; the keys not named keep diffusers' defaults, which equal the published values):
-- SD 1.5: the ``unet/config.json`` of stable-diffusion-v1-5 (`slimdiff.testing.SD15_UNET_CONFIG`, shared by every benchmark).
+- SD 1.5: the ``unet/config.json`` of stable-diffusion-v1-5 (`tests.helpers.SD15_UNET_CONFIG`, shared by every benchmark).
 - SDXL base 1.0: the ``unet/config.json`` of stabilityai/stable-diffusion-xl-base-1.0.
 - PixArt-Sigma XL-2 1024-MS: the ``transformer/config.json`` of PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, i.e.
   diffusers' scripts/convert_pixart_sigma_to_diffusers.py at image size 1024 (interpolation_scale 2,
@@ -19,7 +20,6 @@ Configs (hard-coded below; the keys not named keep diffusers' defaults, which eq
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,15 +29,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.pages import update_section  # noqa: E402
-from slimdiff.capture import sites_for, statistics_bytes  # noqa: E402
-from slimdiff.groups import compressible_groups, find_groups  # noqa: E402
-from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
+from benchmarks.pages import provenance, read_results, run_record, write_results, write_sections  # noqa: E402
+from slimdiff.arch.sites import sites_for
+from slimdiff.statistics.sums import statistics_bytes
+from slimdiff.arch import compressible_groups, find_groups
+from tests.helpers import SD15_UNET_CONFIG
 
 GIB = 2**30
 RESULTS = ROOT / "benchmarks" / "results" / "memory.json"
 DOC = ROOT / "docs" / "memory.md"
-COMMAND = ".venv/bin/python benchmarks/memory_table.py --buckets {buckets} --capacity-gb {capacity_gb:g}"
 HEADING = "## The capture's statistics at real scale (benchmarks/memory_table.py)"
 
 
@@ -155,25 +155,29 @@ def table(rows: list[dict], capacity_gb: float) -> str:
     return "\n".join(out)
 
 
-def write_doc(rows: list[dict], capacity_gb: float) -> str:
+def load(path: Path = RESULTS) -> dict | None:
+    return read_results(path) if Path(path).is_file() else None
+
+
+def render(results: dict) -> list[tuple[Path, str, str]]:
+    rows = results["models"]
+    capacity_gb = rows[0]["capacity_bytes"] / 1e9
     b = rows[0]["num_buckets"]
-    command = COMMAND.format(buckets=b, capacity_gb=capacity_gb)
+    run = "\n".join(provenance(results))
     one_bucket = sum(r["statistics_1_bucket_bytes"] for r in rows) / sum(r["statistics_bytes"] for r in rows)
     text = f"""{HEADING}
 
 How much memory the statistics of a capture (method.md §2) take for three real denoisers, with
-{b} timestep buckets (the default) and with 1. Computed, not measured: each denoiser is built from its
+{b} timestep buckets{' (the default)' if b == 4 else ''} and with 1. Computed, not measured: each denoiser is built from its
 published config on PyTorch's meta device (real shapes, no storage, no download), its compressible
-groups and hooked sites enumerated exactly as `slimdiff.capture.capture` does, and the bytes summed with
-`slimdiff.capture.statistics_bytes`; `tests/test_memory.py` checks that this formula equals the bytes
-of the tensors a real `ActivationRecorder` allocates. Command (seconds, CPU only):
+groups and hooked sites enumerated exactly as `slimdiff.statistics.recording.capture` does, and the bytes summed with
+`slimdiff.statistics.sums.statistics_bytes`; `tests/test_memory.py` checks that this formula equals the bytes
+of the tensors a real `ActivationRecorder` allocates (seconds, CPU only).
 
-```bash
-{command}
-```
+{run}
 
 Configs, hard-coded in the script; the keys not given keep diffusers' defaults:
-SD 1.5 from the `unet/config.json` of stable-diffusion-v1-5 (`slimdiff.testing.SD15_UNET_CONFIG`, shared by every benchmark);
+SD 1.5 from the `unet/config.json` of stable-diffusion-v1-5 (`tests.helpers.SD15_UNET_CONFIG`, shared by every benchmark);
 SDXL base 1.0 from the `unet/config.json` of stabilityai/stable-diffusion-xl-base-1.0; PixArt-Sigma
 XL-2 1024-MS from the `transformer/config.json` of PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, which is
 what diffusers' `scripts/convert_pixart_sigma_to_diffusers.py` builds at image size 1024. The
@@ -207,25 +211,33 @@ memory come on top. The whole-job peak is measured on GPU separately in
 [benchmarks-gpu.md](benchmarks-gpu.md). One bucket (`--buckets 1`) keeps only the pooled float64 sums
 and cuts the statistics to {one_bucket:.0%} of the {b}-bucket size, at the price of an influence
 score that sees the pooled statistics only and cannot weight timestep buckets.
+
+Raw figures: `{results.get('_source', 'benchmarks/results/memory.json')}`; re-render:
+`.venv/bin/python benchmarks/memory_table.py --render-only`.
 """
-    update_section(DOC, HEADING, text)
-    return text
+    return [(DOC, HEADING, text)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--buckets", type=int, default=4, help="timestep buckets (default 4, the capture default)")
     parser.add_argument("--capacity-gb", type=float, default=80.0, help="device memory in GB (10^9 bytes)")
-    args = parser.parse_args()
+    parser.add_argument("--render-only", action="store_true", help="only re-render the section from the results file")
+    args = parser.parse_args(argv)
+    if args.render_only:
+        results = load(RESULTS)
+        if results is None:
+            raise SystemExit(f"{RESULTS}: no results file; run the benchmark first")
+        write_sections(render(results))
+        return 0
     capacity = int(args.capacity_gb * 1e9)
     rows = [measure(name, cls, cfg, args.buckets, capacity) for name, (cls, cfg) in MODELS.items()]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    command = COMMAND.format(buckets=args.buckets, capacity_gb=args.capacity_gb)
-    RESULTS.write_text(json.dumps({"command": command, "gib": GIB, "models": rows}, indent=2) + "\n")
-    write_doc(rows, args.capacity_gb)
+    write_results(RESULTS, {**run_record(__file__, argv), "gib": GIB, "models": rows})
+    write_sections(render(read_results(RESULTS)))
     print(table(rows, args.capacity_gb))
-    print(f"\nwrote {RESULTS.relative_to(ROOT)} and {DOC.relative_to(ROOT)}")
+    print(f"\nwrote {RESULTS} and {DOC}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

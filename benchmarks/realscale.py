@@ -2,19 +2,21 @@
 
 A ``FluxPipeline`` whose transformer has FLUX.1-dev's widths (hidden 3072 = 24 heads x 128, MLP 12288, guidance
 embedding, RoPE axes 16/56/56) at reduced depth (1 double and 1 single block by default), seeded random weights in
-bfloat16, tiny text encoders and VAE (slimdiff.testing), goes through the real job: ``python -m flows.compress`` over
+bfloat16, tiny text encoders and VAE (tests/helpers.py), goes through the real job: ``python -m flows.compress`` over
 the DVC stages into MLflow and the registry, once per budget kind (params, then macs, then latency: DVC re-runs only
 what a new budget changes), on the CPU in bfloat16 at 32 px. Each stage's wall time and peak host RSS (the stage
-process's own ``ru_maxrss``) are put beside ``slimdiff.memory``'s prediction. Then:
+process's own ``ru_maxrss``) are put beside ``slimdiff.pipeline.memory``'s prediction. Then:
 
 - loading the compressed bfloat16 model: peak host RSS above the process before the load, against the folder's size;
 - the score stage's peak RSS as the number of sites grows (the same widths / 4 at 1+1, 2+2 and 4+4 blocks);
 - the formula for full FLUX.1-dev and SDXL on one 80 GB GPU with 64 GiB of host RAM: per stage and per worker, with the
   fewest ``capture.site_groups`` that fit.
 
-Writes benchmarks/results/realscale.json and its sections of docs/memory.md.
+Measuring writes benchmarks/results/realscale.json (with the command, the machine and the code version); rendering
+writes its sections of docs/memory.md from it alone.
 
     .venv/bin/python benchmarks/realscale.py [--depth 1 1] [--kinds params macs latency] [--workspace /tmp/realscale]
+    .venv/bin/python benchmarks/realscale.py --render-only      # re-render the sections from the results file
 """
 
 from __future__ import annotations
@@ -35,12 +37,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.pages import markdown_table, update_section  # noqa: E402
-from slimdiff.memory import GIB, MemorySettings, fits, footprint, predict  # noqa: E402
+from benchmarks.pages import markdown_table, provenance, read_results, run_record, write_results, write_sections  # noqa: E402
+from slimdiff.pipeline.memory import GIB, MemorySettings, fits, footprint, predict
 
 RESULTS = ROOT / "benchmarks" / "results" / "realscale.json"
 DOC = ROOT / "docs" / "memory.md"
-COMMAND = ".venv/bin/python benchmarks/realscale.py"
 HEADING = "## The job at FLUX.1-dev width on this CPU, measured against the formula"
 HEADING_FULL = "## Predicted: full FLUX.1-dev and SDXL on one 80 GB GPU and 64 GiB of host RAM"
 STAGES = ("curate", "capture", "gains", "latency", "score", "allocate", "decompose", "evaluate", "report")
@@ -57,7 +58,7 @@ def realscale_pipeline(depth: tuple[int, int], heads: int = 24, head_dim: int = 
     (double blocks, single blocks), seeded random weights in ``dtype``; tiny text encoders, VAE and scheduler."""
     from diffusers import FluxTransformer2DModel
 
-    from slimdiff import testing
+    from tests import helpers as testing
 
     pipe = testing.tiny_flux_pipeline(seed)
     torch.manual_seed(seed + 10)
@@ -72,8 +73,8 @@ def realscale_pipeline(depth: tuple[int, int], heads: int = 24, head_dim: int = 
 
 
 def workspace(root: Path, depth: tuple[int, int], heads: int = 24, overrides: dict | None = None) -> Path:
-    """A job workspace (slimdiff.testing.make_workspace) with the real-width pipeline, settings for a CPU rehearsal."""
-    from slimdiff import testing
+    """A job workspace (tests.helpers.make_workspace) with the real-width pipeline, settings for a CPU rehearsal."""
+    from tests import helpers as testing
 
     if root.exists():
         shutil.rmtree(root)
@@ -108,7 +109,7 @@ def environment(root: Path) -> dict[str, str]:
 
 def predicted(root: Path) -> dict[str, dict]:
     """The formula for this workspace's params (as the flow prints it in preflight)."""
-    from slimdiff.stages import load_params, predict_memory
+    from slimdiff.pipeline.stages import load_params, predict_memory
 
     previous = os.getcwd()
     os.chdir(root)
@@ -182,11 +183,11 @@ def sites_scaling(root: Path, depths: list[tuple[int, int]], env: dict) -> list[
         ws = workspace(root / f"sites-{depth[0]}x{depth[1]}", depth, heads=6,
                        overrides={"capture": {"batch_size": 3, "num_buckets": 2}})
         for stage in ("curate", "capture", "gains", "score"):
-            subprocess.run([sys.executable, "-m", "slimdiff.stages", stage], cwd=ws, env=env, check=True,
+            subprocess.run([sys.executable, "-m", "slimdiff.pipeline.stages", stage], cwd=ws, env=env, check=True,
                            capture_output=True)
         record = json.loads((ws / "outputs" / ".resources" / "score.json").read_text())
         prediction = predicted(ws)["score"]
-        from slimdiff.shards import open_capture
+        from slimdiff.statistics.sums import open_capture
 
         capture = open_capture(ws / "outputs" / "capture.safetensors")
         statistics = (ws / "outputs" / "capture.safetensors").stat().st_size
@@ -216,7 +217,7 @@ def flux_dev_folder(root: Path) -> Path:
     from transformers import CLIPTextConfig, T5Config
 
     from benchmarks.cost_dit import FLUX_DEV, FLUX_SCHEDULER
-    from slimdiff import testing
+    from tests import helpers as testing
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**FLUX_DEV)
@@ -243,7 +244,7 @@ def sdxl_folder(root: Path) -> Path:
     from transformers import CLIPTextConfig
 
     from benchmarks.memory_table import SDXL_UNET
-    from slimdiff import testing
+    from tests import helpers as testing
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)
@@ -268,7 +269,7 @@ def sdxl_folder(root: Path) -> Path:
 def full_model_predictions(root: Path) -> list[dict]:
     """The formula for FLUX.1-dev (bfloat16) and SDXL (float16) on one GPU with usable float64, per worker: the fewest
     site groups with which every stage fits 64 GiB of host RAM and an 80 GB GPU, at 4 buckets and at 1."""
-    from slimdiff.capture import SamplerSettings
+    from slimdiff.runtime.sampling import SamplerSettings
 
     cases = [("FLUX.1-dev", flux_dev_folder(root / "flux-dev"), SamplerSettings(28, 3.5, 1024, 1024), 2, "bfloat16",
               torch.bfloat16),
@@ -299,6 +300,16 @@ def gib(value) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
 
+def load(path: Path = RESULTS) -> dict | None:
+    return read_results(path) if Path(path).is_file() else None
+
+
+def render(result: dict) -> list[tuple[Path, str, str]]:
+    """Its sections of docs/memory.md: the measured job (when the run had one) and the full-model prediction."""
+    sections = [(DOC, HEADING, section(result))] if result.get("jobs") else []
+    return sections + [(DOC, HEADING_FULL, section_full(result))]
+
+
 def section(result: dict) -> str:
     jobs = result["jobs"]
     rows = []
@@ -311,14 +322,15 @@ def section(result: dict) -> str:
     sites = result["sites"]
     lines = [
         HEADING, "",
-        f"Command: `{result['command']}` ({result['machine']}; {result['date']}). A `FluxPipeline` whose transformer has "
+        *provenance(result, result.get("machine")), "",
+        "A `FluxPipeline` whose transformer has "
         f"FLUX.1-dev's widths (hidden 3072 = 24 heads x 128, MLP 12288, guidance embedding) and {result['depth'][0]} double "
         f"+ {result['depth'][1]} single block(s): {result['transformer_parameters'] / 1e6:,.0f} M parameters, seeded random "
         "bfloat16 weights; tiny text encoders and VAE. The job is the real one (`python -m flows.compress`: preflight with "
         "the printed prediction, the DVC stages, MLflow, the registry) on the CPU in bfloat16 at 32 px, 2 sampler steps, "
         "2 timestep buckets, once per budget kind: DVC re-runs only what a new budget changes. *Measured* is the stage "
         "process's own peak RSS (`ru_maxrss`, written to `outputs/.resources/<stage>.json`); *predicted* is "
-        "`slimdiff.memory.predict` for the same params, the figure the flow prints before the capture.", "",
+        "`slimdiff.pipeline.memory.predict` for the same params, the figure the flow prints before the capture.", "",
         "Exit codes: " + ", ".join(f"{j['kind']} {j['exit_code']}" for j in jobs) + ". "
         + ("Every stage's measured peak is at most "
            f"{worst:.2f}x its prediction (goal: at most 1.2x)." if worst else ""), "",
@@ -351,7 +363,8 @@ def section_full(result: dict) -> str:
                      gib(stages["score"]["device_terms"].get("decomposition working set"))])
     return "\n".join([
         HEADING_FULL, "",
-        f"Command: `{result['command']}`. The same formula, for the published configs (built on the meta device, no "
+        *provenance(result, result.get("machine")), "",
+        "The same formula, for the published configs (built on the meta device, no "
         "download): FLUX.1-dev in bfloat16 at 1024 px (28 steps, capture batch 2, T5 at 512 tokens), SDXL base in float16 "
         "at 1024 px (30 steps, capture batch 4 with classifier-free guidance). One worker = one GPU with usable float64 "
         "(H100/H200: the decompositions run there) and its host share; a worker holds every pipeline component on the "
@@ -371,27 +384,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/slimdiff-realscale"))
     parser.add_argument("--sites-depths", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--skip-job", action="store_true", help="only the predictions for full models (seconds)")
+    parser.add_argument("--render-only", action="store_true", help="only re-render the sections from the results file")
     args = parser.parse_args(argv)
+    if args.render_only:
+        result = load(RESULTS)
+        if result is None:
+            raise SystemExit(f"{RESULTS}: no results file; run the benchmark first")
+        write_sections(render(result))
+        return result
     root = args.workspace
     root.mkdir(parents=True, exist_ok=True)
-    result = {"command": COMMAND + (f" --depth {args.depth[0]} {args.depth[1]}" if tuple(args.depth) != (1, 1) else ""),
+    result = {**run_record(__file__, argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d"), "depth": list(args.depth)}
+              "depth": list(args.depth)}
     result["full_models"] = full_model_predictions(root / "configs")
     if not args.skip_job:
         ws = workspace(root / "job", tuple(args.depth))
-        from slimdiff import testing  # noqa: F401  (the workspace builder above)
-
         result["transformer_parameters"] = sum(p.numel() for p in realscale_pipeline(tuple(args.depth)).transformer.parameters())
         result["jobs"] = [run_job(ws, kind) for kind in args.kinds]
         result["load"] = load_peak(ws / "outputs" / "model", environment(ws))
         print(f"load: +{result['load']['increase'] / GIB:.2f} GiB for {result['load']['files_bytes'] / GIB:.2f} GiB of files",
               flush=True)
         result["sites"] = sites_scaling(root, [(d, d) for d in args.sites_depths], environment(ws))
-    RESULTS.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    if not args.skip_job:
-        update_section(DOC, HEADING, section(result))
-    update_section(DOC, HEADING_FULL, section_full(result))
+    write_results(RESULTS, result, indent=1)
+    write_sections(render(read_results(RESULTS)))
     return result
 
 

@@ -4,13 +4,15 @@ over several sampling seeds, with the committed evaluator and the same prompts.
 
 The spread over sampling seeds, and the binomial standard error of each accuracy, is the noise a
 difference between the models is judged against: a metric reproduces when the difference of the
-means is within 2 standard errors (seed spread and binomial SE combined). Writes
-benchmarks/results/reference_repro.csv and docs/reference-reproducibility.md.
+means is within 2 standard errors (seed spread and binomial SE combined). Measuring writes
+benchmarks/results/reference_repro.json (the rows, each model's training facts, the command, the machine and the
+code version); rendering writes docs/reference-reproducibility.md and docs/img/reference_repro_loss.png from it alone.
 
     .venv/bin/python benchmarks/reference_repro.py --model committed=data/reference/model \
         --model cpu-rerun=/path/to/retrained/model --seeds 1234 1235 1236
+    .venv/bin/python benchmarks/reference_repro.py --render-only
     .venv/bin/python benchmarks/reference_repro.py --from-csv benchmarks/results/reference_repro.csv \
-        --train-stats cpu-rerun=data/reference/cpu_rerun_train_stats.json
+        --train-stats cpu-rerun=data/reference/cpu_rerun_train_stats.json      # rows of an earlier run (CSV)
 """
 
 from __future__ import annotations
@@ -19,25 +21,26 @@ import argparse
 import csv
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from slimdiff.device import apply_threads  # noqa: E402
-from slimdiff.reference import REFERENCE_DIR, load_reference_pipeline  # noqa: E402
-from slimdiff.reference.data import load_split, make_split  # noqa: E402
-from slimdiff.reference.evaluator import FD_NAME, load_evaluator  # noqa: E402
-from slimdiff.reference.metrics import EvaluateConfig, evaluate_reference  # noqa: E402
-from slimdiff.utils import atomic_path  # noqa: E402
+from benchmarks.pages import provenance, read_results, relative, run_record, write_bytes, write_results, write_sections  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "reference_repro.json"
+LEGACY_CSV = RESULTS.with_suffix(".csv")  # the rows of runs before results files recorded their command
+DOC = ROOT / "docs" / "reference-reproducibility.md"
+PLOT = ROOT / "docs" / "img" / "reference_repro_loss.png"
+TITLE = "# Reference model: does re-training reproduce it?"
+REFERENCE_PARAMS = ROOT / "data" / "reference" / "params.yaml"  # slimdiff.reference.REFERENCE_DIR / "params.yaml"
+# The training facts of a model whose folder is gone, for rows in the CSV of an earlier run (the committed page was
+# rendered with these; commit b87cd67)
+LEGACY_TRAIN_STATS = {"cpu-rerun": ROOT / "data" / "reference" / "cpu_rerun_train_stats.json"}
 
 # (column, group, attribute): accuracies read from metrics["reference_alignment"].
 ACCURACIES = [
@@ -70,6 +73,13 @@ def parse_stats(spec: str) -> tuple[str, Path]:
 
 def measure(models: list[tuple[str, Path]], seeds: list[int], params: dict, dataset: Path | None,
             evaluator_dir: Path | None) -> list[dict]:
+    import torch
+
+    from slimdiff.reference import load_reference_pipeline
+    from slimdiff.reference.data import load_split, make_split
+    from slimdiff.reference.evaluator import FD_NAME, load_evaluator
+    from slimdiff.reference.metrics import EvaluateConfig, evaluate_reference
+
     sizes = params.get("data", {}).get("sizes", {})
     splits = {name: load_split(dataset, name) if dataset else make_split(name, params["seed"], sizes.get(name))
               for name in ("test", "heldout")}
@@ -122,29 +132,69 @@ def summarise(rows: list[dict], column: str, name: str) -> tuple[float, float]:
     return mean, max(se_seeds, se_binomial)
 
 
-def training_section(models: list[tuple[str, Path]], train_stats: dict[str, Path]) -> list[str]:
-    """Training facts from each model's train_stats.json (its folder's, unless `train_stats` names another
-    file), and the loss curves side by side in one plot."""
-    import matplotlib
+def train_stats_of(models: list[tuple[str, Path]], given: dict[str, Path]) -> dict[str, dict | None]:
+    """Each model's training facts: the file ``given`` names for it, else its folder's train_stats.json, else None."""
+    out = {}
+    for name, folder in models:
+        path = Path(given.get(name, Path(folder) / "train_stats.json"))
+        out[name] = json.loads(path.read_text()) if path.is_file() else None
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+# ---- rendering: from the results file alone -----------------------------------------------------------------------
+
+
+def from_rows(rows: list[dict], train_stats: dict[str, Path], source: str) -> dict:
+    """Results from the CSV rows of an earlier run (no command, machine or code version recorded)."""
+    models = list(dict.fromkeys((r["model"], r["folder"]) for r in rows))
+    return {"rows": rows, "models": [list(m) for m in models], "seeds": sorted({r["seed"] for r in rows}),
+            "train_stats": train_stats_of([(n, Path(f) if Path(f).is_absolute() else ROOT / f) for n, f in models],
+                                          train_stats),
+            "seconds": sum(r["seconds"] for r in rows), "_source": source}
+
+
+def load(path: Path = RESULTS) -> dict | None:
+    """The results file, or the CSV rows of an earlier run beside it (with ``LEGACY_TRAIN_STATS``)."""
+    path = Path(path)
+    if path.is_file():
+        return read_results(path)
+    if path.with_suffix(".csv").is_file():
+        return from_rows(read_rows(path.with_suffix(".csv")), LEGACY_TRAIN_STATS, relative(path.with_suffix(".csv")))
+    return None
+
+
+def training_table(results: dict) -> list[str]:
     lines = ["| model | device | torch | VAE s | VAE val MAE (/255) | UNet s | UNet steps | final loss (mean of last 5 logs) |",
              "|---|---|---|---|---|---|---|---|"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, folder in models:
-        stats_path = train_stats.get(name, folder / "train_stats.json")
-        if not stats_path.is_file():
+    for name, _ in results["models"]:
+        stats = results["train_stats"].get(name)
+        if stats is None:
             lines.append(f"| {name} | (no train_stats.json) | | | | | | |")
             continue
-        stats = json.loads(stats_path.read_text())
         device = stats.get("gpu") or stats.get("device", "?")
         log = np.array(stats.get("loss_log") or [[0, float("nan")]], dtype=float)
         lines.append(f"| {name} | {device} | {stats.get('torch', '?')} | {stats.get('vae_seconds', '?')} | "
                      f"{stats.get('vae_val_mae_255', '?')} | {stats.get('unet_seconds', '?')} | {stats.get('unet_steps', '?')} | "
                      f"{log[-5:, 1].mean():.4f} |")
-        ax.plot(log[:, 0], log[:, 1], label=f"{name} ({device})")
+    return [*lines, "", f"![UNet training loss of each model](img/{PLOT.name})"]
+
+
+def draw(results: dict, path: Path = PLOT) -> list[Path]:
+    """The loss curves side by side, from the training facts in the results."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, _ in results["models"]:
+        stats = results["train_stats"].get(name)
+        if stats is None:
+            continue
+        log = np.array(stats.get("loss_log") or [[0, float("nan")]], dtype=float)
+        ax.plot(log[:, 0], log[:, 1], label=f"{name} ({stats.get('gpu') or stats.get('device', '?')})")
     ax.set_xlabel("UNet training step")
     ax.set_ylabel("running loss (v-pred., min-SNR)")
     ax.set_title("UNet + text encoder training, same seed and config")
@@ -152,31 +202,22 @@ def training_section(models: list[tuple[str, Path]], train_stats: dict[str, Path
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    plot_path = ROOT / "docs" / "img" / "reference_repro_loss.png"
-    with atomic_path(plot_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    return [*lines, "", "![UNet training loss of each model](img/reference_repro_loss.png)"]
+    write_bytes(path, buffer.getvalue())
+    return [path]
 
 
-def write_rows(rows: list[dict]) -> Path:
-    """The measured rows as benchmarks/results/reference_repro.csv (atomically)."""
-    csv_path = ROOT / "benchmarks" / "results" / "reference_repro.csv"
-    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return csv_path
-
-
-def write_outputs(rows: list[dict], models: list[tuple[str, Path]], args, seconds: float) -> None:
+def render(results: dict) -> list[tuple[Path, str, str]]:
+    rows = results["rows"]
+    models = [(n, f) for n, f in results["models"]]
     names = [name for name, _ in models]
     reference, others = names[0], names[1:]
     columns = [c for c, _, _ in ACCURACIES] + [FD_COLUMN]
     header = "| metric | " + " | ".join(f"{n} (mean ± SE)" for n in names)
     header += "".join(f" | {o} − {reference} | within 2 SE" for o in others) + " |"
     lines = [header, "|" + "---|" * (1 + len(names) + 2 * len(others))]
-    verdicts = {}
     for column in columns:
         stats = {n: summarise(rows, column, n) for n in names}
         digits = 1 if column == FD_COLUMN else 3
@@ -185,22 +226,23 @@ def write_outputs(rows: list[dict], models: list[tuple[str, Path]], args, second
             diff = stats[o][0] - stats[reference][0]
             se = math.hypot(stats[o][1], stats[reference][1])
             ok = abs(diff) <= 2 * se
-            verdicts[(column, o)] = ok
             distance = f"{abs(diff) / se:.1f} SE" if se > 0 else "identical" if diff == 0 else "SE 0"
             cells += [f"{diff:+.{digits}f}", f"yes ({distance})" if ok else f"**no** ({distance})"]
         lines.append(f"| {column} | " + " | ".join(cells) + " |")
     real = np.mean([r["fd_shapes_real_vs_real"] for r in rows])
+    threads = ", ".join(str(t) for t in sorted({r["threads"] for r in rows}))
+    params = results.get("params", "data/reference/params.yaml")
     doc = [
-        "# Reference model: does re-training reproduce it?",
+        TITLE,
         "",
         "Generated by `benchmarks/reference_repro.py`; do not edit by hand. Raw rows: "
-        "`benchmarks/results/reference_repro.csv`.",
+        f"`{results.get('_source', relative(RESULTS))}`.",
         "",
-        f"Models compared (first is the reference): " + ", ".join(f"`{n}` = `{p}`" for n, p in models) + ". "
+        "Models compared (first is the reference): " + ", ".join(f"`{n}` = `{p}`" for n, p in models) + ". "
         "A folder outside the repository is a local re-training output and is not committed; "
         "its training facts are in the table at the end.",
-        f"Sampling seeds: {', '.join(str(s) for s in args.seeds)}; the same prompts, sampler and committed evaluator "
-        "for every model (the `evaluate` section of `data/reference/params.yaml`).",
+        f"Sampling seeds: {', '.join(str(s) for s in results['seeds'])}; the same prompts, sampler and committed evaluator "
+        f"for every model (the `evaluate` section of `{params}`).",
         "",
         "SE: the larger of the seed-to-seed standard error and the binomial standard error of the accuracy "
         "(for FD-shapes, seed-to-seed only). A difference counts as reproduced when it is within 2 SE, where SE "
@@ -214,65 +256,80 @@ def write_outputs(rows: list[dict], models: list[tuple[str, Path]], args, second
         "",
         "## Training runs",
         "",
-        *training_section(models, dict(args.train_stats)),
+        *training_table(results),
         "",
-        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{', '.join(str(t) for t in sorted({r['threads'] for r in rows}))} torch threads; {seconds / 60:.1f} min for {len(rows)} evaluations.",
-        "",
-        "Command:",
-        "",
-        "```bash",
-        ".venv/bin/python benchmarks/reference_repro.py " + " ".join(f"--model {n}={p}" for n, p in models)
-        + " --seeds " + " ".join(str(s) for s in args.seeds)
-        + ("" if args.params == REFERENCE_DIR / "params.yaml" else f" --params {args.params}")
-        + (f" --threads {args.threads}" if args.threads else "")
-        + "".join(f" --train-stats {n}={p}" for n, p in args.train_stats),
-        "```",
+        *provenance(results, settings={"seeds": " ".join(map(str, results["seeds"]))}),
+        f"{threads} torch thread(s); {results['seconds'] / 60:.1f} min for {len(rows)} evaluations. Re-render: "
+        "`.venv/bin/python benchmarks/reference_repro.py --render-only`.",
         "",
     ]
-    doc_path = ROOT / "docs" / "reference-reproducibility.md"
-    with atomic_path(doc_path) as tmp:
-        Path(tmp).write_text("\n".join(doc))
-    failed = [f"{c} ({o})" for (c, o), ok in verdicts.items() if not ok]
-    print(f"wrote {doc_path}; " + (f"outside 2 SE: {', '.join(failed)}" if failed else "all within 2 SE"))
+    return [(DOC, TITLE, "\n".join(doc))]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", dest="models", type=parse_model, action="append", default=[],
                         help="NAME=FOLDER of a reference-model pipeline; give two or more, the first is the reference")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
-    parser.add_argument("--params", type=Path, default=REFERENCE_DIR / "params.yaml")
-    parser.add_argument("--dataset", type=Path, default=REFERENCE_DIR / "dataset",
+    parser.add_argument("--params", type=Path, default=REFERENCE_PARAMS)
+    parser.add_argument("--dataset", type=Path, default=REFERENCE_PARAMS.parent / "dataset",
                         help="dataset folder of the DVC `dataset` stage (generated from the seed if missing)")
     parser.add_argument("--evaluator", type=Path, default=None, help="evaluator folder (default: the committed one)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--train-stats", type=parse_stats, action="append", default=[],
                         help="NAME=FILE: training facts of a model whose folder is gone or elsewhere "
                              "(e.g. cpu-rerun=data/reference/cpu_rerun_train_stats.json)")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the page from the results file without evaluating")
     parser.add_argument("--from-csv", type=Path, default=None,
-                        help="rewrite the page from saved rows (benchmarks/results/reference_repro.csv) without evaluating")
-    args = parser.parse_args()
+                        help="rewrite the page from the CSV rows of an earlier run without evaluating")
+    args = parser.parse_args(argv)
+    if args.render_only:
+        results = load(RESULTS)
+        if results is None:
+            parser.error(f"{relative(RESULTS)}: no results file (nor {LEGACY_CSV.name}); run the benchmark first")
+        write_page(results)
+        return 0
     if args.from_csv:
         if not args.from_csv.is_file():
-            parser.error(f"--from-csv {args.from_csv}: no such file (the benchmark writes benchmarks/results/reference_repro.csv)")
-        rows = read_rows(args.from_csv)
-        args.models = list(dict.fromkeys((r["model"], Path(r["folder"])) for r in rows))
-        args.seeds = sorted({r["seed"] for r in rows})
-        write_outputs(rows, args.models, args, sum(r["seconds"] for r in rows))
-        return
+            parser.error(f"--from-csv {args.from_csv}: no such file (earlier runs wrote benchmarks/results/reference_repro.csv)")
+        write_page(from_rows(read_rows(args.from_csv), dict(args.train_stats), relative(args.from_csv)))
+        return 0
     if len(args.models) < 2:
         parser.error("give at least two --model NAME=FOLDER to compare")
     if len({n for n, _ in args.models}) != len(args.models):
         parser.error("--model names must be unique")
+    import yaml
+
+    from slimdiff.device import apply_threads
+
     apply_threads(args.threads)
+    record = run_record(__file__, argv)
     params = yaml.safe_load(args.params.read_text())
     dataset = args.dataset if args.dataset.is_dir() else None
     start = time.time()
     rows = measure(args.models, args.seeds, params, dataset, args.evaluator)
-    print(f"wrote {write_rows(rows)}")
-    write_outputs(rows, args.models, args, time.time() - start)
+    results = {**record, "models": [[n, str(p)] for n, p in args.models], "seeds": list(args.seeds),
+               "params": relative(args.params), "train_stats": train_stats_of(args.models, dict(args.train_stats)),
+               "seconds": time.time() - start, "rows": rows}
+    write_results(RESULTS, results)
+    print(f"wrote {relative(RESULTS)}")
+    write_page(read_results(RESULTS))
+    return 0
+
+
+def write_page(results: dict) -> None:
+    write_sections(render(results))
+    draw(results)
+    names = [n for n, _ in results["models"]]
+    failed = []
+    for column in [c for c, _, _ in ACCURACIES] + [FD_COLUMN]:
+        ref = summarise(results["rows"], column, names[0])
+        for other in names[1:]:
+            mine = summarise(results["rows"], column, other)
+            if abs(mine[0] - ref[0]) > 2 * math.hypot(mine[1], ref[1]):
+                failed.append(f"{column} ({other})")
+    print(f"wrote {relative(DOC)}; " + (f"outside 2 SE: {', '.join(failed)}" if failed else "all within 2 SE"))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

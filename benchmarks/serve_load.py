@@ -1,15 +1,18 @@
 """Load on the served model (issue 24): a real ``mlflow models serve`` of the compressed reference model on a loopback
 port, 1, 2, 4 and 8 concurrent clients for a bounded time each, hostile requests mixed in; coalescing of requests on
-and off side by side (one server each); and the working memory a request needs against ``predict_memory``.
+and off side by side (one server each); and the working memory a request needs against ``request_memory``.
 
 For each server and client count: valid images answered per second, p50/p95 latency, peak RSS of the server, failed
 valid requests, wrong answers (an image that differs from the one a lone request gets: bitwise, and the largest
 difference in uint8 levels) and hostile requests answered (each must get its 4xx and leave the server alive).
 
-Writes two sections of docs/serving.md (the rest of the page is written by hand):
+Measuring writes benchmarks/results/serve_load.json (each part with the command, the machine and the code version
+that measured it: a part skipped by --skip-memory / --skip-load keeps the previous file's); rendering writes two
+sections of docs/serving.md from it alone (the rest of the page is written by hand):
 
     .venv/bin/python benchmarks/serve_load.py [--model outputs/model] [--seconds 20] [--clients 1 2 4 8] [--threads 1]
                                               [--skip-memory] [--skip-load]
+    .venv/bin/python benchmarks/serve_load.py --render-only
 
 Without ``--model`` (or when it does not exist) the reference model is compressed first (budget 0.4, 64 calibration
 prompts from the caption pool, the deployment sampler of params.yaml): a stand-in for ``outputs/model`` that takes a
@@ -39,9 +42,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.pages import markdown_table, update_section  # noqa: E402
+from benchmarks.pages import markdown_table, provenance, read_results, run_record, write_results, write_sections  # noqa: E402
 
 PAGE = ROOT / "docs" / "serving.md"
+RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
+MEMORY_HEADING = "## Memory prediction (benchmarks/serve_load.py)"
+LOAD_HEADING = "## Load (benchmarks/serve_load.py)"
 NAME = "slimdiff-reference"
 BIN = Path(sys.executable).parent
 # (prompts, side, guidance) of the memory measurement: the served range of the reference model (8..64 px) and beyond
@@ -67,8 +73,8 @@ def params_yaml() -> dict:
 def compressed_reference(work: Path, prompts: int) -> Path:
     """The reference model compressed like the main job does (budget 0.4), on ``prompts`` calibration prompts."""
     import slimdiff
-    from slimdiff.capture import SamplerSettings
     from slimdiff.compress import SlimDiffConfig, compress_pipeline
+    from slimdiff.runtime.sampling import SamplerSettings
 
     params = params_yaml()
     captions = [json.loads(line)["caption"] for line in (ROOT / "data" / "reference" / "captions.jsonl").read_text().splitlines()]
@@ -88,7 +94,7 @@ def register(folder: Path, work: Path) -> str:
     import mlflow
     from mlflow import MlflowClient
 
-    from flows.tracking import log_pipeline_model
+    from flows.model_logging import log_pipeline_model
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -252,16 +258,16 @@ def run_level(server: Server, clients: int, seconds: float, pool: list, lone: di
             "hostile_unexpected": [h for h in hostile_log if not (h[1] == h[2] and h[3])][:3]}
 
 
-def load_benchmark(model: Path, work: Path, seconds: float, levels: list[int], threads: int) -> tuple[str, dict]:
-    from flows.pyfunc_model import model_shape, predict_memory
+def load_benchmark(model: Path, work: Path, seconds: float, levels: list[int], threads: int) -> dict:
+    from slimdiff.runtime.requests import model_shape, request_memory
 
     uri = register(model, work)
     params = params_yaml()["sampler"]
     shape = model_shape(model)
     native = shape.native_size[0]
-    memory = predict_memory(shape, 16, native, native, float(params["guidance"]))  # a full coalesced batch fits
+    memory = request_memory(shape, 16, native, native, float(params["guidance"]))  # a full coalesced batch fits
     over = (8, 2 * native)  # 8 prompts at twice the native size (the largest valid size): over it
-    assert predict_memory(shape, over[0], over[1], over[1], float(params["guidance"])) > memory
+    assert request_memory(shape, over[0], over[1], over[1], float(params["guidance"])) > memory
     captions = [json.loads(line)["caption"] for line in (ROOT / "data" / "reference" / "eval_prompts.jsonl").read_text().splitlines()]
     pool = [(captions[i], 1 + i % 3) for i in range(8)]  # 8 distinct (prompt, seed)
     results = {}
@@ -287,10 +293,12 @@ def load_benchmark(model: Path, work: Path, seconds: float, levels: list[int], t
             results[coalesce] = {"ready_s": server.ready_s, "rows": rows, "alive": server.alive()}
         finally:
             server.stop()
-    return render_load(results, seconds, threads, memory, over, pool), results
+    return {"servers": results, "seconds": seconds, "threads": threads, "memory_limit": memory, "over": list(over),
+            "pool": len(pool), "loadavg_end": list(os.getloadavg())}
 
 
-def render_load(results: dict, seconds: float, threads: int, memory: int, over: tuple[int, int], pool: list) -> str:
+def render_load(part: dict) -> str:
+    results, seconds, threads, memory, over = part["servers"], part["seconds"], part["threads"], part["memory_limit"], part["over"]
     header = ["coalescing", "clients", "images/s", "p50 latency", "p95 latency", "valid requests ok", "failed",
               "not bitwise the lone image", "wrong (> 1 level)", "hostile refused, server alive", "peak RSS"]
     rows = []
@@ -302,14 +310,13 @@ def render_load(results: dict, seconds: float, threads: int, memory: int, over: 
                          f"{row['hostile_refused']}/{row['hostile']}", f"{row['peak_rss_mib']:.0f} MiB"])
     one = {c: r["rows"][0]["images_per_s"] for c, r in results.items() if r["rows"]}
     eight = {c: r["rows"][-1]["images_per_s"] for c, r in results.items() if r["rows"]}
-    lines = ["## Load (benchmarks/serve_load.py)", "",
-             f"`{' '.join(['.venv/bin/python', 'benchmarks/serve_load.py', *sys.argv[1:]])}` on {machine()}; "
-             f"{time.strftime('%Y-%m-%d')}. A real `mlflow models serve -m models:/{NAME}@champion --env-manager local` "
+    lines = [LOAD_HEADING, "", *provenance(part, part.get("machine")), "",
+             f"A real `mlflow models serve -m models:/{NAME}@champion --env-manager local` "
              f"of the compressed reference model on a loopback port, `SLIMDIFF_THREADS={threads}`, "
              f"`SLIMDIFF_SERVE_MAX_MEMORY={memory}` (a full coalesced batch of 16 prompts at the native size fits; "
              f"{over[0]} prompts at {over[1]} px do not), one server with coalescing on and one with it off. Each row: "
              f"that many clients sending one-prompt requests at the deployment sampler back to back for {seconds:g} s "
-             f"({len(pool)} distinct prompt/seed pairs), plus one client sending a hostile request every 0.5 s (a "
+             f"({part['pool']} distinct prompt/seed pairs), plus one client sending a hostile request every 0.5 s (a "
              "100000 px side, a billion steps, 100 prompts, an unknown param, a negative seed, guidance 1e9, a 1 MB "
              "prompt, malformed JSON, a request over the memory limit). Every answer is compared with the image the same "
              "request gets alone: \"not bitwise\" counts answers that differ at all (a coalesced batch's float sums "
@@ -325,7 +332,7 @@ def render_load(results: dict, seconds: float, threads: int, memory: int, over: 
     lines.append("- fewer hostile requests at 8 clients: MLflow's server runs each `predict` in asyncio's default thread "
                  "pool (6 threads on 2 cores) and a request waiting for the worker holds its thread, so a hostile request "
                  "waits for a free thread before it is refused (`/ping` answers throughout)")
-    lines.append(f"- load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    lines.append(f"- load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in part['loadavg_end'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -337,7 +344,7 @@ def measure_one(model: str, prompts: int, side: int, guidance: float) -> None:
     import torch
 
     import slimdiff
-    from slimdiff.capture import SamplerSettings
+    from slimdiff.runtime.sampling import SamplerSettings
 
     torch.set_num_threads(1)
     pipe = slimdiff.load(model)
@@ -359,8 +366,13 @@ def measure_one(model: str, prompts: int, side: int, guidance: float) -> None:
     print(json.dumps({"delta": status("VmHWM") - before}))
 
 
-def memory_benchmark(model: Path) -> str:
-    from flows.pyfunc_model import MEMORY_FACTOR, MEMORY_OVERHEAD, model_shape, predict_memory
+def memory_benchmark(model: Path) -> dict:
+    from slimdiff.runtime.requests import (
+        MEMORY_FACTOR,
+        MEMORY_OVERHEAD,
+        model_shape,
+        request_memory,
+    )
 
     shape = model_shape(model)
     rows = []
@@ -368,22 +380,29 @@ def memory_benchmark(model: Path) -> str:
         out = subprocess.run([sys.executable, __file__, "--measure-one", str(model), str(prompts), str(side), str(guidance)],
                              capture_output=True, text=True, check=True, env=dict(os.environ, SLIMDIFF_THREADS="1"))
         measured = json.loads(out.stdout.strip().splitlines()[-1])["delta"]
-        predicted = predict_memory(shape, prompts, side, side, guidance)
+        predicted = request_memory(shape, prompts, side, side, guidance)
         counted = (predicted - MEMORY_OVERHEAD) / MEMORY_FACTOR
-        rows.append([prompts, f"{side}x{side}", f"{guidance:g}", f"{measured / 2**20:.1f} MiB", f"{counted / 2**20:.1f} MiB",
-                     f"{measured / counted:.2f}", f"{predicted / 2**20:.0f} MiB", "yes" if predicted >= measured else "**no**"])
+        rows.append({"prompts": prompts, "side": side, "guidance": guidance, "measured_bytes": measured,
+                     "counted_bytes": counted, "predicted_bytes": predicted})
         print(f"memory: {prompts} prompt(s) {side} px guidance {guidance:g}: measured {measured / 2**20:.1f} MiB, "
               f"predicted {predicted / 2**20:.0f} MiB")
+    return {"rows": rows, "factor": MEMORY_FACTOR, "overhead_bytes": MEMORY_OVERHEAD}
+
+
+def render_memory(part: dict) -> str:
+    rows = [[r["prompts"], f"{r['side']}x{r['side']}", f"{r['guidance']:g}", f"{r['measured_bytes'] / 2**20:.1f} MiB",
+             f"{r['counted_bytes'] / 2**20:.1f} MiB", f"{r['measured_bytes'] / r['counted_bytes']:.2f}",
+             f"{r['predicted_bytes'] / 2**20:.0f} MiB", "yes" if r["predicted_bytes"] >= r["measured_bytes"] else "**no**"]
+            for r in part["rows"]]
     header = ["prompts", "size", "guidance", "measured peak RSS above the model", "counted activations", "measured / counted",
-              f"predicted (x{MEMORY_FACTOR:g} + {MEMORY_OVERHEAD // 2**20} MiB)", "covered"]
+              f"predicted (x{part['factor']:g} + {part['overhead_bytes'] // 2**20} MiB)", "covered"]
     return "\n".join([
-        "## Memory prediction (benchmarks/serve_load.py)", "",
-        f"`{' '.join(['.venv/bin/python', 'benchmarks/serve_load.py', *sys.argv[1:]])}` on {machine()}; "
-        f"{time.strftime('%Y-%m-%d')}. Each row is a "
+        MEMORY_HEADING, "", *provenance(part, part.get("machine")), "",
+        "Each row is a "
         "fresh process: the served model loaded, one warm-up call at 8 px, the peak RSS reset (`/proc/self/clear_refs`), "
         "then one call of 2 steps; \"measured\" is the process's peak RSS during the call (`VmHWM`) minus its RSS before "
         "it (what the OOM killer counts; the number of steps does not change it). \"counted\" is what "
-        "`flows.pyfunc_model.predict_memory` counts from the component configs before its factor.",
+        "`slimdiff.runtime.requests.request_memory` counts from the component configs before its factor.",
         "", markdown_table(header, rows), ""]) + "\n"
 
 
@@ -403,24 +422,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--measure-one", nargs=4, metavar=("MODEL", "PROMPTS", "SIDE", "GUIDANCE"), help=argparse.SUPPRESS)
+    parser.add_argument("--render-only", action="store_true", help="only re-render the two sections from the results file")
     args = parser.parse_args(argv)
     if args.measure_one:
         model, prompts, side, guidance = args.measure_one
         measure_one(model, int(prompts), int(side), float(guidance))
         return 0
+    if args.render_only:
+        results = load(RESULTS)
+        if results is None:
+            raise SystemExit(f"{RESULTS}: no results file; run the benchmark first")
+        write_sections(render(results))
+        return 0
     from slimdiff.device import apply_threads
 
     apply_threads(args.threads)
+    record = {**run_record(__file__, argv), "machine": machine()}
+    previous = load(RESULTS) or {}
+    results = {**record, "memory": previous.get("memory"), "load": previous.get("load")}  # a skipped part stays as it was
     with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch:
         work = Path(scratch)
         model = args.model if (args.model / "model_index.json").is_file() else compressed_reference(work, args.calibration_prompts)
         if not args.skip_memory:
-            update_section(PAGE, "## Memory prediction (benchmarks/serve_load.py)", memory_benchmark(model))
+            results["memory"] = {**record, **memory_benchmark(model)}
         if not args.skip_load:
-            page, _ = load_benchmark(model, work, args.seconds, args.clients, args.threads)
-            update_section(PAGE, "## Load (benchmarks/serve_load.py)", page)
-    print(f"wrote {PAGE.relative_to(ROOT)}")
+            results["load"] = {**record, **load_benchmark(model, work, args.seconds, args.clients, args.threads)}
+    write_results(RESULTS, {k: v for k, v in results.items() if v is not None})
+    write_sections(render(read_results(RESULTS)))
+    print(f"wrote {RESULTS} and {PAGE}")
     return 0
+
+
+# ---- rendering: from the results file alone -----------------------------------------------------------------------
+
+
+def load(path: Path = RESULTS) -> dict | None:
+    return read_results(path) if Path(path).is_file() else None
+
+
+def render(results: dict) -> list[tuple[Path, str, str]]:
+    """Its two sections of docs/serving.md, each with the command that measured it."""
+    sections = []
+    if results.get("memory"):
+        sections.append((PAGE, MEMORY_HEADING, render_memory(results["memory"])))
+    if results.get("load"):
+        sections.append((PAGE, LOAD_HEADING, render_load(results["load"])))
+    return sections
 
 
 if __name__ == "__main__":

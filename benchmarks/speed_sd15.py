@@ -7,20 +7,25 @@ the latency table of every compressible unit, then plans of every budget kind, a
 (interleaved, median). End-to-end 25-step generation time is composed from measured components: text
 encoder + 25 x UNet (CFG batch 2) + VAE decode (SD 1.5 configs, random weights).
 
-Writes benchmarks/results/speed.json and docs/benchmarks-speed.md.
+Measuring writes benchmarks/results/speed.json (every figure of one run of one command, with the command, the
+machine and the code version); rendering writes docs/benchmarks-speed.md and docs/img/speed_sd15.png from it alone.
+The scores and the latency table are cached in ``--cache-dir`` under a key of the code version (git commit and the
+hash of slimdiff's source files), the model's content hash and the settings they depend on; the results file says
+whether a cache was reused.
 
-    .venv/bin/python benchmarks/speed_sd15.py [--threads 1] [--repeats 3] [--scores-cache /tmp/sd15_scores.json]
+    .venv/bin/python benchmarks/speed_sd15.py [--threads 1] [--repeats 3] [--points 16] [--no-cache]
+    .venv/bin/python benchmarks/speed_sd15.py --render-only      # re-render the page from speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
-import os
-import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,18 +34,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import slimdiff.slim as slim  # noqa: E402
-from slimdiff.allocate import BudgetError, WidthPlan, allocate  # noqa: E402
-from slimdiff.capture import ActivationRecorder, Capture, sites_for  # noqa: E402
-from slimdiff.evaluate import latency  # noqa: E402
-from slimdiff.groups import compressible_groups, find_groups  # noqa: E402
-from slimdiff.influence import Granularity, InfluenceScores, score  # noqa: E402
-from slimdiff.latency import LatencyTable, measure_latency_table  # noqa: E402
-from slimdiff.slim import resize_group  # noqa: E402
-from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
+import slimdiff.runtime.attention as attention  # noqa: E402
+from benchmarks.pages import provenance, read_results, run_record, write_results  # noqa: E402
+from slimdiff.planning.allocation import BudgetError, WidthPlan, allocate
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture
+from slimdiff.arch.sites import sites_for
+from slimdiff.pipeline.evaluation import latency
+from slimdiff.arch import compressible_groups, find_groups
+from slimdiff.scoring.influence import Granularity, InfluenceScores, score
+from slimdiff.planning.latency import LatencyTable, measure_latency_table
+from slimdiff.runtime.resize import resize_group
+from tests.helpers import SD15_UNET_CONFIG
 
 RESULTS = ROOT / "benchmarks" / "results" / "speed.json"
 DOC = ROOT / "docs" / "benchmarks-speed.md"
+PLOT = ROOT / "docs" / "img" / "speed_sd15.png"
+TITLE = "# Speed at real shapes: budgets in parameters, MACs and latency (SD 1.5-shaped UNet)"
 STEPS = 25
 
 SD15_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -57,14 +67,15 @@ def cfg_call(timestep: int, seed: int) -> tuple[tuple, dict]:
             {"timestep": timestep, "encoder_hidden_states": torch.randn(2, 77, 768, generator=generator)})
 
 
-def build_scores(unet, calls: int, ffn_points: int) -> InfluenceScores:
+def build_scores(unet, calls: int, ffn_points: int, model_hash: str) -> InfluenceScores:
     groups = compressible_groups(unet)
     recorder = ActivationRecorder(unet, sites_for(groups), 1, 1000)
     with torch.inference_mode(), recorder:
         for index, timestep in enumerate(torch.linspace(900, 100, calls).round().long().tolist()):
             args, kwargs = cfg_call(timestep, index)
             unet(*args, **kwargs)
-    stats = Capture(recorder.stats, {"bucket_edges": recorder.edges, "site_tokens": dict(recorder.site_tokens)})
+    stats = Capture(recorder.stats, {"bucket_edges": recorder.edges, "site_tokens": dict(recorder.site_tokens),
+                                     "model_hash": model_hash})
     return score(unet, stats, None, Granularity(8, 1), max_ffn_points=ffn_points, require_gains=False, progress=True)
 
 
@@ -147,17 +158,28 @@ def make_plans(scores: InfluenceScores, table: LatencyTable, p40: float, target:
     return plans
 
 
-def cached(path: Path, load, compute, what: str):
-    """(``load(path)``, None) when ``path`` exists, else (``compute()`` saved to ``path``, its seconds)."""
-    if path.is_file():
+def cache_key(what: str, code: dict, model_hash: str, settings: dict) -> str:
+    """The name of a cache file: what it holds, and a hash of the code version, the model and the settings."""
+    content = json.dumps({"what": what, "commit": code.get("commit"), "slimdiff_source": code["slimdiff_source"],
+                          "model_hash": model_hash, **settings}, sort_keys=True)
+    return f"{what}-{hashlib.sha256(content.encode()).hexdigest()[:20]}.json"
+
+
+def cached(path: Path | None, load, compute, what: str) -> tuple[object, dict]:
+    """(``load(path)``, how) when ``path`` exists, else (``compute()`` saved to ``path`` unless it is None, how);
+    ``how`` says whether the cache was reused and how long computing took."""
+    if path is not None and path.is_file():
         print(f"{what} from {path}", flush=True)
-        return load(path), None
+        made = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime))
+        return load(path), {"file": path.name, "reused": True, "cache_written": made, "seconds": None}
     start = time.perf_counter()
     value = compute()
-    value.save(path)
     seconds = time.perf_counter() - start
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        value.save(path)
     print(f"{what} in {seconds:.0f} s", flush=True)
-    return value, seconds
+    return value, {"file": path.name if path is not None else None, "reused": False, "seconds": seconds}
 
 
 def time_component(fn, repeats: int) -> float:
@@ -171,10 +193,7 @@ def time_component(fn, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def main() -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every timing")
     parser.add_argument("--compute-threads", type=int, default=2, help="torch threads for capture and scores")
@@ -184,40 +203,58 @@ def main() -> None:
     parser.add_argument("--ffn-points", type=int, default=8)
     parser.add_argument("--params-budget", type=float, default=0.4)
     parser.add_argument("--latency-target", type=float, default=0.7)
-    parser.add_argument("--scores-cache", default="/tmp/slimdiff_sd15_scores.json")
-    parser.add_argument("--table-cache", default="/tmp/slimdiff_sd15_latency.json")
-    parser.add_argument("--replan-only", action="store_true", help="recompute the plans' own figures (predicted error and "
-                        "latency) from the caches into the existing speed.json, keeping its timings")
-    args = parser.parse_args()
+    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "slimdiff-speed-sd15",
+                        help="scores and latency table, under a key of code version, model hash and settings")
+    parser.add_argument("--no-cache", action="store_true", help="compute the scores and the table afresh, save nothing")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
+    parser.add_argument("--render-only", action="store_true", help="only re-render the page and plot from --out")
+    return parser.parse_args(argv)
 
-    results: dict = {"device": f"{os.cpu_count()}-core {platform.machine()} CPU", "threads": args.threads, "torch": torch.__version__,
-                     "args": vars(args), "date": time.strftime("%Y-%m-%d"), "plans": []}
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render_only:
+        results = load(args.out)
+        if results is None:
+            raise SystemExit(f"{args.out}: no results file; run the benchmark first")
+        write_page(results)
+        return 0
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from slimdiff.statistics.recording import model_content_hash
+
+    began = time.perf_counter()
+    results: dict = {**run_record(__file__, argv), "threads": args.threads,
+                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                  if k not in ("render_only", "out")},
+                     "plans": []}
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+    results["model_hash"] = model_hash = model_content_hash(unet)
+    results["groups"] = {g.name: {"kind": g.kind, "width": g.width} for g in compressible_groups(unet)}
+    code = results["code"]
+    cache = None if args.no_cache else args.cache_dir
     torch.set_num_threads(args.compute_threads)
-    scores, _ = cached(Path(args.scores_cache), InfluenceScores.load,
-                       lambda: build_scores(unet, args.calls, args.ffn_points), "scores")
+    scores_path = cache / cache_key("scores", code, model_hash, {"calls": args.calls, "ffn_points": args.ffn_points}) if cache else None
+    scores, scores_how = cached(scores_path, InfluenceScores.load,
+                                lambda: build_scores(unet, args.calls, args.ffn_points, model_hash), "scores")
     torch.set_num_threads(args.threads)
     call = cfg_call(500, 99)
-    table, results["table_s"] = cached(
-        Path(args.table_cache), LatencyTable.load,
+    table_path = (cache / cache_key("latency", code, model_hash, {"points": args.points, "repeats": args.repeats,
+                                                                 "threads": args.threads}) if cache else None)
+    table, table_how = cached(
+        table_path, LatencyTable.load,
         lambda: measure_latency_table(unet, call, Granularity(8, 1), points=args.points, repeats=args.repeats,
-                                      model_hash=scores.metadata.get("model_hash") or "", progress=True), "latency table")
+                                      model_hash=model_hash, progress=True), "latency table")
+    results["caches"] = {"directory": str(cache) if cache else None, "scores": scores_how, "latency_table": table_how}
     results["table"] = {"denoiser_ms": table.denoiser_ms, "compressible_ms": table.compressible_ms,
                         "units": len(table.curves), "timed_units": sum(1 for c in table.curves if not c.measured_as),
-                        "seconds": results.get("table_s")}
+                        "seconds": table_how["seconds"]}
     print(f"denoiser {table.denoiser_ms:.0f} ms, compressible units {table.compressible_ms:.0f} ms", flush=True)
 
     plans = make_plans(scores, table, args.params_budget, args.latency_target)
-    if args.replan_only:
-        old = json.loads(RESULTS.read_text())
-        by_label = {label: plan for label, _, plan, _ in plans}
-        for row in old["plans"]:
-            plan = by_label[row["label"]]  # plans are a pure function of the cached scores and table
-            row.update(predicted_error=plan.predicted_error, params_removed_fraction=removed(plan),
-                       predicted_latency_fraction=plan.latency["predicted_fraction"], predicted_upper_bound=plan.latency["upper_bound"])
-        write({**old, "args": {**old["args"], "replan_only": True}})
-        return
 
     # components of a 25-step generation (measured once; the UNet part comes from each plan's timing)
     text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)).eval()
@@ -232,15 +269,16 @@ def main() -> None:
     def end_to_end(unet_ms: float) -> float:
         return results["text_encoder_ms"] + STEPS * unet_ms + results["vae_decode_ms"]
 
+    partial = args.out.with_suffix(".partial.json")
     for label, matched, plan, unpadded in plans:
         model = structure(unet, plan.widths)
-        previous = slim.attend
+        previous = attention.attend
         if unpadded:
-            slim.attend = unpadded_attend
+            attention.attend = unpadded_attend
         try:
             measured = latency(unet, model, lambda: (call[0], dict(call[1])), args.repeats, 1, args.threads)
         finally:
-            slim.attend = previous
+            attention.attend = previous
         del model
         row = {
             "label": label, "matched": matched, "budget_kind": plan.budget_kind, "target": plan.settings["budget"],
@@ -259,63 +297,130 @@ def main() -> None:
         print(f"{label}: removed {row['params_removed_fraction']:.1%}, predicted {row['predicted_latency_fraction']}, "
               f"measured {row['measured_latency_fraction']:.3f}, x{row['denoiser_speedup']:.2f} denoiser, "
               f"x{row['end_to_end_speedup']:.2f} end to end", flush=True)
-        write(results)
-    print(f"wrote {RESULTS.relative_to(ROOT)} and {DOC.relative_to(ROOT)}")
+        write_results(partial, {**results, "complete": False})  # progress survives a failure; never the results file
+    results["seconds"] = time.perf_counter() - began
+    write_results(args.out, results)
+    partial.unlink(missing_ok=True)
+    write_page(read_results(args.out))
+    print(f"wrote {args.out} and {DOC}")
+    return 0
 
 
-def write(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({**results, "plans": [{k: v for k, v in r.items() if k != "widths"} for r in results["plans"]]},
-                                  indent=2) + "\n")
-    write_doc(results)
-    plot(results, ROOT / "docs" / "img" / "speed_sd15.png")
+# ---- rendering: from the results file alone -----------------------------------------------------------------------
 
 
-def plot(results: dict, path: Path) -> None:
+def load(path: Path = RESULTS) -> dict | None:
+    return read_results(path) if Path(path).is_file() else None
+
+
+def machine_short(r: dict) -> str:
+    if r.get("system"):
+        s = r["system"]
+        return f"{s['cores']}-core {s['arch']} CPU" + (f", {s['gpu']}" if s.get("gpu") else "")
+    return r.get("device", "machine not recorded")
+
+
+def draw(r: dict, path: Path = PLOT) -> list[Path]:
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results["plans"] if not r.get("predicted_upper_bound")]
+    from benchmarks.pages import write_bytes
+
+    rows = [p for p in r["plans"] if not p.get("predicted_upper_bound")]
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for r, marker in zip(rows, "osD^vP*Xph"):
-        ax.scatter(r["predicted_latency_fraction"], r["measured_latency_fraction"], s=36, marker=marker,
-                   label=f"{r['label'].split(' (')[0]} (x{r['denoiser_speedup']:.2f})")
-    lo = min([r["measured_latency_fraction"] for r in rows] + [r["predicted_latency_fraction"] for r in rows] + [0.6]) - 0.02
+    for p, marker in zip(rows, "osD^vP*Xph"):
+        ax.scatter(p["predicted_latency_fraction"], p["measured_latency_fraction"], s=36, marker=marker,
+                   label=f"{p['label'].split(' (')[0]} (x{p['denoiser_speedup']:.2f})")
+    lo = min([p["measured_latency_fraction"] for p in rows] + [p["predicted_latency_fraction"] for p in rows] + [0.6]) - 0.02
     ax.plot([lo, 1], [lo, 1], "k--", lw=0.8, label="measured = predicted")
     ax.fill_between([lo, 1], [lo * 0.9, 0.9], [lo * 1.1, 1.1], color="grey", alpha=0.15, label="within 10 %")
     ax.set_xlabel("predicted latency (fraction of original)")
     ax.set_ylabel("measured latency (fraction of original)")
-    ax.set_title(f"SD 1.5-shaped UNet, {results['device']}, {results['threads']} thread(s)", fontsize=8)
+    ax.set_title(f"SD 1.5-shaped UNet, {machine_short(r)}, {r['threads']} thread(s)", fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    write_bytes(path, buffer.getvalue())
+    return [path]
 
 
-def write_doc(r: dict) -> None:
-    a = r["args"]
+def write_page(r: dict) -> None:
+    from benchmarks.pages import write_sections
+
+    write_sections(render(r))
+    draw(r)
+
+
+def _kept(widths: dict, groups: dict, chosen) -> tuple[float, float] | None:
+    """(smallest, largest) kept fraction of the groups ``chosen(name, kind)`` selects."""
+    fractions = [widths[n] / g["width"] for n, g in groups.items() if chosen(n, g["kind"]) and n in widths]
+    return (min(fractions), max(fractions)) if fractions else None
+
+
+def _percent(span: tuple[float, float]) -> str:
+    lo, hi = round(span[0] * 100), round(span[1] * 100)
+    return f"{lo} %" if lo == hi else f"{lo}-{hi} %"
+
+
+def _where_time_goes(r: dict, best: dict) -> str:
+    """What the best plan at matched latency does with the budget, from the widths in the file."""
+    groups = r.get("groups")
+    if not groups or "widths" not in best:
+        # an older file keeps no widths: the figures of the run of 2026-11-27 that produced it
+        return ("in this run it narrows the 4096-token self-attentions to 42 % of their width (the 40 % parameter "
+                "plan leaves them whole) and the FFNs of every level to 13-14 %.")
+
+    def big_self(name: str, kind: str) -> bool:  # the 64x64-latent levels: 4096 tokens
+        return kind in ("qk_self", "vo_self") and name.startswith(("down_blocks.0.", "up_blocks.3."))
+
+    def ffn(name: str, kind: str) -> bool:
+        return kind == "ffn"
+
+    params = next((p for p in r["plans"] if p["matched"] == "params" and p["tie_qk_vo"] and p["budget_kind"] == "params"), None)
+    attention, ffns = _kept(best["widths"], groups, big_self), _kept(best["widths"], groups, ffn)
+    text = f"in this run it narrows the 4096-token self-attentions to {_percent(attention)} of their width"
+    if params and "widths" in params:
+        theirs = _kept(params["widths"], groups, big_self)
+        text += (" (the parameter plan leaves them whole)" if theirs[0] >= 0.995
+                 else f" (the parameter plan keeps {_percent(theirs)})")
+    return text + f" and the FFNs to {_percent(ffns)}."
+
+
+def render(r: dict) -> list[tuple[Path, str, str]]:
+    a = r.get("settings") or r.get("args", {})
     t = r["table"]
+    caches = r.get("caches", {})
+    reused = [what.replace("_", " ") for what in ("scores", "latency_table") if caches.get(what, {}).get("reused")]
+    table_seconds = (f", {t['seconds']:.0f} s" if t.get("seconds") else "")
     lines = [
-        "# Speed at real shapes: budgets in parameters, MACs and latency (SD 1.5-shaped UNet)",
+        TITLE,
         "",
         "A `UNet2DConditionModel` with Stable Diffusion 1.5's exact configuration (random weights, seed 0; no download).",
         f"Every plan is timed against the original side by side in one process (interleaved, median of {a['repeats']}).",
-        "Command:",
         "",
-        "```bash",
-        f".venv/bin/python benchmarks/speed_sd15.py --threads {a['threads']} --repeats {a['repeats']} --points {a['points']}",
-        "```",
-        "",
-        f"Machine: {r['device']}, {r['threads']} torch thread(s) for every timing; torch {r['torch']}; {r['date']}.",
-        "Denoiser calls are CFG-shaped: batch 2, 64x64 latents (512 px), 77 text tokens.",
+        *provenance(r, f"{r.get('device', '?')}; torch {r.get('torch', '?')}", a),
+        f"{r['threads']} torch thread(s) for every timing. Denoiser calls are CFG-shaped: batch 2, 64x64 latents (512 px), "
+        "77 text tokens.",
+    ]
+    if r.get("args", {}).get("replan_only"):
+        lines += ["", "**Not the figures of one run**: this file was written by the since-removed `--replan-only` option, "
+                  "which recomputed the predicted columns (params removed, predicted error, predicted latency) from cached "
+                  "scores and latency table onto the measured columns of an earlier run. Re-run the benchmark for figures "
+                  "from one command in one run."]
+    if reused:
+        lines += ["", f"Reused from the cache of the same code version and model: {', '.join(reused)} "
+                  f"(written {', '.join(caches[w.replace(' ', '_')]['cache_written'] for w in reused)})."]
+    lines += [
         "",
         f"Latency table: the denoiser takes {t['denoiser_ms']:.0f} ms; its {t['units']} compressible units (attentions with QK",
         f"and VO at one width, FFNs) take {t['compressible_ms']:.0f} ms at full width, timed alone "
-        f"({t['timed_units']} distinct shapes timed"
-        + (f", {t['seconds']:.0f} s" if t.get("seconds") else "") + ").",
+        f"({t['timed_units']} distinct shapes timed{table_seconds}).",
         "",
         "| plan | matched on | params removed | compressible MACs ratio | predicted error (SIS) | predicted latency | "
         "measured latency | denoiser speed-up | 25-step generation speed-up |",
@@ -327,9 +432,19 @@ def write_doc(r: dict) -> None:
         lines.append(f"| `{p['label']}` | {p['matched']} | {p['params_removed_fraction']:.1%} | {p['macs_ratio']:.3f} | {sis} | {predicted} | "
                      f"{p['measured_latency_fraction']:.3f} | x{p['denoiser_speedup']:.2f} | x{p['end_to_end_speedup']:.2f} |")
     tied = [p for p in r["plans"] if not p.get("predicted_upper_bound")]
+    bounded = [p for p in r["plans"] if p.get("predicted_upper_bound")]
     worst = max(tied, key=lambda p: abs(p["measured_latency_fraction"] / p["predicted_latency_fraction"] - 1))
     at_target = {p["label"]: p for p in r["plans"] if p["matched"] == "latency"}
     best = min(at_target.values(), key=lambda p: p["predicted_error"] if p.get("predicted_error") is not None else float("inf"))
+    above = [p["measured_latency_fraction"] / p["predicted_latency_fraction"] - 1 for p in bounded]
+    if above:
+        lo, hi = min(above) * 100, max(above) * 100
+        span = f"{lo:.1f} %" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}-{hi:.1f} %"
+        bound_text = (f"The untied row{'s' if len(above) > 1 else ''} here measured {span} "
+                      f"{'above' if lo >= 0 else 'against'} it, within this run's timing noise; the unpadded row is the "
+                      "previous engine, which no table predicts.")
+    else:
+        bound_text = "The unpadded row is the previous engine, which no table predicts."
     lines += [
         "",
         "Reading it:",
@@ -340,21 +455,17 @@ def write_doc(r: dict) -> None:
         f"({best['predicted_error']:.4g}; the others: "
         + ", ".join(f"`{p['label']}` {p['predicted_error']:.4g}" for p in at_target.values() if p is not best)
         + f") and removes {best['params_removed_fraction']:.0%} of the compressible parameters. It spends the budget where "
-        "time is spent: in this run it narrows the 4096-token self-attentions to 42 % of their width (the 40 % parameter "
-        "plan leaves them whole) and the FFNs of every level to 13-14 %.",
-        "- **At matched parameter removal** (40 %), the latency plan is the fastest and predicts the most error: the two "
-        "budgets ask different questions; a team that wants speed states it in latency.",
+        "time is spent: " + _where_time_goes(r, best),
+        f"- **At matched parameter removal** ({a['params_budget'] * 100:g} %), the latency plan is the fastest and predicts the most "
+        "error: the two budgets ask different questions; a team that wants speed states it in latency.",
         "- **Padding**: the untied parameter plan barely narrows the 4096-token attentions, so zero-padding its unequal "
         "head widths changes little here (within noise); per attention at those shapes it is x4 "
         "([method.md](method.md#budgets-in-measured-latency-issue-11)).",
         "- `≤`: QK and VO widths differ in some attention, which runs zero-padded to the wider width; the table's time "
         "there is an upper bound for the padded engine (the plot shows the tied plans, whose prediction is not a bound). "
-        "The untied rows here measured 0.6-1.3 % above it, within this run's timing noise; the unpadded row is the "
-        "previous engine, which no table predicts.",
+        + bound_text,
         "- The predicted error of random weights is near-isotropic and says nothing about image quality; it is the "
         "allocator's objective, compared at equal latency.",
-    ]
-    lines += [
         "",
         f"25-step generation = text encoder ({r.get('text_encoder_ms', 0):.0f} ms) + 25 UNet calls + VAE decode "
         f"({r.get('vae_decode_ms', 0):.0f} ms), each measured here with SD 1.5's configs; the UNet time is each row's",
@@ -362,13 +473,14 @@ def write_doc(r: dict) -> None:
         "",
         "![predicted vs measured latency](img/speed_sd15.png)",
         "",
-        "Scores come from a 2-call capture with unit gains (random weights: this page measures speed, not quality;",
+        f"Scores come from a {a['calls']}-call capture with unit gains (random weights: this page measures speed, not quality;",
         "quality at equal MACs and latency is on the reference model, [benchmarks-macs.md](benchmarks-macs.md)).",
-        "Raw figures: `benchmarks/results/speed.json`.",
+        f"Raw figures: `{r.get('_source', 'benchmarks/results/speed.json')}`; re-render: "
+        "`.venv/bin/python benchmarks/speed_sd15.py --render-only`.",
         "",
     ]
-    DOC.write_text("\n".join(lines))
+    return [(DOC, TITLE, "\n".join(lines))]
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

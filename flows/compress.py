@@ -15,16 +15,34 @@ from typing import Any, Iterator
 
 from prefect import flow
 
-from flows.tasks import (RESUMABLE_STAGES, STAGES, StageError, configure_run_logging, publish_summary, run_resumable,
-                         run_stage, track)
-from flows.tracking import TrackingError, check_tracking_uri, folder_hash, tracking_uri
 from flows.distributed import check_cluster, fan_out_capture, fan_out_gains
+from flows.tasks import (
+    RESUMABLE_STAGES,
+    STAGES,
+    StageError,
+    configure_run_logging,
+    publish_summary,
+    run_resumable,
+    run_stage,
+    track,
+)
+from flows.tracking import folder_hash
+from flows.tracking_server import TrackingError, check_tracking_uri, tracking_uri
 
 
-def preflight(workspace: Path) -> dict[str, Any]:
-    """Everything that can be checked before any stage runs: params, model folder, prompts, budget, tracking."""
-    from slimdiff.stages import check_memory, config_from, device_settings, held_out_samplers, load_params
+def preflight(workspace: Path, show_memory: bool = True) -> dict[str, Any]:
+    """Everything that can be checked before any stage runs: params, model folder, prompts, budget, tracking, memory
+    (``show_memory``: print each stage's predicted peak memory)."""
+    from slimdiff.environment import quiet_libraries
+    from slimdiff.pipeline.stages import (
+        check_memory,
+        config_from,
+        device_settings,
+        held_out_samplers,
+        load_params,
+    )
 
+    quiet_libraries()  # before the memory footprint imports the pipeline's classes (transformers' notices)
     if not (workspace / "dvc.yaml").is_file():
         raise FileNotFoundError(f"{workspace / 'dvc.yaml'} not found: not a slimdiff workspace")
     params = load_params(workspace / "params.yaml")
@@ -50,7 +68,7 @@ def preflight(workspace: Path) -> dict[str, Any]:
     # the tracking server and its credentials (a few requests) before the memory footprint (it builds the pipeline's
     # classes): an unreachable server or refused credentials fail with their one line and nothing else
     check_tracking_uri(tracking_uri(workspace))
-    check_memory(located)  # prints each stage's predicted peak memory; one that would not fit fails here
+    check_memory(located, show=show_memory)  # each stage's predicted peak memory; one that would not fit fails here
     check_cluster(params)  # capture.shards / capture.cluster: an unreachable cluster fails here (flows/distributed.py)
     if os.environ.get("SLIMDIFF_THREADS", "auto").strip().lower() != "auto":
         from slimdiff.device import choose_threads
@@ -80,7 +98,7 @@ def stage_threads() -> Iterator[int]:
 
 
 @flow(name="slimdiff-compress", log_prints=True)
-def compress(workspace: str = ".", checkpoint_hash: str | None = None) -> dict[str, Any]:
+def compress_flow(workspace: str = ".", checkpoint_hash: str | None = None) -> dict[str, Any]:
     """Run curate -> ... -> report (DVC skips unchanged stages) and track the result in MLflow."""
     configure_run_logging()
     started_at = time.time()  # the MLflow run starts here: its duration is the whole job's
@@ -117,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspace", default=".", help="folder with dvc.yaml and params.yaml (default: .)")
     args = parser.parse_args(argv)
     try:
-        preflight(Path(args.workspace).resolve())
-        result = compress(args.workspace)
+        # fail fast, before the flow (and a Prefect server) starts; the flow checks again and prints the memory table
+        preflight(Path(args.workspace).resolve(), show_memory=False)
+        result = compress_flow(args.workspace)
     except (FileNotFoundError, ValueError, KeyError, TrackingError, StageError) as error:
         print(f"compress: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2

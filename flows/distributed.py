@@ -3,10 +3,10 @@
 With ``capture.shards`` (or ``capture.site_groups``) above 1, the compress flow runs this fan-out just before the
 DVC ``capture`` stage, when DVC says the stage is out of date: a sub-flow on a ``prefect_dask.DaskTaskRunner``
 runs one Prefect task per shard on the workers. Each plans the capture itself (cached per worker), skips a shard
-whose file is there and writes its content-addressed file atomically (``slimdiff.shards``). The stage then finds
+whose file is there and writes its content-addressed file atomically (``slimdiff.statistics.shards``). The stage then finds
 every shard, verifies and merges them; it computes in its own process only shards that are still missing (a plain
 ``dvc repro``). With ``score.gain_shards`` above 1 the gains go the same way before the ``gains`` stage, one task
-per module subset (``slimdiff.gain_shards``).
+per module subset (``slimdiff.scoring.gain_shards``).
 
 ``capture.cluster``: ``local`` starts a Dask ``LocalCluster`` of worker processes (nanny-supervised: a killed
 worker is restarted and its shard re-run, resuming from the shard's checkpoint) for the length of the sub-flow;
@@ -34,7 +34,7 @@ LOCAL = "local"
 
 def sharding(params: dict[str, Any]) -> dict[str, Any]:
     """(shards, site_groups, cluster, workers) of ``params.yaml: capture``, checked; one-line errors."""
-    from slimdiff.stages import gain_shards, shard_count
+    from slimdiff.pipeline.stages import gain_shards, shard_count
 
     c = params["capture"]
     out: dict[str, Any] = {key: shard_count(params, "capture", key) for key in ("shards", "site_groups")}
@@ -110,7 +110,7 @@ def _worker_state(workspace: str, threads: int | None) -> dict[str, Any]:
     """This worker's params, pipeline and plans for ``workspace``, built once per worker process (keyed by the model
     files', SlimSet's and params.yaml's stamps, so a changed input is never served from the cache)."""
     from slimdiff.device import apply_threads
-    from slimdiff.stages import load_params
+    from slimdiff.pipeline.stages import load_params
 
     if threads:
         apply_threads(threads)
@@ -121,8 +121,9 @@ def _worker_state(workspace: str, threads: int | None) -> dict[str, Any]:
     slimset = root / "outputs" / "slimset" / "slimset.jsonl"
     key = (workspace, stamp, slimset.stat().st_mtime_ns, (root / "params.yaml").stat().st_mtime_ns)
     if key not in _WORKER:
-        from slimdiff.capture import denoiser_of, model_content_hash
-        from slimdiff.stages import _pipeline
+        from slimdiff.arch.pipelines import denoiser_of
+        from slimdiff.pipeline.stages import _pipeline
+        from slimdiff.statistics.recording import model_content_hash
 
         params["model"]["path"] = str(model)
         params["model"]["device"] = _worker_device(params["model"].get("device", "auto"))
@@ -137,8 +138,13 @@ def _worker_state(workspace: str, threads: int | None) -> dict[str, Any]:
 def _capture_plan(state: dict[str, Any]):
     """The capture's shard plan (cached in ``state``)."""
     if "capture_plan" not in state:
-        from slimdiff.shards import plan_shards
-        from slimdiff.stages import read_slimset, timestep_grid_setting, sampler_settings, shard_count
+        from slimdiff.pipeline.stages import (
+            read_slimset,
+            sampler_settings,
+            shard_count,
+            timestep_grid_setting,
+        )
+        from slimdiff.statistics.shards import plan_shards
 
         params = state["params"]
         c = params["capture"]
@@ -151,10 +157,15 @@ def _capture_plan(state: dict[str, Any]):
 
 
 def _gain_plan(state: dict[str, Any]):
-    """(plan, prompts, sampler) of the gains shards (cached in ``state``), as ``slimdiff.stages.stage_gains`` plans."""
+    """(plan, prompts, sampler) of the gains shards (cached in ``state``), as ``slimdiff.pipeline.stages.stage_gains`` plans."""
     if "gain_plan" not in state:
-        from slimdiff.gain_shards import plan_gain_shards
-        from slimdiff.stages import config_from, gain_shards, read_slimset, sampler_settings
+        from slimdiff.pipeline.stages import (
+            config_from,
+            gain_shards,
+            read_slimset,
+            sampler_settings,
+        )
+        from slimdiff.scoring.gain_shards import plan_gain_shards
 
         params = state["params"]
         config, sampler = config_from(params), sampler_settings(params)
@@ -208,8 +219,8 @@ def kill_after_checkpoint(pipe, index: int, digest: str, folder: Path) -> Iterat
     if not target:
         yield
         return
-    from slimdiff.capture import denoiser_of
-    from slimdiff.shards import read_header
+    from slimdiff.arch.pipelines import denoiser_of
+    from slimdiff.statistics.shards import read_header
 
     root = Path(target)
     root.mkdir(parents=True, exist_ok=True)
@@ -257,8 +268,8 @@ def shard_task(workspace: str, index: int, threads: int | None) -> dict[str, Any
     workers load their model at once instead of one planning while the others wait."""
     import time
 
-    from slimdiff.shards import capture_shard
-    from slimdiff.stages import SHARD_DIR
+    from slimdiff.pipeline.stages import SHARD_DIR
+    from slimdiff.statistics.shards import capture_shard
 
     started, start = time.time(), time.perf_counter()
     state = _worker_state(workspace, threads)
@@ -293,8 +304,8 @@ def gain_shard_task(workspace: str, index: int, threads: int | None) -> dict[str
     a shard whose file is there is not measured again."""
     import time
 
-    from slimdiff.gain_shards import measure_gain_shard
-    from slimdiff.stages import GAIN_SHARD_DIR
+    from slimdiff.pipeline.stages import GAIN_SHARD_DIR
+    from slimdiff.scoring.gain_shards import measure_gain_shard
 
     started, start = time.time(), time.perf_counter()
     state = _worker_state(workspace, threads)
@@ -314,7 +325,7 @@ def gain_shard_task(workspace: str, index: int, threads: int | None) -> dict[str
 
 @flow(name="slimdiff-gains-shards", log_prints=True)
 def gains_shards(workspace: str, jobs: int, threads: int | None = None) -> dict[str, Any]:
-    """One task per gains shard index below ``jobs`` across the workers (module subsets; see slimdiff.gain_shards)."""
+    """One task per gains shard index below ``jobs`` across the workers (module subsets; see slimdiff.scoring.gain_shards)."""
     root = str(Path(workspace).resolve())
     results = [future.result() for future in [gain_shard_task.submit(root, i, threads) for i in range(jobs)]]
     return _collect("gains", results)

@@ -17,8 +17,9 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.compress import compress, preflight
-from flows.tracking import folder_hash, registered_checkpoint_hashes
+from flows.compress import compress_flow, preflight
+from flows.registry import registered_checkpoint_hashes
+from flows.tracking import folder_hash
 
 
 @task(name="checkpoint-hash", task_run_name="checkpoint-hash")
@@ -39,21 +40,21 @@ def checkpoint_hash(workspace: str, source: str, model_path: str) -> str:
 
 
 @flow(name="slimdiff-recompress", log_prints=True)
-def recompress(workspace: str = ".") -> dict[str, Any]:
+def recompress_flow(workspace: str = ".") -> dict[str, Any]:
     """Run ``compress`` if the checkpoint's content hash has no registered version yet."""
     root = Path(workspace).resolve()
-    params = preflight(root)
+    params = preflight(root, show_memory=False)  # the compress flow, when it runs, prints the memory table
     source = str(params.get("recompress", {}).get("source", params["model"]["path"]))
     digest = checkpoint_hash(str(root), source, str(params["model"]["path"]))
     if digest in registered_checkpoint_hashes(root, params):
         print(f"checkpoint {digest[:12]} already registered; nothing to do")
         return {"compressed": False, "checkpoint_hash": digest}
-    result = compress(str(root), checkpoint_hash=digest)
+    result = compress_flow(str(root), checkpoint_hash=digest)
     return {"compressed": True, "checkpoint_hash": digest, **result}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slimdiff.stages import load_params
+    from slimdiff.pipeline.stages import load_params
 
     parser = argparse.ArgumentParser(prog="python -m flows.recompress", description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", default=".")
@@ -63,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.workspace).resolve()
     if args.serve:
         cron = args.cron or load_params(root / "params.yaml").get("recompress", {}).get("cron", "0 3 * * *")
-        recompress.serve(name="recompress", cron=cron, parameters={"workspace": str(root)})
+        recompress_flow.serve(name="recompress", cron=cron, parameters={"workspace": str(root)})
         return 0
     try:
-        result = recompress(str(root))
+        result = recompress_flow(str(root))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
         print(f"recompress: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2

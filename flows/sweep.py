@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import yaml
 from prefect import flow
 
-from flows.compress import compress
+from flows.compress import compress_flow
 
 
 def set_budget(params_file: Path, budget: float) -> None:
@@ -26,8 +26,8 @@ def set_budget(params_file: Path, budget: float) -> None:
 
 
 @flow(name="slimdiff-sweep", log_prints=True)
-def sweep(budgets: Sequence[float], workspace: str = ".") -> list[dict[str, Any]]:
-    from slimdiff.allocate import Budget
+def sweep_flow(budgets: Sequence[float], workspace: str = ".") -> list[dict[str, Any]]:
+    from slimdiff.planning.allocation import Budget
 
     for budget in budgets:
         Budget.parse(budget)  # every budget is checked before the first run
@@ -38,7 +38,7 @@ def sweep(budgets: Sequence[float], workspace: str = ".") -> list[dict[str, Any]
     try:
         for budget in budgets:
             set_budget(params_file, budget)
-            result = compress(str(root))
+            result = compress_flow(str(root))
             results.append({"budget": budget, **result})
             print(f"budget {budget}: version {result['version']} ({result['reason']})")
     finally:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspace", default=".")
     args = parser.parse_args(argv)
     try:
-        sweep(args.budgets, args.workspace)
+        sweep_flow(args.budgets, args.workspace)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
         print(f"sweep: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2

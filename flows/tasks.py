@@ -116,10 +116,14 @@ class _DropDvcAdvice:
         return ("" if self.after_advice else "\n" * self.blanks) + rest
 
 
+_ANY_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.(tmp|old)$")
+
+
 def stale_temporaries(workspace: Path, stage: str) -> list[Path]:
-    """What a killed run of ``stage`` left beside its outputs: the temporaries of ``slimdiff.utils.atomic_path`` /
+    """What a killed run of ``stage`` left beside its outputs: the temporaries of ``slimdiff.files.atomic_path`` /
     ``atomic_dir`` (``.<name>.<random>.tmp``, ``.<name>.<random>.old`` while a folder is swapped) next to each
-    output of the stage in ``dvc.yaml`` and next to its checkpoint (``<folder>/.checkpoints/<name>``).
+    output of the stage in ``dvc.yaml``, next to its checkpoint (``<folder>/.checkpoints/<name>``) and inside an
+    output that is a folder (``outputs/report/.samples.png.<random>.tmp``).
 
     A SIGKILL (OOM killer, ``docker kill``, power loss) during a write skips the cleanup of the temporary; DVC
     never sees it (it is not an output), so without this a killed model save leaves a partial pipeline copy
@@ -139,6 +143,8 @@ def stale_temporaries(workspace: Path, stage: str) -> list[Path]:
             # mkstemp/mkdtemp names: "." + name + "." + 8 random characters + suffix; nothing else matches
             pattern = re.compile(rf"^\.{re.escape(out_path.name)}\.[A-Za-z0-9_]{{8}}\.(tmp|old)$")
             found += [p for p in folder.iterdir() if pattern.match(p.name)]
+        if out_path.is_dir() and not out_path.is_symlink():  # an output folder: the temporaries of files written into it
+            found += [p for p in out_path.rglob(".*") if _ANY_TEMPORARY.match(p.name)]
     return sorted(set(found))
 
 
@@ -236,7 +242,7 @@ def publish_summary(workspace: str, params: dict[str, Any], result: dict[str, An
     """The run's Prefect artifact (markdown): metrics, gate decision, stage times, links to the MLflow run and version."""
     from prefect.artifacts import create_markdown_artifact
 
-    from flows.tracking import summary_markdown
+    from flows.descriptions import summary_markdown
 
     key = re.sub(r"[^a-z0-9-]+", "-", result["name"].lower()).strip("-")  # one artifact key per registered model
     markdown = summary_markdown(Path(workspace), params, result, durations)

@@ -17,9 +17,9 @@ as sqrt(S) into both factors, as SVD-LLM and ASVD do.
   and ``whitening``): G = sum of x x^T over the calibration tokens; S = cholesky(G), and *only if that fails*
   S = cholesky(G + (1e-6 - lambda_min(G)) I); W S = U Sigma V^T, W' = (U_k Sigma_k^1/2)(Sigma_k^1/2 V_k^T S^-1).
   Truncated error on the calibration data = the tail of Sigma^2. Option ``shift="always"`` (before issue 23):
-  S from C + reg (trace(C)/d) I with C = E[x x^T] and ``reg`` (default ``slimdiff.decompose.DEFAULT_REG``) on every
+  S from C + reg (trace(C)/d) I with C = E[x x^T] and ``reg`` (default ``slimdiff.decomposition.closed_form.DEFAULT_REG``) on every
   matrix. Where the shifted Cholesky fails too (round-off on a huge Gram; the official code would stop), the
-  eigendecomposition fallback of ``slimdiff.decompose.whitening``; the settings record each matrix's factor.
+  eigendecomposition fallback of ``slimdiff.decomposition.closed_form.whitening``; the settings record each matrix's factor.
 - ``asvd`` (ASVD, Yuan et al. 2023, arXiv 2312.05821; hahnyuan/ASVD4LLM ``act_aware_utils.calib_input_distribution``
   and ``modules/svd_linear.SVDLinear.from_linear``): s_j = m_j^alpha + 1e-6 with m_j the calibration mean of |x_j|
   (scaling method ``abs_mean``) and alpha = 0.5; W diag(s) = U Sigma V^T, W' = (U_k Sigma_k^1/2)(Sigma_k^1/2 V_k^T
@@ -31,7 +31,7 @@ kept-weight fraction per matrix instead, r = ratio d_in d_out / (d_in + d_out), 
 official ASVD searches per-layer ranks by perplexity sensitivity, which has no counterpart here), found by
 bisection, then single rank steps on the matrices furthest above it until the budget is met (overshoot < one step).
 
-Structured, narrower dense networks (built with ``slimdiff.slim.resize_group``, like SlimDiff). The official codes
+Structured, narrower dense networks (built with ``slimdiff.runtime.resize.resize_group``, like SlimDiff). The official codes
 prune LLaMA attention by whole heads scored on o_proj's input; here each head keeps its count and narrows (the
 structure SlimDiff produces): VO is scored on to_out.0's input channels like o_proj, QK (which the LLM codes never
 score apart from the head) by the logit term q_i k_i, and every head keeps its best-scored units.
@@ -68,13 +68,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from slimdiff.allocate import DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, BudgetError, allocate, allowed_widths, check_budget
-from slimdiff.capture import Capture, group_input_sites
-from slimdiff.decompose import DEFAULT_REG, Whitening, regularize, whitening
-from slimdiff.evaluate import count_params
-from slimdiff.groups import GROUP_KINDS, ModuleGroup, compressible_groups
-from slimdiff.influence import Granularity, InfluenceScores, ModuleScore, candidate_widths
-from slimdiff.slim import decompose, resize_group
+from slimdiff.planning.allocation import DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, BudgetError, allocate, allowed_widths, check_budget
+from slimdiff.statistics.sums import Capture
+from slimdiff.arch.sites import group_input_sites
+from slimdiff.decomposition.closed_form import DEFAULT_REG, Whitening, regularize, whitening
+from slimdiff.cost import count_params
+from slimdiff.arch import GROUP_KINDS, ModuleGroup, compressible_groups
+from slimdiff.scoring.influence import Granularity, InfluenceScores, ModuleScore, candidate_widths
+from slimdiff.decomposition.apply import decompose
+from slimdiff.runtime.resize import resize_group
 
 FACTORIZATIONS = ("svd", "svd_llm", "asvd")
 DEFAULT_ASVD_ALPHA = 0.5
@@ -83,6 +85,7 @@ SVD_LLM_EPS = 1e-6  # SVD-LLM's shift above -lambda_min when Cholesky fails (abs
 
 
 # ---- factorised linears ------------------------------------------------------------------------
+
 
 class FactorizedLinear(nn.Sequential):
     """``Linear(d_in, r, bias=False)`` then ``Linear(r, d_out, bias=original)``: a drop-in for a linear.
@@ -140,7 +143,7 @@ def svd_llm_whitening(gram: Tensor, shift: str = "on_failure", reg: float | None
 
     ``shift="on_failure"`` (official ``profle_svdllm``): S = cholesky(G); only if that fails, S = cholesky(G + (1e-6 -
     lambda_min(G)) I). The shift is absolute: pass the token-summed Gram (what the official profile accumulates) for
-    the official scale. If the shifted Cholesky fails too, ``slimdiff.decompose.whitening``'s eigendecomposition.
+    the official scale. If the shifted Cholesky fails too, ``slimdiff.decomposition.closed_form.whitening``'s eigendecomposition.
     ``shift="always"`` (before issue 23): ``whitening(regularize(gram, reg))`` on every matrix.
     """
     reg = check_svd_llm_shift(shift, reg)
@@ -244,6 +247,7 @@ def mean_abs(capture: Capture, site: str) -> Tensor:
 
 
 # ---- which matrices, which statistics ------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Matrix:
@@ -462,6 +466,7 @@ def asvd(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, 
 
 # ---- structured pruning baselines (narrower dense, like SlimDiff) ----------------------------------
 
+
 def _unit_scores(groups: list[ModuleGroup], granularity: Granularity) -> InfluenceScores:
     """Grids with zero errors: enough for budget checks and the ``uniform`` allocator's widths."""
     modules = []
@@ -667,6 +672,7 @@ def flap(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, 
 
 # ---- SlimDiff and its allocator ablations ---------------------------------------------------------
 
+
 def _slimdiff_with(allocator: str) -> Callable:
     def run(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None, budget: Budget,
             *, min_keep: float = DEFAULT_MIN_KEEP, reg: float = DEFAULT_REG,
@@ -695,15 +701,13 @@ BASELINES: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-
-
 def compress_with(method: str, denoiser: nn.Module, capture: Capture, scores: InfluenceScores | None = None,
                   budget: Budget | float = 0.3, **options) -> dict[str, Any]:
     """Compress an uncompressed ``denoiser`` in place with ``method``; report what was removed.
 
     ``capture`` is the uncompressed model's capture (with ``baseline_sites`` for per-matrix and
     pruning baselines); ``scores`` its influence scores (needed by the ``slimdiff*`` methods).
-    Parameters are counted after the fact by ``slimdiff.evaluate.count_params``.
+    Parameters are counted after the fact by ``slimdiff.cost.count_params``.
     """
     if method not in BASELINES:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(BASELINES)}")

@@ -1,16 +1,98 @@
-"""A denoiser call as a value: its inputs, or the shapes of its inputs (a spec that rebuilds them on the meta device).
+"""Denoiser calls as values: one type, one recorder.
 
-A capture records the spec of its first denoiser call, so that what a compressed model costs at the capture's call
-shape (``slimdiff info``'s MACs) can be counted later without the pipeline, the prompts or any weight.
+A ``DenoiserCall`` is the ``(args, kwargs)`` of one denoiser forward. ``record_calls`` runs a pipeline and keeps its
+denoiser's calls (the first, or a few spread over the schedule): the gains replay them with noise, the latency table
+and the evaluation time them, the memory footprint runs one on the meta device. ``module_inputs`` keeps what chosen
+submodules receive during one call. ``call_spec`` / ``meta_call`` turn a call into its shapes and back (on the meta
+device), so that what a model costs at a capture's call shape can be counted without the pipeline or any weight.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from torch import nn
+
+from slimdiff.arch.pipelines import denoiser_of
+from slimdiff.runtime.sampling import SamplerSettings
 
 DenoiserCall = tuple[tuple, dict]  # (args, kwargs) of one denoiser forward
+
+
+def detach_clone(value):
+    """``value`` with every tensor (inside dicts, lists and tuples too) detached and copied."""
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: detach_clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(detach_clone(v) for v in value)
+    return value
+
+
+class _Enough(Exception):
+    """Ends a generation once the calls wanted are recorded."""
+
+
+def record_calls(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int | None = None,
+                 first_only: bool = False) -> list[DenoiserCall]:
+    """The denoiser's calls while ``pipe`` samples ``prompts``: the first one only (``first_only``: the rest of the
+    generation does not run), or ``num_calls`` spread evenly over the schedule (all with None). Inputs are kept on
+    the model's device."""
+    _, denoiser = denoiser_of(pipe)
+    calls: list[DenoiserCall] = []
+
+    def keep(module, args, kwargs):
+        calls.append((detach_clone(args), detach_clone(kwargs)))
+        if first_only:
+            raise _Enough
+
+    handle = denoiser.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        with torch.inference_mode():
+            pipe(**sampler.pipe_kwargs(pipe, list(prompts)), output_type="latent")
+    except _Enough:
+        pass
+    finally:
+        handle.remove()
+    if not calls:
+        raise RuntimeError("the pipeline never called its denoiser")
+    if first_only or num_calls is None:
+        return calls
+    index = torch.linspace(0, len(calls) - 1, min(num_calls, len(calls)), device="cpu").round().long().unique().tolist()
+    return [calls[i] for i in index]
+
+
+def first_call(pipe, prompts: Sequence[str], sampler: SamplerSettings) -> DenoiserCall:
+    """The inputs of the first denoiser call of a generation of ``prompts`` (the rest is not run)."""
+    return record_calls(pipe, prompts, sampler, first_only=True)[0]
+
+
+def module_inputs(model: nn.Module, paths: Sequence[str], call: DenoiserCall) -> dict[str, DenoiserCall]:
+    """What each submodule at ``paths`` receives during ``call`` (the first time it runs in it)."""
+    seen: dict[str, DenoiserCall] = {}
+
+    def keep(path: str):
+        def hook(module, args, kwargs):
+            if path not in seen:
+                seen[path] = (detach_clone(args), detach_clone(kwargs))
+        return hook
+
+    handles = [model.get_submodule(path).register_forward_pre_hook(keep(path), with_kwargs=True)
+               for path in dict.fromkeys(paths)]
+    try:
+        with torch.inference_mode():
+            args, kwargs = call
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [p for p in dict.fromkeys(paths) if p not in seen]
+    if missing:
+        raise RuntimeError(f"{missing[0]} (and {len(missing) - 1} more) did not run in the denoiser call")
+    return seen
 
 
 def call_spec(arguments: dict[str, Any]) -> dict[str, Any]:

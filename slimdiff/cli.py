@@ -10,20 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _offline_defaults() -> None:
-    import os
-
-    for key, value in (("HF_HUB_DISABLE_TELEMETRY", "1"), ("DO_NOT_TRACK", "true")):
-        os.environ.setdefault(key, value)
-    # loading bars and library chatter would bury slimdiff's own progress bars and one-line errors
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+from slimdiff.environment import quiet_libraries
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("folder")
     i.add_argument("--json", action="store_true", help="print JSON")
 
+    lo = sub.add_parser("lora", help="project a LoRA made for the original model onto a compressed folder (docs/lora.md); "
+                        "the result loads with pipe.load_lora_weights")
+    lo.add_argument("lora", help="the LoRA (.safetensors: diffusers, PEFT or kohya layout)")
+    lo.add_argument("--model", required=True, help="the compressed model folder (slimdiff.save / the decompose stage)")
+    lo.add_argument("--out", required=True, help="where to write the projected LoRA (.safetensors)")
+    lo.add_argument("--overwrite", action="store_true")
+    lo.add_argument("--table", action="store_true", help="print one row per LoRA module")
+
     a = sub.add_parser("allocate", help="a width plan from saved influence scores (no model needed)")
     a.add_argument("scores", help="scores JSON written by the score stage")
     _add_budget_arguments(a, latency_from="from --latency-table")
@@ -88,7 +83,7 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, latency_from: str) ->
 
 def _budget_of(args: argparse.Namespace):
     """(Budget, kind) from exactly one of --budget (parameters removed), --macs (MACs kept), --latency (latency kept)."""
-    from slimdiff.allocate import Budget, BudgetError
+    from slimdiff.planning.allocation import Budget, BudgetError
 
     given = [flag for flag in ("budget", "macs", "latency") if getattr(args, flag) is not None]
     if len(given) != 1:
@@ -109,13 +104,14 @@ def _budget_of(args: argparse.Namespace):
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from slimdiff.capture import SamplerSettings
+    from slimdiff.runtime.sampling import SamplerSettings
     from slimdiff.compress import SlimDiffConfig, compress_pipeline, load_pipeline, read_prompts
-    from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype, resolve_rank_step
-    from slimdiff.io import save
+    from slimdiff.compress import resolve_model_dtype
+    from slimdiff.device import check_dtype_runs, resolve_device, resolve_rank_step
+    from slimdiff.runtime.folder import save
 
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, model=args.model) if args.dtype != "auto" or Path(args.model).exists() else None
+    dtype = resolve_model_dtype(args.dtype, args.model) if args.dtype != "auto" or Path(args.model).exists() else None
     if dtype is not None:
         check_dtype_runs(device, dtype)
     budget, budget_kind = _budget_of(args)
@@ -134,7 +130,7 @@ def _compress(args: argparse.Namespace) -> int:
         result.capture.save(args.save_capture)
     full_widths = {m.name: m.full_width for m in result.plan.modules}
     save(pipe, out, result.info(args.model), full_widths=full_widths, overwrite=args.overwrite,
-         methods={g.name: g.method for g in result.groups})
+         methods={g.name: g.method for g in result.groups}, lora_maps=result.lora_maps)
     result.plan.save(out / "width_plan.json")
     result.plan.plot(out / "width_plan.png")
     print(result.plan.table().splitlines()[-1])
@@ -143,8 +139,8 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from slimdiff.evaluate import folder_macs
-    from slimdiff.io import describe
+    from slimdiff.cost import folder_macs
+    from slimdiff.runtime.folder import describe
 
     info = describe(args.folder)
     macs = folder_macs(args.folder)  # at the capture's call shape, counted on the meta device
@@ -171,10 +167,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _allocate(args: argparse.Namespace) -> int:
-    from slimdiff.allocate import allocate
+    from slimdiff.planning.allocation import allocate
     from slimdiff.device import describe_device, resolve_device
-    from slimdiff.influence import InfluenceScores
-    from slimdiff.latency import read_latency_table
+    from slimdiff.scoring.influence import InfluenceScores
+    from slimdiff.planning.latency import read_latency_table
 
     budget, budget_kind = _budget_of(args)
     if budget_kind == "latency" and not args.latency_table:
@@ -194,10 +190,22 @@ def _allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora(args: argparse.Namespace) -> int:
+    from slimdiff.runtime.lora import project_lora
+
+    projection = project_lora(args.lora, args.model, args.out, overwrite=args.overwrite)
+    if args.table:
+        for row in projection.modules:
+            target = "" if row.target == row.module else f" -> {row.target}"
+            print(f"{row.component}.{row.module}{target}  rank {row.rank}  {row.how}")
+    print(projection.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    _offline_defaults()
+    quiet_libraries()
     args = _parser().parse_args(argv)
-    handlers = {"compress": _compress, "info": _info, "allocate": _allocate}
+    handlers = {"compress": _compress, "info": _info, "allocate": _allocate, "lora": _lora}
     import torch
 
     previous_threads = torch.get_num_threads()

@@ -1,7 +1,7 @@
 """One call that runs the whole method on a pipeline: capture -> gains -> scores -> plan -> decompose.
 
-Each step also has its own entry point (``slimdiff.capture``, ``slimdiff.influence.measure_gains``,
-``slimdiff.influence.score``, ``slimdiff.allocate``, ``slimdiff.decompose``); the DVC stages call
+Each step also has its own entry point (``slimdiff.capture``, ``slimdiff.scoring.gains.measure_gains``,
+``slimdiff.scoring.influence.score``, ``slimdiff.allocate``, ``slimdiff.decompose``); the DVC stages call
 those one at a time so each result is a versioned file.
 """
 
@@ -16,15 +16,19 @@ from typing import Any, Sequence
 
 import torch
 
-from slimdiff.allocate import (ALLOCATORS, BUDGET_KINDS, TIED_BUDGETS, DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, BudgetError, WidthPlan,
-                               allocate, check_budget)
-from slimdiff.capture import DEFAULT_TIMESTEP_GRID, Capture, SamplerSettings, capture, denoiser_of
-from slimdiff.decompose import DEFAULT_REG
-from slimdiff.factorisations import store_for
-from slimdiff.groups import compressible_groups
-from slimdiff.influence import Gains, Granularity, InfluenceScores, measure_gains, score, skeleton_scores
-from slimdiff.latency import LatencyTable, measure_pipeline_latency
-from slimdiff.slim import GroupResult, decompose
+from slimdiff.planning.allocation import ALLOCATORS, BUDGET_KINDS, TIED_BUDGETS, DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, BudgetError, WidthPlan, allocate, check_budget
+from slimdiff.statistics.recording import DEFAULT_TIMESTEP_GRID, capture
+from slimdiff.statistics.sums import Capture
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.arch.pipelines import denoiser_of
+from slimdiff.decomposition.closed_form import DEFAULT_REG
+from slimdiff.device import DTYPE_CHOICES, DeviceError, resolve_dtype
+from slimdiff.decomposition.factorisations import store_for
+from slimdiff.arch import compressible_groups
+from slimdiff.scoring.gains import Gains, measure_gains
+from slimdiff.scoring.influence import Granularity, InfluenceScores, score, skeleton_scores
+from slimdiff.planning.latency import LatencyTable, measure_pipeline_latency
+from slimdiff.decomposition.apply import GroupResult, decompose
 
 CONFIG_VERSION = 1
 
@@ -124,6 +128,13 @@ class CompressionResult:
     gains: Gains | None = None
     latency_table: LatencyTable | None = None
 
+    @property
+    def lora_maps(self) -> dict[str, Any]:
+        """The maps of every compressed linear (original name -> ``LinearMap``), for ``slimdiff.runtime.folder.save``."""
+        from slimdiff.runtime.lora import merge_maps
+
+        return merge_maps(m for group in self.groups for m in group.maps)
+
     def info(self, model_id: str = "") -> dict[str, Any]:
         """Provenance stored in the saved model's slimdiff config."""
         meta = self.capture.metadata
@@ -213,7 +224,7 @@ def _prompt_of(item: Any, path: Path) -> str:
 def checkpoint_dtype(model: str | Path) -> str:
     """The floating dtype a local diffusers folder's denoiser (``unet`` or ``transformer``) is stored in, read from its
     safetensors header (no tensor is read): what ``--dtype auto`` / ``model.dtype: auto`` resolve to."""
-    from slimdiff.io import CompressedModelError, stored_dtype, weight_layout
+    from slimdiff.runtime.folder import CompressedModelError, stored_dtype, weight_layout
 
     path = Path(model)
     if not (path / "model_index.json").is_file():
@@ -228,16 +239,27 @@ def checkpoint_dtype(model: str | Path) -> str:
     raise FileNotFoundError(f"{path} has no unet/ or transformer/ folder to read the stored dtype from")
 
 
+def resolve_model_dtype(spec: str | torch.dtype, model: str | Path) -> torch.dtype:
+    """``slimdiff.device.resolve_dtype``, and ``auto``: the dtype ``model`` (a local diffusers folder) is stored in."""
+    if isinstance(spec, str):
+        key = spec.strip().lower().removeprefix("torch.")
+        if key == "auto":
+            return resolve_dtype(checkpoint_dtype(model))
+        if key not in DTYPE_CHOICES:
+            raise DeviceError(f"unknown dtype {spec!r}; valid: {', '.join(DTYPE_CHOICES)}")
+    return resolve_dtype(spec)
+
+
 def load_pipeline(model: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, **kwargs):
     """A diffusers pipeline from a local folder or a hub id, on ``device`` in ``dtype`` (default: as stored, on the CPU;
     ``auto``: the dtype the local folder's denoiser is stored in), with a clear error when it cannot be loaded. Device
     and dtype are checked before any weight is read."""
     from diffusers import DiffusionPipeline
 
-    from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype
+    from slimdiff.device import check_dtype_runs, resolve_device
 
     target = resolve_device(device) if device is not None else None
-    torch_dtype = resolve_dtype(dtype, model=str(model)) if dtype is not None else None
+    torch_dtype = resolve_model_dtype(dtype, model) if dtype is not None else None
     if torch_dtype is not None:
         check_dtype_runs(target or torch.device("cpu"), torch_dtype)
         kwargs["dtype"] = torch_dtype  # diffusers' name (``torch_dtype`` is deprecated)

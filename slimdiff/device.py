@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# ``auto``: the dtype a local checkpoint's denoiser is stored in (``slimdiff.compress.checkpoint_dtype``)
+# ``auto``: the dtype a local checkpoint's denoiser is stored in (``slimdiff.compress.resolve_model_dtype``)
 DTYPE_CHOICES = ("auto", *DTYPES)
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 # compute capabilities whose float64 rate is a usable fraction (1/2) of float32; the others run float64 at 1/32-1/64
@@ -46,21 +46,19 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
-def resolve_dtype(name: str | torch.dtype, model: str | None = None) -> torch.dtype:
-    """``float32``, ``float16`` or ``bfloat16`` (the model's weights and activations); ``auto`` with ``model`` (a local
-    diffusers folder): the dtype its denoiser is stored in, read from the safetensors header."""
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``float32``, ``float16`` or ``bfloat16`` (the model's weights and activations). ``auto`` (the dtype a checkpoint
+    is stored in) needs the checkpoint: ``slimdiff.compress.resolve_model_dtype``."""
     if isinstance(name, torch.dtype):
         if name in DTYPES.values():
             return name
         raise DeviceError(f"unsupported dtype {name}; valid: {', '.join(DTYPES)}")
     key = str(name).strip().lower().removeprefix("torch.")
-    if key == "auto" and model is not None:
-        from slimdiff.compress import checkpoint_dtype
-
-        return resolve_dtype(checkpoint_dtype(model))
+    if key == "auto":
+        raise DeviceError("dtype 'auto' is the dtype a checkpoint is stored in: resolve it with the checkpoint "
+                          "(slimdiff.compress.resolve_model_dtype)")
     if key not in DTYPES:
-        valid = DTYPE_CHOICES if model is not None else DTYPES
-        raise DeviceError(f"unknown dtype {str(name)!r}; valid: {', '.join(valid)}")
+        raise DeviceError(f"unknown dtype {str(name)!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[key]
 
 

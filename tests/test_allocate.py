@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slimdiff.allocate import ALLOCATORS, Budget, BudgetError, WidthPlan, allocate, allowed_widths, check_budget
-from slimdiff.capture import ActivationRecorder, Capture, group_input_sites, sites_for
-from slimdiff.groups import compressible_groups
-from slimdiff.influence import (
-    Gains, Granularity, InfluenceScores, ffn_error_under, propagation_gains, score, skeleton_scores, spearman, vo_error_under,
+from slimdiff.arch import compressible_groups
+from slimdiff.arch.sites import group_input_sites, sites_for
+from slimdiff.decomposition.apply import decompose
+from slimdiff.decomposition.groups import decompose_group
+from slimdiff.planning.allocation import (
+    ALLOCATORS,
+    Budget,
+    BudgetError,
+    WidthPlan,
+    allocate,
+    allowed_widths,
+    check_budget,
 )
-from slimdiff.slim import decompose, decompose_group
-from slimdiff.testing import TINY_DENOISERS
+from slimdiff.scoring.gains import Gains, propagation_gains, spearman
+from slimdiff.scoring.influence import (
+    Granularity,
+    InfluenceScores,
+    ffn_error_under,
+    score,
+    skeleton_scores,
+    vo_error_under,
+)
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture
+from tests.helpers import TINY_DENOISERS
 
 CAPTURE_TIMESTEPS = (5, 180, 420, 610, 820, 990) * 2
 GAIN_TIMESTEPS = (100, 500, 900)

@@ -11,16 +11,32 @@ import pytest
 import torch
 from torch import nn
 
-from slimdiff.allocate import DEFAULT_MIN_KEEP, Budget, BudgetError
+from slimdiff.arch import compressible_groups, find_groups
+from slimdiff.arch.sites import group_input_sites, sites_for
 from slimdiff.baselines import (
-    BASELINES, FactorizedLinear, asvd_scale, baseline_groups, baseline_sites, compress_with, factorize,
-    factorized_params, matrices, saves, svd_llm_whitening,
+    BASELINES,
+    FactorizedLinear,
+    asvd_scale,
+    baseline_groups,
+    baseline_sites,
+    compress_with,
+    factorize,
+    factorized_params,
+    matrices,
+    saves,
+    svd_llm_whitening,
 )
-from slimdiff.capture import ActivationRecorder, Capture, SamplerSettings, capture, group_input_sites, sites_for
-from slimdiff.evaluate import count_macs, count_params, sqnr_db
-from slimdiff.groups import compressible_groups, find_groups
-from slimdiff.influence import Gains, candidate_widths, measure_gains, propagation_gains, record_denoiser_calls, score
-from slimdiff.testing import TINY_DENOISERS, TINY_PROMPTS, tiny_sd_pipeline
+from slimdiff.calls import record_calls
+from slimdiff.cost import count_macs, count_params
+from slimdiff.pipeline.evaluation import sqnr_db
+from slimdiff.planning.allocation import DEFAULT_MIN_KEEP, Budget, BudgetError
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.scoring.gains import Gains, measure_gains, propagation_gains
+from slimdiff.scoring.influence import candidate_widths, score
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.recording import capture
+from slimdiff.statistics.sums import Capture
+from tests.helpers import TINY_DENOISERS, TINY_PROMPTS, tiny_sd_pipeline
 
 SAMPLER = SamplerSettings(num_inference_steps=4, guidance_scale=4.0, seed=7)
 CALIBRATION = TINY_PROMPTS[:16]
@@ -34,7 +50,7 @@ def setup():
     pipe = tiny_sd_pipeline()
     stats = capture(pipe, CALIBRATION, SAMPLER, batch_size=8, extra_sites=baseline_sites(pipe.unet), progress=False)
     scores = score(pipe.unet, stats, measure_gains(pipe, CALIBRATION[:4], SAMPLER))
-    calls = record_denoiser_calls(pipe, HELD_OUT, SAMPLER, num_calls=SAMPLER.num_inference_steps)
+    calls = record_calls(pipe, HELD_OUT, SAMPLER, num_calls=SAMPLER.num_inference_steps)
     return pipe, stats, scores, calls
 
 
@@ -117,7 +133,7 @@ def test_factorised_layers_count_both_factors_and_stay_dense_when_not_saving(set
     by_params = compress_with("svd", copy.deepcopy(pipe.unet), stats, None, 0.05, ratio_of="params")
     assert by_params["settings"]["dense"] == [] and by_params["removed"] >= by_params["target_removed"]
     # MACs: each factorised matrix saves (d_in d_out - r (d_in + d_out)) per token; attention is unchanged
-    call = record_denoiser_calls(pipe, HELD_OUT[:1], SAMPLER, num_calls=1)[0]
+    call = record_calls(pipe, HELD_OUT[:1], SAMPLER, num_calls=1)[0]
     tokens: dict[str, int] = {}
     handles = [pipe.unet.get_submodule(m.path).register_forward_hook(
         lambda mod, a, o, path=m.path: tokens.__setitem__(path, a[0].numel() // mod.in_features)) for m in matrices(pipe.unet)]

@@ -9,8 +9,8 @@ import zlib
 import pytest
 import torch
 
-from slimdiff import curate as C
-from slimdiff.capture import prompts_digest
+from slimdiff.pipeline import curation as C
+from slimdiff.runtime.sampling import prompts_digest
 
 
 def trigram_embed(prompts: list[str], dim: int = 128) -> torch.Tensor:
@@ -214,7 +214,7 @@ def test_write_slimset_digest_matches_capture(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from slimdiff.testing import tiny_sd_pipeline
+    from tests.helpers import tiny_sd_pipeline
 
     return tiny_sd_pipeline()
 
@@ -262,7 +262,7 @@ def test_cli_writes_slimset_and_fails_in_one_line(tmp_path, tiny_pipe, capsys):
 def test_general_pool_is_deterministic_unique_and_matches_the_committed_csv():
     from pathlib import Path
 
-    from slimdiff import prompt_pool
+    from slimdiff.pipeline import prompt_pool
 
     rows = prompt_pool.generate_pool()
     assert rows == prompt_pool.generate_pool()

@@ -14,16 +14,32 @@ import torch
 import yaml
 
 import slimdiff
-from slimdiff.capture import ActivationRecorder, Capture, SamplerSettings, SiteStats, gram, sites_for
+from slimdiff.arch import compressible_groups
+from slimdiff.arch.sites import sites_for
 from slimdiff.cli import main
 from slimdiff.compress import SlimDiffConfig, compress_pipeline
-from slimdiff.decompose import decompose_ffn, decompose_qk, decompose_vo, regularize, whitening
+from slimdiff.decomposition.apply import decompose
+from slimdiff.decomposition.closed_form import (
+    decompose_ffn,
+    decompose_qk,
+    decompose_vo,
+    regularize,
+    whitening,
+)
 from slimdiff.device import DeviceError, check_dtype_runs, resolve_device, resolve_dtype
-from slimdiff.groups import compressible_groups
-from slimdiff.influence import (LogitNoise, _noise_like, ffn_error_under, propagation_gains, qk_error_under, score,
-                                vo_error_under)
-from slimdiff.slim import SlimAttnProcessor, decompose
-from slimdiff.testing import TINY_DENOISERS, TINY_PROMPTS, cast, tiny_sd_pipeline
+from slimdiff.runtime.attention import SlimAttnProcessor
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.scoring.gains import LogitNoise, _noise_like, propagation_gains
+from slimdiff.scoring.influence import (
+    ffn_error_under,
+    qk_error_under,
+    score,
+    vo_error_under,
+)
+from slimdiff.statistics.kernels import gram
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture, SiteStats
+from tests.helpers import TINY_DENOISERS, TINY_PROMPTS, cast, tiny_sd_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -272,6 +288,13 @@ def test_unknown_device_and_dtype_name_the_valid_choices():
         resolve_device("tpu")
     with pytest.raises(DeviceError, match=r"unknown dtype 'int8'; valid: float32, float16, bfloat16$"):
         resolve_dtype("int8")
+    with pytest.raises(DeviceError, match=r"dtype 'auto' is the dtype a checkpoint is stored in"):
+        resolve_dtype("auto")  # auto needs the checkpoint, which only the model-level call has
+
+    from slimdiff.compress import resolve_model_dtype
+
+    with pytest.raises(DeviceError, match=r"unknown dtype 'int8'; valid: auto, float32, float16, bfloat16$"):
+        resolve_model_dtype("int8", "unused")
     with pytest.raises(DeviceError, match=r"unsupported dtype torch.int8; valid: float32, float16, bfloat16$"):
         resolve_dtype(torch.int8)
     assert resolve_device("CPU ") == torch.device("cpu")
@@ -366,7 +389,7 @@ def test_compressed_pipeline_and_statistics_stay_on_the_device(device):
 
 @pytest.mark.parametrize("key,value", [("device", "cuda:99" if CUDA else "cuda"), ("dtype", "int8")])
 def test_stage_with_unusable_device_or_dtype_fails_before_any_work(tmp_path, monkeypatch, capsys, key, value):
-    from slimdiff.stages import main as stages_main
+    from slimdiff.pipeline.stages import main as stages_main
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"][key] = value

@@ -9,11 +9,17 @@ import pytest
 import torch
 
 import slimdiff
-from slimdiff.capture import SamplerSettings, capture, merge_captures
 from slimdiff.cli import main
 from slimdiff.compress import SlimDiffConfig, compress_pipeline
-from slimdiff.io import CompressedModelError, SLIMDIFF_CONFIG_NAME, WEIGHTS_NAME
-from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+from slimdiff.runtime.folder import (
+    SLIMDIFF_CONFIG_NAME,
+    WEIGHTS_NAME,
+    CompressedModelError,
+)
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.statistics.recording import capture
+from slimdiff.statistics.sums import merge_captures
+from tests.helpers import TINY_PROMPTS, tiny_sd_pipeline
 
 SAMPLER = SamplerSettings(num_inference_steps=3, guidance_scale=4.0, seed=7)
 PROMPTS = TINY_PROMPTS[:16]

@@ -11,10 +11,13 @@ import copy
 import pytest
 import torch
 
-from slimdiff.capture import ActivationRecorder, Capture, SiteStats, group_input_sites, merge_captures, sites_for
-from slimdiff.groups import UnsupportedModelError, compressible_groups, find_groups
-from slimdiff.slim import decompose, decompose_group
-from slimdiff.testing import TINY_DENOISERS, cast, record_capture, rel_err, xw
+from slimdiff.arch import UnsupportedModelError, compressible_groups, find_groups
+from slimdiff.arch.sites import group_input_sites, sites_for
+from slimdiff.decomposition.apply import decompose
+from slimdiff.decomposition.groups import decompose_group
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture, SiteStats, merge_captures
+from tests.helpers import TINY_DENOISERS, cast, record_capture, rel_err, xw
 
 TIMESTEPS = (5, 180, 420, 610, 820, 990)
 
@@ -204,7 +207,7 @@ def test_qk_norm_reported_and_left_intact():
 
 
 def test_whitening_fallback_when_cholesky_fails():
-    from slimdiff.decompose import decompose_qk, whitening
+    from slimdiff.decomposition.closed_form import decompose_qk, whitening
 
     torch.manual_seed(0)
     x = torch.randn(50, 3, dtype=torch.float64) @ torch.randn(3, 6, dtype=torch.float64)  # rank 3 in 6 dims

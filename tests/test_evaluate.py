@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -11,14 +10,21 @@ import pytest
 import torch
 from torch import nn
 
-from slimdiff.capture import SamplerSettings
-from slimdiff.evaluate import (
-    count_macs, count_params, evaluate, fidelity, flatten_metrics, image_quality, latency, macs_per_call, sqnr_db,
+from slimdiff.arch import compressible_groups
+from slimdiff.calls import record_calls
+from slimdiff.cost import count_macs, count_params, macs_per_call
+from slimdiff.decomposition.apply import decompose
+from slimdiff.pipeline.evaluation import (
+    evaluate,
+    fidelity,
+    flatten_metrics,
+    image_quality,
+    latency,
+    sqnr_db,
 )
-from slimdiff.groups import compressible_groups
-from slimdiff.influence import record_denoiser_calls
-from slimdiff.slim import decompose, resize_group
-from slimdiff.testing import TINY_DENOISERS, TINY_PROMPTS, tiny_sd_pipeline
+from slimdiff.runtime.resize import resize_group
+from slimdiff.runtime.sampling import SamplerSettings
+from tests.helpers import TINY_DENOISERS, TINY_PROMPTS, tiny_sd_pipeline
 
 SAMPLER = SamplerSettings(num_inference_steps=3, guidance_scale=4.0, seed=3)
 PROMPTS = TINY_PROMPTS[:4]
@@ -30,7 +36,9 @@ def half_widths(model) -> dict[str, int]:
 
 def random_input_capture(model, tiny):
     """A capture from random denoiser inputs: enough to build a decomposed model for structure tests."""
-    from slimdiff.capture import ActivationRecorder, Capture, sites_for
+    from slimdiff.arch.sites import sites_for
+    from slimdiff.statistics.recorder import ActivationRecorder
+    from slimdiff.statistics.sums import Capture
 
     with ActivationRecorder(model, sites_for(compressible_groups(model))) as recorder, torch.no_grad():
         for i, t in enumerate((100, 400, 700, 950)):
@@ -167,7 +175,7 @@ def test_fidelity_is_teacher_forced(pipes):
     metrics = fidelity(original, compressed, PROMPTS, SAMPLER, batch_size=2)
     signal = noise = 0.0
     for batch in (PROMPTS[:2], PROMPTS[2:]):
-        calls = record_denoiser_calls(original, batch, SAMPLER, num_calls=100)
+        calls = record_calls(original, batch, SAMPLER, num_calls=100)
         assert len(calls) == SAMPLER.num_inference_steps
         with torch.no_grad():
             for args, kwargs in calls:

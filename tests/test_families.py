@@ -9,12 +9,25 @@ import json
 import pytest
 import torch
 
-from slimdiff.capture import ActivationRecorder, Capture, sites_for
-from slimdiff.groups import UnsupportedModelError, compressible_groups, find_groups
-from slimdiff.influence import Granularity, group_widths
-from slimdiff.slim import decompose, decompose_group
-from slimdiff.testing import (TINY_DENOISERS, TINY_DIT_DENOISERS, TINY_PROMPTS, cast, record_capture, rel_err, tiny_flux_pipeline,
-                              tiny_sd3_pipeline, tiny_sdxl_pipeline, xw)
+from slimdiff.arch import UnsupportedModelError, compressible_groups, find_groups
+from slimdiff.arch.sites import sites_for
+from slimdiff.decomposition.apply import decompose
+from slimdiff.decomposition.groups import decompose_group
+from slimdiff.scoring.influence import Granularity, group_widths
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture
+from tests.helpers import (
+    TINY_DENOISERS,
+    TINY_DIT_DENOISERS,
+    TINY_PROMPTS,
+    cast,
+    record_capture,
+    rel_err,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sdxl_pipeline,
+    xw,
+)
 
 TIMESTEPS = (5, 180, 420, 610, 820, 990)
 FAMILIES = {**TINY_DIT_DENOISERS, "pixart": TINY_DENOISERS["pixart"]}
@@ -198,7 +211,7 @@ def test_unknown_denoiser_names_the_supported_ones():
 
 
 def test_latency_table_times_joint_attention_and_both_parts_of_flux_single_blocks(device):
-    from slimdiff.latency import latency_units, measure_latency_table
+    from slimdiff.planning.latency import latency_units, measure_latency_table
 
     tiny = FAMILIES["sd3"]
     sd3 = tiny.build(0).to(device)
@@ -238,9 +251,9 @@ def test_cli_compresses_tiny_pipeline_and_the_saved_model_reloads(name, tmp_path
     """`slimdiff compress` on a saved tiny SDXL / SD3 / Flux pipeline: capture, gains, scores, plan, decomposition,
     save; the saved model reloads as its pipeline class and generates, and `slimdiff info` lists compressed and
     left-intact groups."""
-    from slimdiff.capture import SamplerSettings
     from slimdiff.cli import main
-    from slimdiff.io import describe, load
+    from slimdiff.runtime.folder import describe, load
+    from slimdiff.runtime.sampling import SamplerSettings
 
     build, side, pipeline_class, kind = CLI_FAMILIES[name]
     source = tmp_path / name
@@ -276,7 +289,7 @@ def test_cli_compresses_tiny_pipeline_and_the_saved_model_reloads(name, tmp_path
 def test_save_load_round_trip_reproduces_the_compressed_denoiser(name, tmp_path):
     """Joint attention, Flux single blocks and factorised modulations come back from disk with the same structure,
     processors and outputs (strict safetensors load: a wrong shape would fail, never load random weights)."""
-    from slimdiff.io import load, save
+    from slimdiff.runtime.folder import load, save
 
     tiny = FAMILIES[name]
     pipe = tiny_sd3_pipeline(qk_norm="rms_norm", dual_attention_layers=(0,)) if name == "sd35" else tiny_flux_pipeline()

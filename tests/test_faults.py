@@ -9,10 +9,12 @@ import pytest
 import torch
 import yaml
 
-from slimdiff.allocate import allocate
-from slimdiff.capture import Capture, SamplerSettings, capture, check_model
 from slimdiff.compress import SlimDiffConfig
-from slimdiff.testing import TINY_PROMPTS, stage_workspace, tiny_sd_pipeline
+from slimdiff.planning.allocation import allocate
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.statistics.recording import capture, check_model
+from slimdiff.statistics.sums import Capture
+from tests.helpers import TINY_PROMPTS, stage_workspace, tiny_sd_pipeline
 
 SAMPLER = SamplerSettings(num_inference_steps=2, guidance_scale=4.0, seed=5)
 
@@ -81,7 +83,7 @@ def test_capture_of_another_checkpoint_is_refused(saved):
 def test_score_stage_refuses_a_capture_from_another_checkpoint(saved, tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
-    from slimdiff.stages import main
+    from slimdiff.pipeline.stages import main
 
     _, _, path = saved
     repo = Path(__file__).resolve().parents[1]
@@ -116,7 +118,7 @@ def test_bad_bucket_weights_are_refused(weights):
 
 
 def test_allocate_refuses_bad_bucket_weights(saved):
-    from slimdiff.influence import score
+    from slimdiff.scoring.influence import score
 
     pipe, stats, _ = saved
     scores = score(pipe.unet, stats, require_gains=False)
@@ -129,7 +131,7 @@ def test_custom_attention_scale_is_kept():
     """``scale_qk=False`` attention (scale 1): the slim processor keeps the attention's own scale, not 1/sqrt(d)."""
     from diffusers.models.attention_processor import Attention
 
-    from slimdiff.slim import SlimAttnProcessor, original_attention_scale
+    from slimdiff.runtime.attention import SlimAttnProcessor, original_attention_scale
 
     torch.manual_seed(0)
     attn = Attention(16, heads=2, dim_head=8, scale_qk=False).eval()
@@ -142,7 +144,8 @@ def test_custom_attention_scale_is_kept():
 
 
 def test_gains_of_another_model_are_refused(saved):
-    from slimdiff.influence import Gains, score
+    from slimdiff.scoring.gains import Gains
+    from slimdiff.scoring.influence import score
 
     pipe, stats, _ = saved
     foreign = Gains({}, {}, {"model_hash": "0" * 64})
@@ -151,9 +154,9 @@ def test_gains_of_another_model_are_refused(saved):
 
 
 def test_a_gain_that_cannot_be_measured_is_an_error_not_zero():
-    from slimdiff.groups import compressible_groups
-    from slimdiff.influence import propagation_gains
-    from slimdiff.testing import TINY_DENOISERS
+    from slimdiff.arch import compressible_groups
+    from slimdiff.scoring.gains import propagation_gains
+    from tests.helpers import TINY_DENOISERS
 
     tiny = TINY_DENOISERS["unet_sd1"]
     model = tiny.build(0)
@@ -168,8 +171,8 @@ def test_a_gain_that_cannot_be_measured_is_an_error_not_zero():
 
 def test_decompose_stage_refuses_a_plan_for_another_model(saved, tmp_path, monkeypatch, capsys):
     """A width plan carries the model hash of its scores; decompose refuses it for another capture/model."""
-    from slimdiff.influence import score
-    from slimdiff.stages import main
+    from slimdiff.pipeline.stages import main
+    from slimdiff.scoring.influence import score
 
     pipe, stats, path = saved
     stage_workspace(tmp_path, pipe, path.read_bytes())
@@ -186,9 +189,9 @@ def test_decompose_stage_refuses_a_plan_for_another_model(saved, tmp_path, monke
 
 
 def test_evaluation_refuses_a_model_compressed_from_another_checkpoint(saved, tmp_path):
-    from slimdiff.capture import model_content_hash
-    from slimdiff.io import save
-    from slimdiff.stages import check_compressed_from
+    from slimdiff.pipeline.stages import check_compressed_from
+    from slimdiff.runtime.folder import save
+    from slimdiff.statistics.recording import model_content_hash
 
     pipe, _, _ = saved
     folder = save(pipe, tmp_path / "compressed", {"base_model": {"hash": model_content_hash(pipe.unet)}})
@@ -199,7 +202,7 @@ def test_evaluation_refuses_a_model_compressed_from_another_checkpoint(saved, tm
 
 
 def test_capture_of_other_prompts_or_sampler_settings_is_refused(saved):
-    from slimdiff.capture import check_calibration
+    from slimdiff.statistics.recording import check_calibration
 
     _, stats, path = saved
     check_calibration(stats, TINY_PROMPTS[:4], SAMPLER, str(path))  # its own prompts and settings pass
@@ -215,7 +218,7 @@ def test_atomic_writes_give_the_usual_modes(tmp_path):
     """Artifacts written through mkstemp/mkdtemp get the mode a plain open()/mkdir would (umask applied)."""
     import os
 
-    from slimdiff.utils import atomic_dir, write_json
+    from slimdiff.files import atomic_dir, write_json
 
     mask = os.umask(0o022)
     try:
@@ -230,8 +233,9 @@ def test_atomic_writes_give_the_usual_modes(tmp_path):
 
 def _json_artifacts(saved, tmp_path):
     """Every JSON artifact of the pipeline, written by the library: (loader, path)."""
-    from slimdiff.influence import Gains, score
-    from slimdiff.latency import LatencyCurve, LatencyTable
+    from slimdiff.planning.latency import LatencyCurve, LatencyTable
+    from slimdiff.scoring.gains import Gains
+    from slimdiff.scoring.influence import score
 
     pipe, stats, _ = saved
     scores = score(pipe.unet, stats, None, require_gains=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slimdiff import testing
+from tests import helpers as testing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,14 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 def make_workspace(root: Path) -> Path:
     """A git+DVC workspace holding the repo's dvc.yaml and code, a tiny pipeline and small prompt files."""
     return testing.make_workspace(root)
-
-
-@pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +33,22 @@ def mlflow_client(workspace: Path):
     return MlflowClient()
 
 
-def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
+@pytest.mark.slow
+def test_flows_end_to_end(prefect_api_url, workspace, monkeypatch):
     """recompress -> compress (unchanged) -> new budget -> new checkpoint, in one workspace."""
     import mlflow
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from flows.compress import compress
-    from flows.recompress import recompress
+    from flows.compress import compress_flow
+    from flows.recompress import recompress_flow
     from flows.tracking import stage_hashes
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     name = "slimdiff-tiny-sd"
 
     # a new checkpoint: recompress runs the compress flow, every stage runs, one run, one version
-    first = recompress(str(workspace))
+    first = recompress_flow(str(workspace))
     assert first["compressed"] is True and all(first["stages_run"].values()), first["stages_run"]
     client = mlflow_client(workspace)
     runs = client.search_runs([client.get_experiment_by_name("slimdiff").experiment_id])
@@ -79,12 +72,12 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     # the workspace is a git repository without a commit: the tag says so instead of a bare "unknown"
     assert version.tags["git.commit"].startswith("unknown (git rev-parse HEAD failed in "), version.tags["git.commit"]
     check_tracking_ux(client, run, version, name)
-    check_prefect_ux(name, first["version"])
+    check_prefect_ux(name, first["version"], workspace)
 
     # the same checkpoint again: nothing registered
-    assert recompress(str(workspace))["compressed"] is False
+    assert recompress_flow(str(workspace))["compressed"] is False
     # compress with nothing changed: no stage re-runs, the registered version is reused
-    again = compress(str(workspace))
+    again = compress_flow(str(workspace))
     assert not any(again["stages_run"].values()) and again["reused"], again
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
@@ -93,7 +86,7 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     params["allocate"]["budget"] = 0.3
     params["score"]["rel_noise"] = 0.04
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = compress(str(workspace))
+    third = compress_flow(str(workspace))
     assert [s for s, r in third["stages_run"].items() if r] == ["gains", "score", "allocate", "decompose", "evaluate", "report"]
     assert len(client.search_model_versions(f"name='{name}'")) == 2
     # its description says what changed against the champion (version 1)
@@ -106,7 +99,7 @@ def test_flows_end_to_end(prefect_env, workspace, monkeypatch):
     with torch.no_grad():
         pipe.unet.conv_in.weight.mul_(1.01)
     pipe.save_pretrained(workspace / "data" / "model")
-    fourth = recompress(str(workspace))
+    fourth = recompress_flow(str(workspace))
     assert fourth["compressed"] is True and fourth["stages_run"]["capture"]
     versions = client.search_model_versions(f"name='{name}'")
     assert len(versions) == 3 and len({v.tags["checkpoint_hash"] for v in versions}) == 2
@@ -156,14 +149,21 @@ def check_tracking_ux(client, run, version, name: str) -> None:
     assert run.data.params["job.torch_threads"].isdigit()
 
 
-def check_prefect_ux(name: str, version: str) -> None:
+def check_prefect_ux(name: str, version: str, workspace: Path) -> None:
     """Prefect tells the story too: task runs named by stage (no random suffix), the flow's and the stages' own log
-    lines, and a markdown artifact with the gate decision and the link to the MLflow run."""
+    lines, and a markdown artifact with the gate decision and the link to the MLflow run. The first compress flow run
+    of ``workspace`` (the session's Prefect server holds other tests' runs too)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowFilter, FlowFilterName, LogFilter, \
-        LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowFilter,
+        FlowFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
     from prefect.logging.handlers import APILogHandler
 
     from flows.tasks import STAGES
@@ -173,7 +173,8 @@ def check_prefect_ux(name: str, version: str) -> None:
     async def read():
         async with get_client() as client:
             runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["slimdiff-compress"])))
-            flow_run = sorted(runs, key=lambda r: r.start_time)[0]
+            mine = [r for r in runs if Path(str(r.parameters.get("workspace"))).resolve() == workspace.resolve()]
+            flow_run = sorted(mine, key=lambda r: r.start_time)[0]
             tasks = await client.read_task_runs()
             logs, page = [], None
             while page is None or len(page) == 200:
@@ -227,7 +228,7 @@ def test_unreachable_tracking_uri_fails_before_any_stage(tmp_path):
 
 
 def test_quality_gate_decisions():
-    from flows.tracking import quality_gate
+    from flows.gate import quality_gate
 
     metrics = {"fidelity": {"image_psnr_db": 20.0}, "alignment": {"ratio_to_original": 0.9}}
     assert quality_gate(metrics, {"min_image_psnr_db": 15}).passed
@@ -239,7 +240,7 @@ def test_quality_gate_decisions():
 
 @pytest.mark.parametrize("gate", [None, {}])
 def test_no_gate_section_keeps_the_version_a_candidate_and_says_why(gate):
-    from flows.tracking import quality_gate
+    from flows.gate import quality_gate
 
     decision = quality_gate({"fidelity": {"image_psnr_db": 40.0}}, gate)
     assert not decision.passed
@@ -250,7 +251,7 @@ def test_no_gate_section_keeps_the_version_a_candidate_and_says_why(gate):
 def test_headline_metrics_leave_out_measurement_settings_and_duplicates():
     import json as _json
 
-    from flows.tracking import headline_metrics, measurement_settings, metric_tables
+    from flows.run_metrics import headline_metrics, measurement_settings, metric_tables
 
     metrics = _json.loads((REPO / "docs" / "reference-run" / "metrics.json").read_text())
     headline = headline_metrics(metrics)
@@ -269,9 +270,9 @@ def test_headline_metrics_leave_out_measurement_settings_and_duplicates():
 
 
 def test_summary_links_where_the_mlflow_ui_runs(tmp_path, monkeypatch):
-    import json as _json
 
-    from flows.tracking import experiment_url, run_url, summary_markdown
+    from flows.descriptions import summary_markdown
+    from flows.tracking_server import experiment_url, run_url
 
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "metrics.json").write_text((REPO / "docs" / "reference-run" / "metrics.json").read_text())
@@ -293,19 +294,19 @@ def test_stage_output_without_dvc_git_advice():
     stage's output; everything else passes, progress bars as they come."""
     from flows.tasks import _DropDvcAdvice
 
-    text = (b"Running stage 'x':\n> python -m slimdiff.stages x\ncapture:  10%\rcapture: 100%\nstage x: done\n"
+    text = (b"Running stage 'x':\n> python -m slimdiff.pipeline.stages x\ncapture:  10%\rcapture: 100%\nstage x: done\n"
             b"Updating lock file 'dvc.lock'\n\nTo track the changes with git, run:\n\n\tgit add dvc.lock\n\n"
             b"To enable auto staging, run:\n\n\tdvc config core.autostage true\n\nUse `dvc push` to send your updates.\n\nend")
     advice = _DropDvcAdvice()
     shown = "".join(advice.feed(text[i:i + 7]) for i in range(0, len(text), 7)) + advice.close()
-    assert shown == ("Running stage 'x':\n> python -m slimdiff.stages x\ncapture:  10%\rcapture: 100%\nstage x: done\n"
+    assert shown == ("Running stage 'x':\n> python -m slimdiff.pipeline.stages x\ncapture:  10%\rcapture: 100%\nstage x: done\n"
                      "Updating lock file 'dvc.lock'\nUse `dvc push` to send your updates.\n\nend")
 
 
 @pytest.mark.parametrize("value", [None, float("nan"), "n/a"])
 def test_quality_gate_fails_on_a_nan_or_missing_metric(value):
     """evaluate writes a NaN metric as null: the gate fails naming it (never float(None)), and never passes."""
-    from flows.tracking import quality_gate
+    from flows.gate import quality_gate
 
     metrics = {"fidelity": {"image_psnr_db": value}, "alignment": {"ratio_to_original": 0.99}}
     decision = quality_gate(metrics, {"min_image_psnr_db": 15, "min_alignment_ratio": 0.95})
@@ -358,7 +359,7 @@ def test_bad_threads_setting_names_the_value(value):
 
 
 def test_bad_threads_fails_a_stage_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "slimdiff.stages", "allocate", "--params", str(tmp_path / "none.yaml")],
+    result = subprocess.run([sys.executable, "-m", "slimdiff.pipeline.stages", "allocate", "--params", str(tmp_path / "none.yaml")],
                             cwd=REPO, capture_output=True, text=True, env=dict(os.environ, SLIMDIFF_THREADS="lots"))
     assert result.returncode == 2
     assert result.stderr.strip() == "stage allocate: error: SLIMDIFF_THREADS must be a whole number >= 1 or 'auto', got 'lots'"
@@ -381,11 +382,11 @@ def test_stage_output_lines_for_the_prefect_ui():
     logger.propagate, logger.level = False, logging.INFO
     logger.addHandler(Keep())
     lines = _LineLogger(logger)
-    for chunk in (b"Running stage 'capture':\n> python -m slimdiff", b".stages capture\ncapture:  10%|# | 1/10\r",
+    for chunk in (b"Running stage 'capture':\n> python -m slimdiff", b".pipeline.stages capture\ncapture:  10%|# | 1/10\r",
                   b"capture:  50%|#####     | 5/10\rcapture: 100%|##########| 10/10\n\n", b"stage capture: done in 3.2 s"):
         lines.feed(chunk)
     lines.close()
-    assert records == ["Running stage 'capture':", "> python -m slimdiff.stages capture", "capture: 100%|##########| 10/10",
+    assert records == ["Running stage 'capture':", "> python -m slimdiff.pipeline.stages capture", "capture: 100%|##########| 10/10",
                        "stage capture: done in 3.2 s"]
 
 
@@ -393,7 +394,7 @@ def test_metrics_compared_with_the_committed_reference_run(tmp_path):
     import json as _json
     import shutil
 
-    from flows.tracking import compare_with_reference
+    from flows.reference_run import compare_with_reference
 
     params = yaml.safe_load((REPO / "docs" / "reference-run" / "params.yaml").read_text())
     metrics = _json.loads((REPO / "docs" / "reference-run" / "metrics.json").read_text())

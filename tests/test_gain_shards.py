@@ -12,11 +12,11 @@ import json
 
 import pytest
 
-from slimdiff import gain_shards as G
-from slimdiff import influence
-from slimdiff import testing
-from slimdiff.capture import SamplerSettings
-from slimdiff.influence import measure_gains
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.scoring import gain_shards as G
+from slimdiff.scoring import gains as influence
+from slimdiff.scoring.gains import measure_gains
+from tests import helpers as testing
 
 SAMPLER = SamplerSettings(2, 4.0)
 PROMPTS = list(testing.TINY_PROMPTS[:3])
@@ -131,7 +131,7 @@ def test_bad_shard_count_and_unknown_module_are_refused(pipe):
         G.split_modules(["a", "b"], 0)
     with pytest.raises(ValueError, match=r"not compressible groups of this denoiser, e.g. 'nope'"):
         measure_gains(pipe, PROMPTS, SAMPLER, num_calls=CALLS, only=["nope"])
-    from slimdiff.stages import gain_shards
+    from slimdiff.pipeline.stages import gain_shards
 
     with pytest.raises(ValueError, match=r"score.gain_shards must be a whole number >= 1, got 'two'"):
         gain_shards({"score": {"gain_shards": "two"}})

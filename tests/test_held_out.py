@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import yaml
 
-from slimdiff import testing
+from tests import helpers as testing
 
 STAGES = ("curate", "capture", "gains", "latency", "score", "allocate", "decompose", "evaluate")
 
@@ -25,7 +24,7 @@ def evaluated(tmp_path_factory):
     previous = os.getcwd()
     os.chdir(root)
     try:
-        from slimdiff.stages import main
+        from slimdiff.pipeline.stages import main
 
         for stage in STAGES:
             assert main([stage]) == 0, stage

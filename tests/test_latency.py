@@ -9,14 +9,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimdiff.allocate import BudgetError, allocate
-from slimdiff.capture import ActivationRecorder, Capture, sites_for
-from slimdiff.groups import compressible_groups
-from slimdiff.influence import Granularity, score
-from slimdiff.latency import (LatencyCurve, LatencyTable, LatencyTableError, latency_units, measure_latency_table,
-                              pareto_widths)
-from slimdiff.slim import SlimAttnProcessor, attend, decompose
-from slimdiff.testing import TINY_DENOISERS
+from slimdiff.arch import compressible_groups
+from slimdiff.arch.sites import sites_for
+from slimdiff.decomposition.apply import decompose
+from slimdiff.planning.allocation import BudgetError, allocate
+from slimdiff.planning.latency import (
+    LatencyCurve,
+    LatencyTable,
+    LatencyTableError,
+    latency_units,
+    measure_latency_table,
+    pareto_widths,
+)
+from slimdiff.runtime.attention import SlimAttnProcessor, attend
+from slimdiff.scoring.influence import Granularity, score
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture
+from tests.helpers import TINY_DENOISERS
 
 DENOISER_MS = 100.0
 
@@ -297,7 +306,7 @@ def test_compress_with_a_latency_budget_end_to_end(tmp_path, monkeypatch):
     """`slimdiff compress --latency F` times the tiny pipeline here, allocates, decomposes and saves; the plan is decided
     from closed-form times (the tiny UNet's measured savings are a few percent of its time, within timing noise)."""
     from slimdiff.cli import main
-    from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+    from tests.helpers import TINY_PROMPTS, tiny_sd_pipeline
 
     tables = closed_form_timings(monkeypatch)
     source = tmp_path / "tiny"
@@ -325,7 +334,7 @@ def test_unreachable_latency_fails_before_the_capture(tmp_path, capsys, monkeypa
 
     import slimdiff.compress as compress_module
     from slimdiff.cli import main
-    from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+    from tests.helpers import TINY_PROMPTS, tiny_sd_pipeline
 
     def no_capture(*args, **kwargs):
         raise AssertionError("the capture ran although the budget was unreachable")
@@ -359,7 +368,7 @@ def test_config_and_params_reject_untied_latency_budgets():
 
 def test_padded_attention_traces_without_graph_breaks():
     """Unequal QK and VO widths (the padded path) still trace as one graph under torch.compile."""
-    from slimdiff.slim import resize_group
+    from slimdiff.runtime.resize import resize_group
 
     tiny = TINY_DENOISERS["unet_sd1"]
     model = tiny.build(0)

@@ -11,14 +11,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimdiff.allocate import BudgetError, allocate, macs_of
-from slimdiff.capture import ActivationRecorder, Capture, sites_for
-from slimdiff.arch import adapter_for
-from slimdiff.evaluate import count_macs, macs_per_call
-from slimdiff.groups import compressible_groups
-from slimdiff.influence import score
-from slimdiff.slim import decompose
-from slimdiff.testing import TINY_DENOISERS, TINY_DIT_DENOISERS, cast
+from slimdiff.arch import adapter_for, compressible_groups
+from slimdiff.arch.sites import sites_for
+from slimdiff.cost import count_macs, macs_per_call
+from slimdiff.decomposition.apply import decompose
+from slimdiff.planning.allocation import BudgetError, allocate, macs_of
+from slimdiff.scoring.influence import score
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture
+from tests.helpers import TINY_DENOISERS, TINY_DIT_DENOISERS, cast
 
 FAMILIES = {**TINY_DENOISERS, **TINY_DIT_DENOISERS}
 
@@ -115,9 +116,10 @@ def test_info_json_reports_the_macs_fraction_at_the_capture_call_shape(make, tmp
     import json
 
     import slimdiff
-    from slimdiff import testing
-    from slimdiff.capture import SamplerSettings, denoiser_of
+    from slimdiff.arch.pipelines import denoiser_of
     from slimdiff.cli import main
+    from slimdiff.runtime.sampling import SamplerSettings
+    from tests import helpers as testing
 
     pipe = getattr(testing, make)()
     sampler = SamplerSettings(2, height=32, width=32) if "flux" in make else SamplerSettings(2)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimdiff.capture import ActivationRecorder, sites_for, statistics_bytes
-from slimdiff.groups import compressible_groups
-from slimdiff.testing import TINY_DENOISERS, tiny_unet_sd1
+from slimdiff.arch import compressible_groups
+from slimdiff.arch.sites import sites_for
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import statistics_bytes
+from tests.helpers import TINY_DENOISERS, tiny_unet_sd1
 
 
 @pytest.mark.parametrize("dtype,bucket_bytes", [(torch.float32, 4), (torch.float64, 8)])

@@ -15,9 +15,15 @@ import pytest
 import torch
 
 import slimdiff
-from slimdiff import testing
-from slimdiff.capture import SamplerSettings, capture, statistics_bytes
-from slimdiff.io import SLIMDIFF_CONFIG_NAME, WEIGHTS_NAME, CompressedModelError
+from slimdiff.runtime.folder import (
+    SLIMDIFF_CONFIG_NAME,
+    WEIGHTS_NAME,
+    CompressedModelError,
+)
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.statistics.recording import capture
+from slimdiff.statistics.sums import statistics_bytes
+from tests import helpers as testing
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 STAGES = ("curate", "capture", "gains", "latency", "score", "allocate", "decompose", "evaluate", "report")
@@ -52,11 +58,18 @@ def test_load_assigns_file_tensors_in_the_target_dtype_without_random_init(saved
     assert not any(t.is_meta for t in [*loaded.unet.parameters(), *loaded.unet.buffers()])
 
 
+
+def test_load_auto_keeps_the_stored_dtype(saved):
+    pipe, folder = saved
+    loaded = slimdiff.load(folder, dtype="auto")  # the folder is float32: auto and no dtype read it as stored
+    assert loaded.unet.dtype == loaded.vae.dtype == torch.float32
+    assert all(torch.equal(t, pipe.unet.state_dict()[n]) for n, t in loaded.unet.state_dict().items())
+
 def test_info_reads_the_headers_not_the_weights(saved, monkeypatch, capsys):
     from slimdiff.cli import main
 
     pipe, folder = saved
-    monkeypatch.setattr("slimdiff.io.read_weights", lambda *a, **k: pytest.fail("info read the weights"))
+    monkeypatch.setattr("slimdiff.runtime.folder.read_weights", lambda *a, **k: pytest.fail("info read the weights"))
     monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda *a, **k: pytest.fail("info loaded a state dict"))
     assert main(["info", str(folder), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -123,11 +136,11 @@ def test_an_unverified_load_still_refuses_a_damaged_header(saved, tmp_path):
 def test_decompose_applies_the_recorded_factorisation_and_computes_none(monkeypatch, tmp_path):
     import copy
 
-    import slimdiff.slim as slim
-    from slimdiff.allocate import allocate
-    from slimdiff.capture import denoiser_of
-    from slimdiff.factorisations import store_for
-    from slimdiff.influence import score
+    import slimdiff.decomposition.apply as apply
+    from slimdiff.arch.pipelines import denoiser_of
+    from slimdiff.decomposition.factorisations import store_for
+    from slimdiff.planning.allocation import allocate
+    from slimdiff.scoring.influence import score
 
     for make in (testing.tiny_sd_pipeline, testing.tiny_flux_pipeline):
         pipe = make()
@@ -137,32 +150,33 @@ def test_decompose_applies_the_recorded_factorisation_and_computes_none(monkeypa
         store = store_for(tmp_path / make.__name__, stats, 1e-3, denoiser)
         plan = allocate(score(denoiser, stats, None, require_gains=False, store=store), 0.4)
         direct = copy.deepcopy(denoiser)
-        slim.decompose(direct, stats, plan.widths, 1e-3)
+        apply.decompose(direct, stats, plan.widths, 1e-3)
         with monkeypatch.context() as patch:
-            patch.setattr(slim, "decompose_group", lambda *a, **k: pytest.fail("a group was decomposed again"))
+            patch.setattr(apply, "decompose_group", lambda *a, **k: pytest.fail("a group was decomposed again"))
             patch.setattr(torch.linalg, "eigh", lambda *a, **k: pytest.fail("an eigendecomposition ran again"))
             applied = copy.deepcopy(denoiser)
-            slim.decompose(applied, stats, plan.widths, 1e-3, store=store)
+            apply.decompose(applied, stats, plan.widths, 1e-3, store=store)
         expected, got = direct.state_dict(), applied.state_dict()
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), make.__name__
 
 
 def test_applying_an_ffn_width_solves_once(monkeypatch):
-    import importlib
-
-    from slimdiff.groups import compressible_groups
-    from slimdiff.slim import apply_decomposition, decompose_group
+    import slimdiff.decomposition.closed_form as closed_form
+    from slimdiff.arch import compressible_groups
+    from slimdiff.decomposition.apply import apply_decomposition
+    from slimdiff.decomposition.groups import decompose_group
 
     pipe = testing.tiny_sd_pipeline()
     stats = capture(pipe, PROMPTS, SamplerSettings(2), batch_size=4, progress=False)
     group = next(g for g in compressible_groups(pipe.unet) if g.kind == "ffn")
     decomposition = decompose_group(pipe.unet, group, stats)
-    decompose = importlib.import_module("slimdiff.decompose")  # the package exports a function of that name
-    solves = []
-    real = decompose._spd_solve
-    monkeypatch.setattr(decompose, "_spd_solve", lambda *a: solves.append(1) or real(*a))
+    factorisations = []
+    real = closed_form._spd_solver
+    monkeypatch.setattr(closed_form, "_spd_solver", lambda *a: factorisations.append(1) or real(*a))
     result = apply_decomposition(pipe.unet, group, decomposition, group.width // 2)
-    assert len(solves) == 1 and result.predicted_error >= 0 and result.method.endswith("cholesky solve")
+    # weights, error, method and the LoRA map's Nyström correction all use one factorisation of C_SS
+    assert len(factorisations) == 1 and result.predicted_error >= 0 and result.method.endswith("cholesky solve")
+    assert any(m.inputs and m.inputs[0].matrix is not None for m in result.maps)
 
 
 # ---- the stages on Flux, every budget kind, on each device present ------------------------------------------------
@@ -174,7 +188,7 @@ def flux_workspace(tmp_path_factory):
     previous = os.getcwd()
     os.chdir(root)
     try:
-        from slimdiff.stages import main
+        from slimdiff.pipeline.stages import main
 
         for stage in STAGES[:5]:
             assert main([stage]) == 0, stage
@@ -187,7 +201,7 @@ def flux_workspace(tmp_path_factory):
 def test_flux_goes_through_every_stage_with_every_budget_kind(flux_workspace, tmp_path, monkeypatch, device, kind, budget):
     import yaml
 
-    from slimdiff.stages import main
+    from slimdiff.pipeline.stages import main
 
     root = tmp_path / "ws"
     shutil.copytree(flux_workspace, root, symlinks=True)
@@ -231,17 +245,18 @@ def test_flux_goes_through_every_stage_with_every_budget_kind(flux_workspace, tm
 def test_score_stage_reads_each_site_once_per_group_never_the_whole_capture(flux_workspace, tmp_path, monkeypatch):
     from collections import Counter
 
-    import slimdiff.shards as shards
-    from slimdiff.capture import Capture, group_sites
-    from slimdiff.groups import compressible_groups
-    from slimdiff.stages import main
+    import slimdiff.statistics.sums as sums
+    from slimdiff.arch import compressible_groups
+    from slimdiff.arch.sites import group_sites
+    from slimdiff.pipeline.stages import main
+    from slimdiff.statistics.sums import Capture
 
     root = tmp_path / "ws"
     shutil.copytree(flux_workspace, root, symlinks=True)
     monkeypatch.chdir(root)
     reads = Counter()
-    real = shards._LazySites.__getitem__
-    monkeypatch.setattr(shards._LazySites, "__getitem__", lambda self, site: reads.update([site]) or real(self, site))
+    real = sums._LazySites.__getitem__
+    monkeypatch.setattr(sums._LazySites, "__getitem__", lambda self, site: reads.update([site]) or real(self, site))
     monkeypatch.setattr(Capture, "load", classmethod(lambda cls, *a, **k: pytest.fail("the score stage loaded the whole capture")))
     assert main(["score"]) == 0
     transformer = testing.tiny_flux_pipeline().transformer
@@ -252,7 +267,7 @@ def test_score_stage_reads_each_site_once_per_group_never_the_whole_capture(flux
 # ---- memory predicted before work ---------------------------------------------------------------------------------
 
 def test_footprint_sites_and_statistics_term_match_a_real_capture(flux_workspace):
-    from slimdiff.memory import MemorySettings, footprint, predict
+    from slimdiff.pipeline.memory import MemorySettings, footprint, predict
 
     fp = footprint(flux_workspace / "data" / "model", SamplerSettings(2, height=32, width=32), 6)
     pipe = testing.tiny_flux_pipeline()
@@ -267,7 +282,7 @@ def test_footprint_sites_and_statistics_term_match_a_real_capture(flux_workspace
 
 def _footprint(widths=(1024,) * 48 + (2048,) * 16):
     """A footprint with a few wide statistics sites: the capture is the job's peak."""
-    from slimdiff.memory import Footprint, GroupShape
+    from slimdiff.pipeline.memory import Footprint, GroupShape
 
     sites = {f"block{i}.ff.net.2": w for i, w in enumerate(widths)}
     groups = [GroupShape(name, "ffn", (name,), w, w, 1, w, w // 4, w // 8) for name, w in sites.items()]
@@ -278,8 +293,8 @@ def _footprint(widths=(1024,) * 48 + (2048,) * 16):
 def test_site_groups_split_the_statistics_and_the_settings_that_fit_are_named():
     from dataclasses import replace
 
-    from slimdiff.memory import GIB, MemorySettings, fits, predict, suggestions
-    from slimdiff.shards import split_sites
+    from slimdiff.pipeline.memory import GIB, MemorySettings, fits, predict, suggestions
+    from slimdiff.statistics.shards import split_sites
 
     fp, settings = _footprint(), MemorySettings(num_buckets=4)
     one, two = predict(fp, settings), predict(fp, replace(settings, site_groups=2))

@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from slimdiff.reference import REFERENCE_EVALUATOR_DIR, REFERENCE_MODEL_DIR, load_reference_pipeline
+from slimdiff.reference import (
+    REFERENCE_EVALUATOR_DIR,
+    REFERENCE_MODEL_DIR,
+    load_reference_pipeline,
+)
 from slimdiff.reference import data as d
 from slimdiff.reference.evaluator import (
     ReferenceEvaluator,
@@ -24,7 +28,13 @@ from slimdiff.reference.evaluator import (
 )
 from slimdiff.reference.model import ReferenceConfig, build_pipeline, transformer_share
 from slimdiff.reference.tokenizer import build_tokenizer
-from slimdiff.reference.train import UnetTrainConfig, VaeTrainConfig, encode_latents, train_unet, train_vae
+from slimdiff.reference.train import (
+    UnetTrainConfig,
+    VaeTrainConfig,
+    encode_latents,
+    train_unet,
+    train_vae,
+)
 
 TINY = {
     "vae": {"block_out_channels": [8, 8, 8], "norm_num_groups": 4},

@@ -9,17 +9,18 @@ import runpy
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from slimdiff.capture import Capture, SamplerSettings, capture
-from slimdiff.influence import Gains, measure_gains
-from slimdiff.testing import tiny_sd_pipeline
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.scoring.gains import Gains, measure_gains
+from slimdiff.statistics.recording import capture
+from slimdiff.statistics.sums import Capture
+from tests.helpers import tiny_sd_pipeline
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,9 +34,10 @@ import torch
 
 torch.set_num_threads(1)
 
-from slimdiff.capture import SamplerSettings, capture
-from slimdiff.influence import measure_gains
-from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.scoring.gains import measure_gains
+from slimdiff.statistics.recording import capture
+from tests.helpers import TINY_PROMPTS, tiny_sd_pipeline
 
 PROMPTS = [f"{prompt}, number {i}" for i, prompt in enumerate(TINY_PROMPTS * 2)][:60]
 SAMPLER = SamplerSettings(num_inference_steps=3, guidance_scale=4.0, seed=7)
@@ -67,31 +69,27 @@ def helper(tmp_path_factory):
     return path, runpy.run_path(str(path))
 
 
-def start(helper_path: Path, mode: str, checkpoint: Path, final: Path, log: Path) -> subprocess.Popen:
-    """The helper in its own process; stdout and stderr go to ``log`` (a file: a full pipe cannot stall it)."""
+def start(helper_path: Path, mode: str, checkpoint: Path, final: Path, log: Path, kill_at: str = "") -> subprocess.Popen:
+    """The helper in its own process and session; stdout and stderr go to ``log`` (a file: a full pipe cannot stall
+    it). ``kill_at``: ``SLIMDIFF_KILL_AT`` (``slimdiff.failpoints``), a deterministic SIGKILL at that point."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "true"}
+           "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "true", "SLIMDIFF_KILL_AT": kill_at}
     with open(log, "w") as handle:
         return subprocess.Popen([sys.executable, str(helper_path), mode, str(checkpoint), str(final)], cwd=str(REPO),
-                                env=env, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
+                                env=env, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
-def kill_when(process: subprocess.Popen, ready, log: Path, timeout: float = 120.0) -> None:
-    """SIGKILL ``process`` as soon as ``ready()`` holds; fail if it ends or times out first."""
-    deadline = time.monotonic() + timeout
+def killed_at(helper_path: Path, mode: str, checkpoint: Path, final: Path, log: Path, point: str) -> None:
+    """Run the helper until ``slimdiff.failpoints`` kills it at ``point``; fail if it ends any other way."""
+    process = start(helper_path, mode, checkpoint, final, log, kill_at=point)
     try:
-        while not ready():
-            if process.poll() is not None:
-                pytest.fail(f"the run ended (rc {process.returncode}) before it could be killed:\n{log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("no checkpoint appeared in time")
-            time.sleep(0.02)
-    except BaseException:
+        returncode = process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
         raise
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert returncode == -signal.SIGKILL, f"not killed at {point!r} (rc {returncode}):\n{log.read_text()[-2000:]}"
 
 
 def finish(helper_path: Path, mode: str, checkpoint: Path, final: Path, log: Path) -> str:
@@ -117,8 +115,8 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float, what: str) -> Non
 def test_killed_capture_resumes_to_the_uninterrupted_result(helper, tmp_path):
     helper_path, lib = helper
     checkpoint, final = tmp_path / "capture.ckpt.safetensors", tmp_path / "capture.safetensors"
-    process = start(helper_path, "capture", checkpoint, final, tmp_path / "killed.log")
-    kill_when(process, checkpoint.is_file, tmp_path / "killed.log")
+    # killed right after the second checkpoint (4 of 60 prompts), a point of the work, not of the clock
+    killed_at(helper_path, "capture", checkpoint, final, tmp_path / "killed.log", f"wrote {checkpoint.as_posix()}@2")
     assert not final.exists()
     done_at_kill = Capture.load(checkpoint).metadata["checkpoint"]["done"]
 
@@ -128,7 +126,7 @@ def test_killed_capture_resumes_to_the_uninterrupted_result(helper, tmp_path):
     assert match, err[-2000:]
     resumed_after = int(match.group(2))
     print(f"\ncapture killed and resumed after {resumed_after} of {total} prompts")
-    assert 0 < resumed_after < total and resumed_after == done_at_kill
+    assert resumed_after == done_at_kill == 4 and resumed_after < total
     assert Path(match.group(1)) == checkpoint
 
     resumed = Capture.load(final)
@@ -148,13 +146,8 @@ def test_killed_gains_resume_to_the_uninterrupted_result(helper, tmp_path):
     helper_path, lib = helper
     checkpoint, final = tmp_path / "gains.ckpt.json", tmp_path / "gains.json"
 
-    def measured() -> int:
-        if not checkpoint.is_file():
-            return 0
-        return len(json.loads(checkpoint.read_text())["gains"])  # written atomically: always whole
-
-    process = start(helper_path, "gains", checkpoint, final, tmp_path / "killed.log")
-    kill_when(process, lambda: measured() >= 1, tmp_path / "killed.log")
+    killed_at(helper_path, "gains", checkpoint, final, tmp_path / "killed.log", f"wrote {checkpoint.as_posix()}@3")
+    assert len(json.loads(checkpoint.read_text())["gains"]) >= 1  # the checkpoint holds the modules measured
     assert not final.exists()
 
     err = finish(helper_path, "gains", checkpoint, final, tmp_path / "resumed.log")

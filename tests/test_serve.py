@@ -5,7 +5,7 @@ clients get the images a lone request gets; hostile requests (a huge size, a bil
 param, malformed JSON, more memory than the server allows, more time than its limit) get a 4xx/504 naming the param
 and the valid range, and the server answers after each of them.
 
-The model is logged with the job's own function (``flows.tracking.log_pipeline_model``) from a tiny compressed
+The model is logged with the job's own function (``flows.model_logging.log_pipeline_model``) from a tiny compressed
 pipeline built in-process, registered and aliased ``champion``: the flow end to end is ``tests/test_flows.py``. One
 server start for the module; about two minutes on a loaded 2-core machine (most of it the compression and the
 server's start-up). The pure limits, the memory predictor and the queue are ``tests/test_serving_limits.py``.
@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a real server: see the module docstring
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MLFLOW = str(BIN / "mlflow") if (BIN / "mlflow").exists() else "mlflow"
@@ -61,10 +62,10 @@ def registered(tmp_path_factory):
     from mlflow import MlflowClient
 
     import slimdiff
-    from flows.tracking import log_pipeline_model
-    from slimdiff.capture import SamplerSettings
+    from flows.model_logging import log_pipeline_model
     from slimdiff.compress import SlimDiffConfig, compress_pipeline
-    from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+    from slimdiff.runtime.sampling import SamplerSettings
+    from tests.helpers import TINY_PROMPTS, tiny_sd_pipeline
 
     root = tmp_path_factory.mktemp("serve")
     pipe = tiny_sd_pipeline()
@@ -110,7 +111,11 @@ def test_logged_model_has_signature_params_schema_code_and_pinned_requirements(r
     assert not any(line.split("==")[0].lower() == "slimdiff" for line in requirements), requirements  # no unpublished package
     assert {"mlflow", "torch", "diffusers", "safetensors"} <= {line.split("==")[0].lower() for line in requirements}
     code = local / "code" / "slimdiff"
-    assert (code / "io.py").is_file() and (code / "__init__.py").is_file() and not list(code.rglob("__pycache__"))
+    assert (code / "runtime" / "folder.py").is_file() and (code / "__init__.py").is_file()
+    assert not list(code.rglob("__pycache__"))
+    # the runtime only (issue 22): none of the compressor travels; the server below loads and runs with this alone
+    shipped = {p.relative_to(code).parts[0] for p in code.iterdir()}
+    assert shipped == {"__init__.py", "device.py", "files.py", "failpoints.py", "environment.py", "arch", "runtime"}, shipped
     assert Model.load(local / "MLmodel").flavors["python_function"]["code"] == "code"
     # the served defaults and limits travel as serving.json (not as model_config, which MLflow copies into run params)
     serving = json.loads((local / "artifacts" / "serving.json").read_text())
@@ -126,17 +131,17 @@ def test_serve_champion_from_the_registry_without_the_checkout(registered, tmp_p
     """One documented command, ``mlflow models serve -m models:/<name>@champion --env-manager local``, from a folder
     outside the checkout and with the checkout hidden; a request of two prompts with params returns their images."""
     import slimdiff
-    from slimdiff.capture import SamplerSettings
+    from slimdiff.runtime.sampling import SamplerSettings
 
     root, uri, folder, _ = registered
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(HIDE_CHECKOUT.format(repo=str(REPO)))
-    from flows.pyfunc_model import model_shape, predict_memory
+    from slimdiff.runtime.requests import model_shape, request_memory
 
     shape = model_shape(folder)
-    memory = predict_memory(shape, 16, 16, 16, SAMPLER["guidance"])  # a full coalesced batch at the native size fits
-    assert predict_memory(shape, 8, 32, 32, SAMPLER["guidance"]) > memory  # 8 prompts at the largest size do not
+    memory = request_memory(shape, 16, 16, 16, SAMPLER["guidance"])  # a full coalesced batch at the native size fits
+    assert request_memory(shape, 8, 32, 32, SAMPLER["guidance"]) > memory  # 8 prompts at the largest size do not
     # the server execs `uvicorn`: the environment's bin folder on PATH, as after `source .venv/bin/activate`
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(hide), MLFLOW_TRACKING_URI=uri,
                SLIMDIFF_THREADS="1", SLIMDIFF_SERVE_TIME_LIMIT=str(TIME_LIMIT), SLIMDIFF_SERVE_MAX_MEMORY=str(memory),

@@ -19,9 +19,25 @@ import numpy as np
 import pytest
 
 from flows import pyfunc_model as serving
-from flows.pyfunc_model import (GenerationQueue, Limits, RequestError, RequestSettings, ServingError, TimeLimit, TooLarge,
-                                check_memory, default_limits, limits_from, model_shape, parse_bytes, predict_memory,
-                                prompts_of, serving_document, validate_params, validate_prompts)
+from slimdiff.runtime.generation import GenerationQueue
+from slimdiff.runtime.requests import (
+    Limits,
+    RequestError,
+    RequestSettings,
+    ServingError,
+    TimeLimit,
+    TooLarge,
+    check_request_memory,
+    default_limits,
+    limits_from,
+    model_shape,
+    parse_bytes,
+    prompts_of,
+    request_memory,
+    serving_document,
+    validate_params,
+    validate_prompts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "data" / "reference" / "model"
@@ -46,6 +62,7 @@ def test_limits_derived_from_the_reference_model(reference):
     assert shape.max_scheduler_steps == 999  # steps_offset 1
     assert (limits.min_side, limits.max_side) == (8, 64)  # a quarter to twice the native 32 px
     assert limits.max_steps == 100 and limits.max_prompts == 8 and limits.max_batch == 16
+    assert limits.coalesce is False  # by default an answer is bitwise the image its request gets alone
     assert limits_from(asdict(limits)) == limits  # what serving.json holds reads back
 
 
@@ -136,7 +153,7 @@ MEASURED_MIB = {(1, 32, 4.0): 1.8, (8, 32, 4.0): 10.5, (16, 32, 4.0): 21.7, (1, 
 def test_predicted_memory_covers_every_measurement_on_the_reference_model(reference):
     shape, _ = reference
     for (prompts, side, guidance), mib in MEASURED_MIB.items():
-        predicted = predict_memory(shape, prompts, side, side, guidance) / 2**20
+        predicted = request_memory(shape, prompts, side, side, guidance) / 2**20
         assert predicted >= mib, (prompts, side, guidance, predicted, mib)
         if mib > 64:  # where the working memory dominates the fixed overhead, the prediction stays useful
             assert predicted <= 3 * mib, (prompts, side, guidance, predicted, mib)
@@ -144,25 +161,25 @@ def test_predicted_memory_covers_every_measurement_on_the_reference_model(refere
 
 def test_predicted_memory_grows_with_prompts_size_and_guidance(reference):
     shape, _ = reference
-    one = predict_memory(shape, 1, 256, 256, 4.0)
-    assert predict_memory(shape, 4, 256, 256, 4.0) > one > predict_memory(shape, 1, 128, 128, 4.0)
-    assert predict_memory(shape, 1, 256, 256, 1.0) <= one  # no classifier-free guidance: half the denoiser batch
-    assert predict_memory(shape, 1, 100000, 100000, 4.0) > 10 * 2**40  # the request: terabytes, refused
+    one = request_memory(shape, 1, 256, 256, 4.0)
+    assert request_memory(shape, 4, 256, 256, 4.0) > one > request_memory(shape, 1, 128, 128, 4.0)
+    assert request_memory(shape, 1, 256, 256, 1.0) <= one  # no classifier-free guidance: half the denoiser batch
+    assert request_memory(shape, 1, 100000, 100000, 4.0) > 10 * 2**40  # the request: terabytes, refused
 
 
 def test_a_request_over_the_memory_limit_is_refused_naming_what_fits(reference):
     shape, limits = reference
-    budget = predict_memory(shape, 2, 64, 64, 4.0)
+    budget = request_memory(shape, 2, 64, 64, 4.0)
     settings = RequestSettings(25, 4.0, 0, 64, 64)
-    assert check_memory(shape, limits, settings, 2, budget, 4, "test") <= budget
+    assert check_request_memory(shape, limits, settings, 2, budget, 4, "test") <= budget
     with pytest.raises(TooLarge) as error:
-        check_memory(shape, limits, settings, 8, budget, 4, "SLIMDIFF_SERVE_MAX_MEMORY")
+        check_request_memory(shape, limits, settings, 8, budget, 4, "SLIMDIFF_SERVE_MAX_MEMORY")
     message = str(error.value)
     assert message.startswith("params height=64, width=64 with 8 prompt(s) need about ") and "MiB of working memory" in message
     assert "over this server's limit of" in message and "(SLIMDIFF_SERVE_MAX_MEMORY); at 64x64 at most 2 prompt(s) fit" in message
-    tiny = predict_memory(shape, 1, 16, 16, 4.0)
+    tiny = request_memory(shape, 1, 16, 16, 4.0)
     with pytest.raises(TooLarge, match=r"one prompt fits up to 16x16"):
-        check_memory(shape, limits, settings, 1, tiny, 4, "test")
+        check_request_memory(shape, limits, settings, 1, tiny, 4, "test")
 
 
 @pytest.mark.parametrize("text,expected", [("2000000000", 2_000_000_000), ("512MiB", 512 * 2**20), ("4GiB", 4 * 2**30),
@@ -179,7 +196,7 @@ def test_bad_memory_size_names_the_setting():
 # ---- the generation queue ----------------------------------------------------------------------------------------
 
 LIMITS = Limits(max_prompts=8, max_batch=6, max_prompt_chars=100, max_steps=100, max_guidance=20.0, size_multiple=8,
-                min_side=8, max_side=64, max_queue=4)
+                min_side=8, max_side=64, max_queue=4, coalesce=True)  # the queue tests: coalescing on (off by default)
 S1, S2 = RequestSettings(2, 4.0, 0, 16, 16), RequestSettings(3, 4.0, 0, 16, 16)
 
 
@@ -343,7 +360,7 @@ class TinyModel:
         from diffusers import DPMSolverMultistepScheduler
 
         import slimdiff
-        from slimdiff.testing import tiny_sd_pipeline
+        from tests.helpers import tiny_sd_pipeline
 
         self.root = root
         pipe = tiny_sd_pipeline()
@@ -421,7 +438,7 @@ def test_served_time_limit_and_memory_limit_on_the_real_pipeline(tiny, monkeypat
     assert lone(model, PROMPTS[:1]).shape == (1, 16, 16, 3)  # the worker serves on
 
     monkeypatch.delenv("SLIMDIFF_SERVE_TIME_LIMIT")
-    budget = predict_memory(model_shape(tiny.folder), 2, 16, 16, 4.0)
+    budget = request_memory(model_shape(tiny.folder), 2, 16, 16, 4.0)
     monkeypatch.setenv("SLIMDIFF_SERVE_MAX_MEMORY", str(budget))
     model = tiny.load()
     with pytest.raises(MlflowException) as error:

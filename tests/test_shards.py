@@ -4,7 +4,7 @@ shard's first checkpoint, ``flows.distributed.kill_after_checkpoint``). CPU only
 
 Equality: each shard forms exactly the batches the single-process capture forms, so every per-call Gram matrix is
 the same and the pooled float64 sums differ only by the order of float64 additions (asserted to 1e-10 relative,
-observed 0). Per-bucket sums are float32 (capture.py) and float32 addition is not associative: asserted to 1e-6
+observed 0). Per-bucket sums are float32 (slimdiff/statistics/sums.py) and float32 addition is not associative: asserted to 1e-6
 relative (observed 0 on this machine; rounding of the shard additions could show ~1e-7).
 """
 
@@ -17,10 +17,14 @@ import pytest
 import torch
 
 import flows.compress  # noqa: F401  (imported here, not under a test's capsys: Prefect binds its log console to the
+from slimdiff.runtime.sampling import SamplerSettings
+
 #                          stream active at import, and a closed capsys stream would break every later flow)
-from slimdiff import shards as S
-from slimdiff import testing
-from slimdiff.capture import Capture, SamplerSettings, capture, check_calibration
+from slimdiff.statistics import shards as S
+from slimdiff.statistics import sums
+from slimdiff.statistics.recording import capture, check_calibration
+from slimdiff.statistics.sums import Capture
+from tests import helpers as testing
 
 SAMPLER = SamplerSettings(2, 4.0)
 PROMPTS = [f"{p} number {i}" for i, p in enumerate(testing.TINY_PROMPTS[:24])]
@@ -79,7 +83,7 @@ def test_merged_shards_equal_the_single_process_capture(pipe, reference, tmp_pat
     assert [e["digest"] for e in merged.metadata["shards"]] == [s.digest for s in plan.shards]
     assert S.shard_tags(out)["lineage.capture.shards"] == str(len(plan.shards))
     # read lazily, one site at a time: the same moments
-    lazy = S.open_capture(out)
+    lazy = sums.open_capture(out)
     for site in list(reference.sites)[:3]:
         assert torch.equal(lazy.second_moment(site), merged.second_moment(site))
 
@@ -163,17 +167,9 @@ def test_bad_cluster_fails_in_preflight_with_one_line(tmp_path, capsys, monkeypa
 # ------------------------------------------------------------------------------------------------ the flow
 
 
-@pytest.fixture(scope="module")
-def prefect_env():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
-def test_flow_on_two_local_workers_with_a_killed_worker(prefect_env, tmp_path, monkeypatch):
+def test_flow_on_two_local_workers_with_a_killed_worker(prefect_api_url, tmp_path, monkeypatch):
     """4 shards on a local Dask cluster of 2 worker processes; the first shard try to start a denoiser call after
     writing its checkpoint SIGKILLs its own worker (``flows.distributed.kill_after_checkpoint``: a known point, no
     race). The shard is retried in another process and resumes from its checkpoint, no other shard is computed twice,
@@ -184,10 +180,10 @@ def test_flow_on_two_local_workers_with_a_killed_worker(prefect_env, tmp_path, m
     import mlflow
     from mlflow import MlflowClient
 
-    from flows.compress import compress
+    from flows.compress import compress_flow
     from flows.distributed import KILL_AFTER_CHECKPOINT
     from slimdiff.compress import load_pipeline, read_prompts
-    from slimdiff.stages import SHARD_DIR
+    from slimdiff.pipeline.stages import SHARD_DIR
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     fault = tmp_path / "fault"
@@ -196,7 +192,7 @@ def test_flow_on_two_local_workers_with_a_killed_worker(prefect_env, tmp_path, m
         "curate": {"n": 24}, "sampler": {"steps": 4},
         "capture": {"batch_size": 3, "checkpoint_every": 3, "shards": 4, "cluster": "local", "workers": 2},
         "score": {"gain_shards": 3}})
-    result = compress(str(workspace))
+    result = compress_flow(str(workspace))
     assert (fault / "killed.json").is_file(), "no shard try reached the kill point (after its first checkpoint)"
     killed = json.loads((fault / "killed.json").read_text())
     tries: dict[int, list[dict]] = {}
@@ -229,9 +225,9 @@ def test_flow_on_two_local_workers_with_a_killed_worker(prefect_env, tmp_path, m
     assert version.tags["lineage.capture.shards"] == "4"
     assert [version.tags[f"lineage.capture.shard.{i}"] for i in range(4)] == [s.digest for s in plan.shards]
 
-    from slimdiff.gain_shards import plan_gain_shards
-    from slimdiff.influence import Gains, measure_gains
-    from slimdiff.stages import GAIN_SHARD_DIR, load_params, sampler_settings
+    from slimdiff.pipeline.stages import GAIN_SHARD_DIR, load_params, sampler_settings
+    from slimdiff.scoring.gain_shards import plan_gain_shards
+    from slimdiff.scoring.gains import Gains, measure_gains
 
     params = load_params(workspace / "params.yaml")
     score, sampler = params["score"], sampler_settings(params)
@@ -262,7 +258,7 @@ def tiny_capture(family: str, pipe, reference: Capture) -> tuple[torch.nn.Module
 
 
 def half_widths(model) -> dict[str, int]:
-    from slimdiff.groups import compressible_groups
+    from slimdiff.arch import compressible_groups
 
     return {g.name: max(1, g.width // 2) for g in compressible_groups(model)}
 
@@ -277,7 +273,7 @@ class ReadCounter:
 
         self.sites: collections.Counter = collections.Counter()
         self.opened = 0
-        read, open_file = S._LazySites.__getitem__, safetensors.safe_open
+        read, open_file = sums._LazySites.__getitem__, safetensors.safe_open
 
         def counted_read(lazy, site):
             self.sites[site] += 1
@@ -287,7 +283,7 @@ class ReadCounter:
             self.opened += 1
             return open_file(*args, **kwargs)
 
-        monkeypatch.setattr(S._LazySites, "__getitem__", counted_read)
+        monkeypatch.setattr(sums._LazySites, "__getitem__", counted_read)
         monkeypatch.setattr(safetensors, "safe_open", counted_open)
 
 
@@ -295,12 +291,12 @@ class ReadCounter:
 def test_streamed_decompose_reads_each_site_once_per_group(pipe, reference, tmp_path, monkeypatch, family):
     import collections
 
-    from slimdiff.capture import group_sites
-    from slimdiff.groups import compressible_groups
-    from slimdiff.slim import decompose
+    from slimdiff.arch import compressible_groups
+    from slimdiff.arch.sites import group_sites
+    from slimdiff.decomposition.apply import decompose
 
     model, stats = tiny_capture(family, pipe, reference)
-    lazy = S.open_capture(stats.save(tmp_path / "capture.safetensors"))
+    lazy = sums.open_capture(stats.save(tmp_path / "capture.safetensors"))
     reads = ReadCounter(monkeypatch)
     site = next(iter(stats.sites))
     assert site in lazy.sites and "no.such.site" not in lazy.sites and set(lazy.sites) == set(stats.sites)
@@ -316,18 +312,18 @@ def test_num_buckets_answers_from_the_metadata(pipe, reference, tmp_path, monkey
     one = capture(pipe, PROMPTS[:2], SAMPLER, num_buckets=1, batch_size=2, progress=False)
     for stats, buckets in ((reference, 4), (one, 1)):
         path = stats.save(tmp_path / f"capture{buckets}.safetensors")
-        loaded, lazy = Capture.load(path), S.open_capture(path)
+        loaded, lazy = Capture.load(path), sums.open_capture(path)
         reads = ReadCounter(monkeypatch)
         assert lazy.num_buckets == loaded.num_buckets == buckets == next(iter(stats.sites.values())).num_buckets
         assert reads.opened == 0 and not reads.sites
         monkeypatch.undo()
     # no recorded bucket_edges (e.g. a capture checkpoint): the first site answers, as before
     recorded = Capture(reference.sites, {k: v for k, v in reference.metadata.items() if k != "bucket_edges"})
-    assert S.open_capture(recorded.save(tmp_path / "bare.safetensors")).num_buckets == 4
+    assert sums.open_capture(recorded.save(tmp_path / "bare.safetensors")).num_buckets == 4
     # edges that contradict the statistics are refused by both readers, up front
     Capture(reference.sites, {**reference.metadata, "bucket_edges": [0.0, 500.0, 1000.0]}).save(tmp_path / "odd.safetensors")
     odd = r"odd\.safetensors: its metadata records 2 timestep buckets, its statistics hold 4; the file is corrupt"
-    for read in (Capture.load, S.open_capture):
+    for read in (Capture.load, sums.open_capture):
         with pytest.raises(ValueError, match=odd):
             read(tmp_path / "odd.safetensors")
 
@@ -336,13 +332,13 @@ def test_num_buckets_answers_from_the_metadata(pipe, reference, tmp_path, monkey
 def test_streamed_decompose_equals_the_loaded_one(pipe, reference, tmp_path, family):
     import copy
 
-    from slimdiff.slim import decompose
+    from slimdiff.decomposition.apply import decompose
 
     model, stats = tiny_capture(family, pipe, reference)
     path = stats.save(tmp_path / "capture.safetensors")
     loaded, streamed, widths = copy.deepcopy(model), copy.deepcopy(model), half_widths(model)
     a = decompose(loaded, Capture.load(path), widths)
-    b = decompose(streamed, S.open_capture(path), widths)
+    b = decompose(streamed, sums.open_capture(path), widths)
     assert a == b
     left, right = loaded.state_dict(), streamed.state_dict()
     assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
@@ -351,11 +347,11 @@ def test_streamed_decompose_equals_the_loaded_one(pipe, reference, tmp_path, fam
 def test_decompose_stage_streams_and_writes_the_loaded_result(pipe, reference, tmp_path, monkeypatch, capsys):
     import copy
 
-    from slimdiff.allocate import allocate
-    from slimdiff.influence import score
-    from slimdiff.io import read_weights
-    from slimdiff.slim import decompose
-    from slimdiff.stages import config_from, main
+    from slimdiff.decomposition.apply import decompose
+    from slimdiff.pipeline.stages import config_from, main
+    from slimdiff.planning.allocation import allocate
+    from slimdiff.runtime.folder import read_weights
+    from slimdiff.scoring.influence import score
 
     reference.save(tmp_path / "capture.safetensors")
     params = testing.stage_workspace(tmp_path, pipe, (tmp_path / "capture.safetensors").read_bytes())
@@ -387,7 +383,7 @@ def test_a_damaged_capture_fails_at_open_with_the_capture_line(reference, tmp_pa
         Capture.load(truncated)
     with pytest.raises(ValueError, match=r"truncated\.safetensors: unreadable capture \(.*\); the file is truncated or "
                                          r"corrupt, re-run the capture") as opened:
-        S.open_capture(truncated)
+        sums.open_capture(truncated)
     assert str(opened.value) == str(loaded.value) and len(str(opened.value).splitlines()) == 1
     # a site whose parts are missing or disagree: the same line as Capture.load's, from the header alone
     site = next(iter(reference.sites))
@@ -404,17 +400,17 @@ def test_a_damaged_capture_fails_at_open_with_the_capture_line(reference, tmp_pa
         with pytest.raises(ValueError) as loaded:
             Capture.load(tmp_path / "parts.safetensors")
         with pytest.raises(ValueError, match=message) as opened:
-            S.open_capture(tmp_path / "parts.safetensors")
+            sums.open_capture(tmp_path / "parts.safetensors")
         assert str(opened.value) == str(loaded.value)
     with pytest.raises(FileNotFoundError, match="capture file not found"):
-        S.open_capture(tmp_path / "missing.safetensors")
+        sums.open_capture(tmp_path / "missing.safetensors")
     # the file changes or goes away after opening: the capture's wording, naming the file and the site
-    lazy = S.open_capture(path)
+    lazy = sums.open_capture(path)
     path.write_bytes(data[:-8] + bytes(8))
     changed = rf"capture\.safetensors: site {re.escape(site)}: the capture file changed since it was opened"
     with pytest.raises(ValueError, match=changed):
         lazy.sites[site]
-    lazy = S.open_capture(path)
+    lazy = sums.open_capture(path)
     path.unlink()
     gone = rf"capture\.safetensors: site {re.escape(site)}: unreadable capture \(.*\); the file is truncated or corrupt"
     with pytest.raises(ValueError, match=gone):

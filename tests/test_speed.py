@@ -7,14 +7,16 @@ import copy
 import pytest
 import torch
 
-from slimdiff.allocate import BudgetError, allocate
-from slimdiff.capture import ActivationRecorder, Capture, sites_for
+from slimdiff.arch import compressible_groups
+from slimdiff.arch.sites import sites_for
+from slimdiff.cost import macs_per_call
+from slimdiff.decomposition.apply import decompose
 from slimdiff.device import DeviceError, resolve_rank_step
-from slimdiff.evaluate import macs_per_call
-from slimdiff.groups import compressible_groups
-from slimdiff.influence import Granularity, score
-from slimdiff.slim import decompose
-from slimdiff.testing import TINY_DENOISERS
+from slimdiff.planning.allocation import BudgetError, allocate
+from slimdiff.scoring.influence import Granularity, score
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture
+from tests.helpers import TINY_DENOISERS
 
 
 def scored(name: str, granularity: Granularity = Granularity()):
@@ -119,7 +121,7 @@ def test_cli_macs_budget_and_bad_budget_pairs(tmp_path, capsys):
     import json
 
     from slimdiff.cli import main
-    from slimdiff.testing import TINY_PROMPTS, tiny_sd_pipeline
+    from tests.helpers import TINY_PROMPTS, tiny_sd_pipeline
 
     source = tmp_path / "tiny"
     tiny_sd_pipeline().save_pretrained(source)
@@ -146,8 +148,9 @@ def test_cli_macs_budget_and_bad_budget_pairs(tmp_path, capsys):
 @pytest.mark.parametrize("name", sorted(TINY_DENOISERS))
 def test_compressed_denoiser_traces_without_graph_breaks(name):
     """torch.compile sees the narrowed denoiser (slim attention processor included) as one graph."""
-    from slimdiff.groups import compressible_groups
-    from slimdiff.slim import SlimAttnProcessor, resize_group
+    from slimdiff.arch import compressible_groups
+    from slimdiff.runtime.attention import SlimAttnProcessor
+    from slimdiff.runtime.resize import resize_group
 
     tiny = TINY_DENOISERS[name]
     model = tiny.build(0)

@@ -10,14 +10,20 @@ import pytest
 import torch
 
 import slimdiff
-from slimdiff import testing
-from slimdiff.arch import adapter_for
-from slimdiff.capture import (ActivationRecorder, Capture, SamplerSettings, capture, conditioning_sites, sites_for,
-                              timestep_grid)
-from slimdiff.evaluate import fidelity
-from slimdiff.groups import compressible_groups
-from slimdiff.slim import decompose
-from slimdiff.testing import cast
+from slimdiff.arch import adapter_for, compressible_groups
+from slimdiff.arch.sites import sites_for
+from slimdiff.decomposition.apply import decompose
+from slimdiff.pipeline.evaluation import fidelity
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.statistics.recorder import (
+    ActivationRecorder,
+    conditioning_sites,
+    timestep_grid,
+)
+from slimdiff.statistics.recording import capture
+from slimdiff.statistics.sums import Capture
+from tests import helpers as testing
+from tests.helpers import cast
 
 CALIBRATION = [f"a small red circle number {i}" for i in range(8)]
 HELD_OUT_PROMPTS = [f"a large blue square number {i}" for i in range(4)]

@@ -1,4 +1,4 @@
-"""Tiny seeded SD3 / SD3.5 / Flux models and pipelines from ``slimdiff.testing``: built from config, no hub files."""
+"""Tiny seeded SD3 / SD3.5 / Flux models and pipelines from ``tests.helpers``: built from config, no hub files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from slimdiff.capture import SamplerSettings
-from slimdiff.testing import (
+from slimdiff.runtime.sampling import SamplerSettings
+from tests.helpers import (
     TINY_DENOISERS,
     TINY_DIT_DENOISERS,
     TINY_PROMPTS,
@@ -82,7 +82,10 @@ def test_sd3_transformer_blocks():
 
 def test_flux_transformer_blocks():
     """Flux: double-stream and single-stream blocks, packed 2x2 latents (in_channels 64), guidance embedding on dev."""
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
 
     flux = tiny_flux_transformer()
     assert len(flux.transformer_blocks) >= 1 and len(flux.single_transformer_blocks) >= 1

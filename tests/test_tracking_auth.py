@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # a real server: see the module docstring
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MLFLOW = str(BIN / "mlflow") if (BIN / "mlflow").exists() else "mlflow"
@@ -101,7 +102,7 @@ def finished_workspace(tmp_path_factory):
     from PIL import Image
 
     import slimdiff
-    from slimdiff import testing
+    from tests import helpers as testing
 
     workspace = testing.make_workspace(tmp_path_factory.mktemp("auth-ws") / "ws")
     outputs = workspace / "outputs"
@@ -164,7 +165,8 @@ def test_right_credentials_log_and_register(auth_server, finished_workspace, mon
     import mlflow
     from mlflow import MlflowClient
 
-    from flows.tracking import TrackingError, check_tracking_uri, log_compression
+    from flows.tracking import log_compression
+    from flows.tracking_server import TrackingError, check_tracking_uri
 
     for name in CREDENTIALS:
         monkeypatch.delenv(name, raising=False)

@@ -4,17 +4,18 @@ FLUX.1-dev's transformer configuration (3072 wide = 24 heads x 128, MLP 4x, T5 w
 embedding) with reduced depth (default one double and one single block) and seeded random weights (no
 download), in bfloat16 on CUDA: denoiser calls at 1024 px (4096 image tokens, 512 text tokens) over
 several timesteps are captured, scored with unit gains, allocated under a MACs budget (default keep
-70 %), decomposed, and timed against the original, interleaved. Appends its section to the GPU docs page.
+70 %), decomposed, and timed against the original, interleaved. Measuring writes --out (with the command, the machine
+and the code version); its section of the GPU docs page (--doc) is rendered from that file alone.
 
     python benchmarks/gpu/flux_block.py --out benchmarks/results/flux_block.json      # on a CUDA machine (run.sh)
     python benchmarks/gpu/flux_block.py --smoke --out /tmp/flux_block.json           # tiny widths, any device (CI)
+    python benchmarks/gpu/flux_block.py --render-only --doc docs/benchmarks-gpu.md   # re-render from --out
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import time
@@ -28,21 +29,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sd15 import denoiser_latency  # noqa: E402
 
-from slimdiff.allocate import allocate  # noqa: E402
+from slimdiff.planning.allocation import allocate
 from slimdiff.arch import adapter_for  # noqa: E402
-from slimdiff.capture import ActivationRecorder, Capture, sites_for  # noqa: E402
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.statistics.sums import Capture
+from slimdiff.arch.sites import sites_for
 from slimdiff.device import describe_device, resolve_device, resolve_dtype, synchronize  # noqa: E402
-from slimdiff.groups import compressible_groups, find_groups, left_intact  # noqa: E402
-from slimdiff.influence import Granularity, score  # noqa: E402
-from slimdiff.slim import decompose  # noqa: E402
-from slimdiff.utils import atomic_path  # noqa: E402
+from slimdiff.arch import compressible_groups, find_groups, left_intact
+from slimdiff.scoring.influence import Granularity, score
+from slimdiff.decomposition.apply import decompose
+from benchmarks.pages import provenance, read_results, run_record, write_results, write_sections  # noqa: E402
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
 SMOKE = dict(FLUX_DEV, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
              axes_dims_rope=(2, 2, 4), in_channels=16)
-MARK = "<!-- flux-block (benchmarks/gpu/flux_block.py) -->"
+MARK = "## Flux at real width on the GPU (benchmarks/gpu/flux_block.py, issue 12)"  # its section's heading
+RESULTS = ROOT / "benchmarks" / "results" / "flux_block.json"
+DOC = ROOT / "docs" / "benchmarks-gpu.md"
 
 
 def build(config: dict, double: int, single: int, device: torch.device, dtype: torch.dtype):
@@ -123,14 +128,24 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def render(r: dict) -> str:
-    rows = "\n".join(f"| {k} | {v:.0%} |" for k, v in r["kinds_kept"].items())
-    return f"""{MARK}
-## Flux at real width: {r['double_blocks']} double + {r['single_blocks']} single block (issue 12)
+def load(path: Path = RESULTS) -> dict | None:
+    return read_results(path) if Path(path).is_file() else None
 
-`python benchmarks/gpu/flux_block.py` ({'smoke, tiny widths' if r['smoke'] else 'FLUX.1-dev widths'}) on {r['device']},
-{r['dtype']}, torch {r['torch']}: {r['params']:,} parameters, seeded random weights, {r['image_tokens']} image +
+
+def render(r: dict, doc: Path = DOC) -> list[tuple[Path, str, str]]:
+    return [(Path(doc), MARK, section(r))]
+
+
+def section(r: dict) -> str:
+    rows = "\n".join(f"| {k} | {v:.0%} |" for k, v in r["kinds_kept"].items())
+    run = "\n".join(provenance(r, f"{r['device']}; torch {r['torch']}"))
+    return f"""{MARK}
+
+{r['double_blocks']} double + {r['single_blocks']} single block(s) ({'smoke, tiny widths' if r['smoke'] else 'FLUX.1-dev widths'})
+on {r['device']}, {r['dtype']}: {r['params']:,} parameters, seeded random weights, {r['image_tokens']} image +
 {r['text_tokens']} text tokens, batch 1. Unit gains, MACs budget.
+
+{run}
 
 | step | value |
 |---|---|
@@ -168,25 +183,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank-step", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flux_block.json"))
-    parser.add_argument("--doc", default="", help="markdown page to add this section to ('' for none)")
+    parser.add_argument("--doc", default="", help="markdown page to write this section into ('' for none)")
+    parser.add_argument("--render-only", action="store_true", help="only render the section from --out into --doc")
     args = parser.parse_args(argv)
+    if args.render_only:
+        result = load(Path(args.out))
+        if result is None:
+            raise SystemExit(f"{args.out}: no results file; run the benchmark first")
+        write_sections(render(result, Path(args.doc or DOC)))
+        return 0
     if args.smoke:
         args.ffn_step, args.rank_step = 8, 1
-    result = run(args)
-    result["calls"] = args.calls
-    result["command"] = "python benchmarks/gpu/flux_block.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-    section = render(result)
+    record = run_record(__file__, argv)
+    result = {**record, **run(args), "calls": args.calls}
+    write_results(Path(args.out), result)
+    result = read_results(Path(args.out))
     if args.doc:
-        doc = Path(args.doc)
-        text = doc.read_text() if doc.is_file() else ""
-        text = (text.split(MARK)[0].rstrip() + "\n\n" if text else "") + section
-        with atomic_path(doc) as tmp:
-            tmp.write_text(text)
-    print(section)
+        write_sections(render(result, Path(args.doc)))
+    print(section(result))
     return 0
 
 

@@ -1,12 +1,16 @@
 """The main job's stages on a GPU, on the reference model: each stage's time, peak host RSS and peak GPU memory
-beside slimdiff.memory's prediction, and the job's metrics (issue 21).
+beside slimdiff.pipeline.memory's prediction, and the job's metrics (issue 21).
 
-The stages are the commands ``dvc.yaml`` runs (``python -m slimdiff.stages <stage>``), in order, in a copy of this
+The stages are the commands ``dvc.yaml`` runs (``python -m slimdiff.pipeline.stages <stage>``), in order, in a copy of this
 workspace with ``model.device: cuda``. The flow's orchestration around them (Prefect, DVC, MLflow) runs on the CPU and
 is tested there; it is not on the GPU machine's image and its wheels do not fit what a device call can carry.
 
     python benchmarks/gpu/job.py --out gpu_job.json --doc docs/benchmarks-gpu.md   # on a CUDA machine (run.sh)
     python benchmarks/gpu/job.py --smoke --out /tmp/job.json                        # tiny Flux workspace, any device
+    python benchmarks/gpu/job.py --render-only [--out benchmarks/results/gpu_job.json] [--doc docs/benchmarks-gpu.md]
+
+Measuring writes --out (with the command, the machine and the code version); its section of the page is rendered from
+that file alone.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.pages import markdown_table, update_section  # noqa: E402
+from benchmarks.pages import markdown_table, provenance, read_results, run_record, write_results, write_sections  # noqa: E402
 
 STAGES = ("curate", "capture", "gains", "latency", "score", "allocate", "decompose", "evaluate", "report")
 HEADING = "## The main job's stages on the GPU (benchmarks/gpu/job.py)"
+RESULTS = ROOT / "benchmarks" / "results" / "gpu_job.json"
+DOC = ROOT / "docs" / "benchmarks-gpu.md"
 GIB = 2**30
 
 
@@ -53,7 +59,7 @@ def reference_workspace(root: Path, device: str, overrides: dict) -> Path:
 
 def run_stages(root: Path, in_process: bool) -> dict:
     """Each stage in order: exit code, wall time and its own resource record."""
-    from slimdiff.stages import load_params, predict_memory
+    from slimdiff.pipeline.stages import load_params, predict_memory
 
     previous = os.getcwd()
     os.chdir(root)
@@ -65,7 +71,7 @@ def run_stages(root: Path, in_process: bool) -> dict:
     for stage in STAGES:
         start = time.monotonic()
         if in_process:
-            from slimdiff.stages import main
+            from slimdiff.pipeline.stages import main
 
             os.chdir(root)
             try:
@@ -74,7 +80,7 @@ def run_stages(root: Path, in_process: bool) -> dict:
                 os.chdir(previous)
             tail = ""
         else:
-            done = subprocess.run([sys.executable, "-m", "slimdiff.stages", stage], cwd=root, capture_output=True, text=True)
+            done = subprocess.run([sys.executable, "-m", "slimdiff.pipeline.stages", stage], cwd=root, capture_output=True, text=True)
             code, tail = done.returncode, (done.stdout + done.stderr)[-1500:]
         record_path = root / "outputs" / ".resources" / f"{stage}.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() and code == 0 else {}
@@ -92,17 +98,26 @@ def run_stages(root: Path, in_process: bool) -> dict:
     return rows
 
 
+def load(path: Path = RESULTS) -> dict | None:
+    return read_results(path) if Path(path).is_file() else None
+
+
+def render(result: dict, doc: Path = DOC) -> list[tuple[Path, str, str]]:
+    """Its section of the GPU page; a smoke run has none."""
+    return [] if result.get("mode") == "smoke" else [(Path(doc), HEADING, section(result))]
+
+
 def section(result: dict) -> str:
     rows = [[stage, r["exit_code"], f"{r['wall_seconds']:.1f}", _gib(r.get("peak_host_bytes")), _gib(r.get("predicted_host_bytes")),
              _gib(r.get("peak_device_bytes")), _gib(r.get("predicted_device_bytes"))] for stage, r in result["stages"].items()]
     metrics = result.get("metrics") or {}
     latency = (metrics.get("latency") or {}).get("denoiser") or {}
-    lines = [HEADING, "",
-             f"Command: `{result['command']}` on {result['device']} ({result['date']}; torch {result['torch']}). The job's "
-             f"stages (`python -m slimdiff.stages <stage>`, what `dvc repro` runs) on the reference model with "
+    lines = [HEADING, "", *provenance(result, f"{result['device']}; torch {result['torch']}"), "",
+             "The job's "
+             f"stages (`python -m slimdiff.pipeline.stages <stage>`, what `dvc repro` runs) on the reference model with "
              f"`model.device: {result['model_device']}`, settings {json.dumps(result['overrides'])}; measured peaks are "
              "each stage process's own (`ru_maxrss`, `torch.cuda.max_memory_reserved`), predicted ones "
-             "`slimdiff.memory`'s.", "",
+             "`slimdiff.pipeline.memory`'s.", "",
              markdown_table(["stage", "exit", "seconds", "peak host RSS (GiB)", "predicted", "peak GPU (GiB)", "predicted"], rows),
              ""]
     if metrics:
@@ -120,16 +135,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny Flux workspace on whatever device there is, in-process")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help=f"results file (required unless --render-only: "
+                        f"default {RESULTS.relative_to(ROOT)})")
     parser.add_argument("--doc", default="", help="page to write this section into (none with --smoke)")
     parser.add_argument("--workspace", type=Path, default=None)
+    parser.add_argument("--render-only", action="store_true", help="only render the section from --out into --doc "
+                        "(default docs/benchmarks-gpu.md)")
     args = parser.parse_args(argv)
+    if args.render_only:
+        result = load(args.out or RESULTS)
+        if result is None:
+            raise SystemExit(f"{args.out or RESULTS}: no results file; run the benchmark first")
+        write_sections(render(result, Path(args.doc or DOC)))
+        return 0
+    if args.out is None:
+        parser.error("--out is required when measuring")
     from slimdiff.device import describe_device, resolve_device
+
+    record = run_record(__file__, argv)
 
     device = resolve_device(args.device)
     root = args.workspace or Path(tempfile.mkdtemp(prefix="slimdiff-gpu-job-"))
     if args.smoke:
-        from slimdiff import testing
+        from tests import helpers as testing
 
         overrides = {"allocate": {"budget": 0.3}}
         ws = testing.make_workspace(root / "ws", {**overrides, "model": {"device": device.type}}, family="flux")
@@ -139,16 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     stages = run_stages(ws, in_process=args.smoke)
     metrics_path = ws / "outputs" / "metrics.json"
-    result = {"command": "python benchmarks/gpu/job.py" + (" --smoke" if args.smoke else ""), "mode": "smoke" if args.smoke else "full",
+    result = {**record, "mode": "smoke" if args.smoke else "full",
               "device": describe_device(device), "model_device": device.type, "torch": torch.__version__,
-              "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "overrides": overrides,
+              "python": platform.python_version(), "overrides": overrides,
               "seconds": time.monotonic() - start, "stages": stages,
               "metrics": json.loads(metrics_path.read_text()) if metrics_path.is_file() else None,
               "complete": all(r["exit_code"] == 0 for r in stages.values()) and len(stages) == len(STAGES)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write_results(args.out, result, indent=1)
     if args.doc and not args.smoke:
-        update_section(Path(args.doc), HEADING, section(result))
+        write_sections(render(read_results(args.out), Path(args.doc)))
     if args.workspace is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if result["complete"] else 1

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU benchmark, one script (at most ~9 minutes on one H100/H200): the CUDA tests (every device-parametrised
 # test: engine, device, families, latency, the real-size stages), then the main job's stages on the reference model
-# on CUDA (benchmarks/gpu/job.py: each stage's time and peak host/GPU memory against slimdiff.memory's prediction),
+# on CUDA (benchmarks/gpu/job.py: each stage's time and peak host/GPU memory against slimdiff.pipeline.memory's prediction),
 # then the whole compression of an SD 1.5-shaped pipeline (benchmarks/gpu/sd15.py: the tied --latency 0.7 plan's
 # measured speed-up with padded attention), then one real-width Flux double and single block
 # (benchmarks/gpu/flux_block.py). Time limits: CUDA tests TESTS_TIMEOUT (default 120 s), job.py JOB_TIMEOUT (150 s),
 # sd15.py BENCH_TIMEOUT (240 s), flux_block.py FLUX_TIMEOUT (60 s): at most 570 s, inside one 600 s device call.
-# Writes gpu.json, gpu_job.json, flux_block.json, the rendered docs page and the test log to $OUT (the device tool's
-# folder) or, without it, into the repository (benchmarks/results/, docs/benchmarks-gpu.md).
+# Writes gpu.json, gpu_job.json, flux_block.json (each with its command, the machine and the code version), the docs
+# page rendered from them and the test log to $OUT (the device tool's folder) or, without it, into the repository
+# (benchmarks/results/, docs/benchmarks-gpu.md). Re-render the page later from the results files alone:
+# .venv/bin/python -m benchmarks.pages gpu_sd15 gpu_job gpu_flux_block
 #
 #   bash benchmarks/gpu/run.sh            # on a CUDA machine
 #   bash benchmarks/gpu/run.sh --smoke    # tiny pipeline on whatever device there is (CI runs this on CPU)
@@ -34,6 +36,8 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 source scripts/offline-env.sh
 export PYTHONUNBUFFERED=1
+# each script records its own command line in its results file; this records what started them
+export BENCHMARK_LAUNCHER="bash benchmarks/gpu/run.sh${*:+ $*}"
 
 if [ -n "${OUT:-}" ]; then
   JSON=$OUT/gpu.json; DOC=$OUT/benchmarks-gpu.md; LOG=$OUT/gpu_tests.log

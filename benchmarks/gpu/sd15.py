@@ -4,11 +4,13 @@ The real SD 1.5 UNet configuration (and CLIP ViT-L text encoder, SD VAE) with se
 (no download), in fp16: capture over the prompts x steps x CFG at 512 px, gains, scores, allocation
 at 40 %, decomposition, save and reload; then denoiser latency original vs compressed (batch 2,
 64x64 latents, SDPA) and which SDPA backend the compressed attention can use. Writes a JSON of the
-figures and renders docs/benchmarks-gpu.md from it.
+figures (with the command, the machine and the code version) and renders the title section of
+docs/benchmarks-gpu.md from it alone (the page's later sections belong to job.py and flux_block.py).
 
     python benchmarks/gpu/sd15.py --out benchmarks/results/gpu.json      # on a CUDA machine (run.sh)
     python benchmarks/gpu/sd15.py --smoke --out /tmp/gpu.json            # tiny pipeline, any device (CI)
-    python benchmarks/gpu/sd15.py --from-json benchmarks/results/gpu.json # re-render the docs page only
+    python benchmarks/gpu/sd15.py --render-only                          # re-render the docs page from --out
+    python benchmarks/gpu/sd15.py --from-json benchmarks/results/gpu.json --doc page.md  # the same, any JSON and page
 
 If the whole prompt set does not fit ``--capture-budget`` seconds, the capture runs on the measured
 fraction that fits and the full-set time is extrapolated; the JSON says so.
@@ -33,17 +35,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from slimdiff.allocate import allocate, latency_floor  # noqa: E402
-from slimdiff.capture import _MIXED_MM, ActivationRecorder, SamplerSettings, capture, gram, model_content_hash, sites_for  # noqa: E402
+from benchmarks.pages import provenance, read_results, run_record, write_results, write_sections  # noqa: E402
+from slimdiff.planning.allocation import allocate, latency_floor
+from slimdiff.statistics.kernels import _MIXED_MM, gram
+from slimdiff.statistics.recorder import ActivationRecorder
+from slimdiff.runtime.sampling import SamplerSettings
+from slimdiff.statistics.recording import capture, model_content_hash
+from slimdiff.arch.sites import sites_for
 from slimdiff.device import describe_device, linalg_device, resolve_device, resolve_dtype  # noqa: E402
-from slimdiff.groups import compressible_groups  # noqa: E402
-from slimdiff.influence import Granularity, measure_gains, score  # noqa: E402
-from slimdiff.io import load, save  # noqa: E402
-from slimdiff.latency import measure_latency_table  # noqa: E402
-from slimdiff.slim import SlimAttnProcessor, decompose  # noqa: E402
-from slimdiff.testing import SD15_UNET_CONFIG  # noqa: E402
+from slimdiff.arch import compressible_groups
+from slimdiff.scoring.influence import Granularity, score
+from slimdiff.scoring.gains import measure_gains
+from slimdiff.runtime.folder import load as load_folder, save
+from slimdiff.planning.latency import measure_latency_table
+from slimdiff.runtime.attention import SlimAttnProcessor
+from slimdiff.decomposition.apply import decompose
+from tests.helpers import SD15_UNET_CONFIG
 
 DOC = ROOT / "docs" / "benchmarks-gpu.md"
+RESULTS = ROOT / "benchmarks" / "results" / "gpu.json"
+TITLE = "# Compression on one GPU: SD 1.5-shaped pipeline"
 
 SD_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
@@ -70,7 +81,7 @@ def sd15_pipeline(device: torch.device, dtype: torch.dtype, seed: int = 0):
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from slimdiff.testing import char_tokenizer
+    from tests.helpers import char_tokenizer
 
     tokenizer = char_tokenizer(77)
     torch.manual_seed(seed)
@@ -90,7 +101,7 @@ def sd15_pipeline(device: torch.device, dtype: torch.dtype, seed: int = 0):
 
 
 def tiny_pipeline(device: torch.device, dtype: torch.dtype):
-    from slimdiff.testing import tiny_sd_pipeline
+    from tests.helpers import tiny_sd_pipeline
 
     return tiny_sd_pipeline().to(device, dtype)
 
@@ -128,8 +139,7 @@ class Step:
 def dump_partial(results: dict) -> None:
     """Write the figures so far: a run stopped by a time limit still leaves every finished step's."""
     if results.get("_out"):
-        partial = {k: v for k, v in results.items() if k != "_out"}
-        Path(results["_out"]).write_text(json.dumps({**partial, "complete": False}, indent=2, sort_keys=True, default=str) + "\n")
+        write_results(Path(results["_out"]), {**results, "complete": False}, sort_keys=True)
 
 
 def plain_sampling(pipe, prompts: list[str], sampler: SamplerSettings, batch_size: int) -> None:
@@ -205,7 +215,7 @@ def sdpa_backends(unet, device: torch.device, dtype: torch.dtype, tokens_of: dic
         modules += 1
         heads = module.heads
         qk, v = module.to_q.out_features // heads, module.to_v.out_features // heads
-        width = max(qk, v)  # SlimAttnProcessor pads the narrower side with zeros to equal head widths (slimdiff.slim.attend)
+        width = max(qk, v)  # SlimAttnProcessor pads the narrower side with zeros to equal head widths (slimdiff.runtime.attention.attend)
         level = path.split(".attentions")[0]
         queries = tokens_of.get(level, 64)
         keys = queries if path.endswith("attn1") else text_tokens
@@ -239,7 +249,7 @@ def run(args: argparse.Namespace) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "host": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "args": {k: v for k, v in vars(args).items() if k != "from_json"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("from_json", "render_only")},
         "steps": {},
         "_out": args.out,
     }
@@ -369,7 +379,7 @@ def run(args: argparse.Namespace) -> dict:
         with Step(results, "save", device):
             save(pipe, work / "model", {"benchmark": "sd15"}, full_widths={m.name: m.full_width for m in plan.modules})
         with Step(results, "reload", device):
-            again = load(work / "model", torch_dtype=dtype).to(device)
+            again = load_folder(work / "model", torch_dtype=dtype).to(device)
         with torch.inference_mode():
             reloaded_equal = torch.equal(unet(**inputs).sample, again.unet(**inputs).sample)
         results["reload_bit_exact"] = reloaded_equal
@@ -386,17 +396,21 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def render(r: dict) -> str:
+def load(path: Path = RESULTS) -> dict | None:
+    return read_results(path) if Path(path).is_file() else None
+
+
+def render(r: dict, doc: Path = DOC) -> list[tuple[Path, str, str]]:
+    """The page's title section (its later "## " sections are job.py's and flux_block.py's), from the results alone."""
+    return [(Path(doc), TITLE, page(r))]
+
+
+def page(r: dict) -> str:
     steps = r["steps"]
     gib = lambda s: f"{steps[s]['peak_gpu_gib']:.1f} GiB" if "peak_gpu_gib" in steps[s] else "-"  # noqa: E731
     a = r["args"]
-    command = (f"bash benchmarks/gpu/run.sh --capture-budget {a['capture_budget']:g} --ffn-points {a['ffn_points']} "
-               f"--latency-repeats {a['latency_repeats']}\n"
-               f"# = python benchmarks/gpu/sd15.py --prompts {a['prompts']} --steps {a['steps']} --resolution {a['resolution']} "
-               f"--batch-size {a['batch_size']} --budget {a['budget']} --dtype {a['dtype']} --checkpoint-every {a['checkpoint_every']} "
-               f"--gain-prompts {a['gain_prompts']} --gain-calls {a['gain_calls']} (after the CUDA tests)")
     lines = [
-        "# Compression on one GPU: SD 1.5-shaped pipeline",
+        TITLE,
         "",
         "Stable Diffusion 1.5's exact UNet configuration (and CLIP ViT-L text encoder, SD VAE) with seeded random",
         "weights (no download), compressed end to end on the GPU by `benchmarks/gpu/sd15.py`:",
@@ -404,10 +418,11 @@ def render(r: dict) -> str:
         f"scores, allocation at {a['budget']:.0%} of compressible parameters, decomposition, save and reload. Random weights",
         "give near-isotropic activations, so this page measures cost, not quality (quality: docs/benchmarks.md).",
         "",
-        "```bash",
-        command,
-        "```",
-        "",
+    ]
+    for note in r.get("notes", []):  # remarks on this run, kept with its figures in the results file
+        lines += [note, ""]
+    lines += [
+        *provenance(r, f"host {r.get('host', '?')}", {k: v for k, v in a.items() if k not in ("out", "doc")}),
         f"Device: {r['device']}; torch {r['torch']} (CUDA {r['cuda']}), diffusers {r['diffusers']}, Python {r['python']}; "
         f"model dtype {r['dtype']}; float64 decompositions on {r['linalg_device']}.",
         "",
@@ -491,7 +506,8 @@ def render(r: dict) -> str:
                      f"{r['capture_prompts_measured']} prompts and extrapolated. `bash benchmarks/gpu/run.sh` without flags "
                      "uses the defaults (180 s of capture, 64 points).")
     notes.append("- CUDA tests of the same tree on this device: `benchmarks/results/gpu_tests.log`.")
-    lines += ["", "Notes:", "", *notes, "", "Raw figures: `benchmarks/results/gpu.json`.", ""]
+    lines += ["", "Notes:", "", *notes, "", f"Raw figures: `{r.get('_source', 'benchmarks/results/gpu.json')}`; re-render: "
+              "`.venv/bin/python benchmarks/gpu/sd15.py --render-only`.", ""]
     return "\n".join(lines)
 
 
@@ -521,11 +537,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
     parser.add_argument("--doc", default=str(DOC), help="markdown page to write ('' for none)")
     parser.add_argument("--from-json", default=None, help="only render the docs page from this JSON")
+    parser.add_argument("--render-only", action="store_true", help="only render the docs page from --out")
     args = parser.parse_args(argv)
     if args.latency_target is None and not args.smoke:
         args.latency_target = 0.7
+    if args.render_only and not args.from_json:
+        args.from_json = args.out
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
+        results = load(Path(args.from_json))
+        if results is None:
+            raise SystemExit(f"{args.from_json}: no results file; run the benchmark first")
     else:
         if args.smoke:
             args.doc = "" if args.doc == str(DOC) else args.doc  # a smoke run never rewrites the committed page
@@ -533,13 +554,15 @@ def main(argv: list[str] | None = None) -> int:
             args.overhead_prompts, args.gain_prompts, args.gain_calls, args.latency_repeats = 8, 2, 2, 3
         if args.dtype is None:
             args.dtype = "float16" if resolve_device(args.device).type == "cuda" else "float32"
+        record = run_record(__file__, argv)
         results = run(args)
+        results.update(record)
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        write_results(out, results, sort_keys=True)
         print(json.dumps({k: v for k, v in results.items() if k not in ("args",)}, indent=1, default=str))
+        results = read_results(out)
     if args.doc and not math.isnan(results.get("capture_overhead", float("nan"))):
-        Path(args.doc).write_text(render(results))
+        write_sections(render(results, Path(args.doc)))
     return 0
 
 

@@ -3,7 +3,7 @@
 A *group* is one functional unit inside one transformer block (method.md §1, §6): ``qk_*``/``vo_*`` of an
 attention, an ``ffn``, or an adaLN modulation linear (``adaln``). Adapters (one module per denoiser family in
 ``slimdiff.arch``) name the groups and the capture sites their decompositions read; the math in
-``slimdiff.decompose`` never sees a diffusers class.
+``slimdiff.decomposition.closed_form`` never sees a diffusers class.
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ class ModuleGroup:
     def unit_macs(self, query_tokens: int, key_tokens: int) -> int:
         """Multiply-accumulates of the projections that one unit of width costs per sample and call, with
         ``query_tokens`` rows (FFN: its tokens) and ``key_tokens`` key/value rows. The attention products are not
-        per group: both run at the wider of an attention's QK and VO widths (``slimdiff.slim.attend`` pads the
+        per group: both run at the wider of an attention's QK and VO widths (``slimdiff.runtime.attention.attend`` pads the
         narrower), ``attention_pairs`` per unit of that width. Biases and softmax are not counted. Joint layouts
-        count from the tokens of every stream (``slimdiff.influence.unit_macs_of``)."""
+        count from the tokens of every stream (``slimdiff.scoring.influence.unit_macs_of``)."""
         if self.kind.startswith("qk"):
             return self.heads * (query_tokens * self.in_features + key_tokens * self.out_features)
         if self.kind.startswith("vo"):
