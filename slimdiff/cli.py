@@ -197,7 +197,8 @@ def _lora(args: argparse.Namespace) -> int:
     if args.table:
         for row in projection.modules:
             target = "" if row.target == row.module else f" -> {row.target}"
-            print(f"{row.component}.{row.module}{target}  rank {row.rank}  {row.how}")
+            error = "" if row.predicted_error is None else f"  predicted relative error {row.predicted_error:.3g}"
+            print(f"{row.component}.{row.module}{target}  rank {row.rank}  {row.how}{error}")
     print(projection.summary())
     return 0
 

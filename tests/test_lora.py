@@ -86,6 +86,7 @@ def test_every_map_is_the_transform_the_compressor_applied_to_the_weights(family
     assert config["version"] == 3
     hows = {m.how for m in maps.values()}
     assert hows == {EXACT, LEAST_SQUARES}, hows
+    assert all(m.predicted_error is not None and 0 <= m.predicted_error <= 1 for m in maps.values())
     original_denoiser, slim_denoiser = denoiser_of(original)[1], denoiser_of(slim)[1]
     for module, item in maps.items():
         weight = original_denoiser.get_submodule(module).weight.detach()
@@ -109,7 +110,7 @@ def test_at_full_width_the_projected_lora_reproduces_the_original_with_its_lora(
     loaded.load_lora_weights(str(tmp_path / "projected.safetensors"))
     effect = _denoise(reference) - _denoise(original)
     assert float(effect.norm() / _denoise(original).norm()) > 1e-3  # the LoRA does something
-    assert _rel(_denoise(loaded), _denoise(reference)) < 1e-4
+    assert _rel(_denoise(loaded), _denoise(reference)) < 1e-5  # the goal (float32 weights)
 
 
 def test_compressed_projection_keeps_more_of_the_effect_than_cutting_shapes(family, tmp_path):
@@ -249,5 +250,6 @@ def test_cli_projects_and_reports(family, tmp_path, capsys):
     assert main(["lora", str(tmp_path / "lora.safetensors"), "--model", str(folder), "--out", str(out), "--table"]) == 0
     printed = capsys.readouterr().out
     assert "exact" in printed and "least squares" in printed and str(out) in printed.splitlines()[-1]
+    assert "predicted relative error" in printed and "0 dropped" in printed.splitlines()[-1]
     assert main(["lora", str(tmp_path / "lora.safetensors"), "--model", str(folder), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err

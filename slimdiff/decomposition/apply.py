@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from slimdiff.arch import ModuleGroup, find_groups
 from slimdiff.arch.flux import single_block_columns
-from slimdiff.decomposition.closed_form import DEFAULT_REG
+from slimdiff.decomposition.closed_form import DEFAULT_REG, FFNDecomposition
 from slimdiff.decomposition.closed_form import regularize
 from slimdiff.decomposition.groups import (
     Decomposition,
@@ -77,6 +77,7 @@ class _Maps:
         self.dtype, self.device = parameter.dtype, parameter.device
         self.group, self.features = group, features if features is not None else linear_features(denoiser)
         self.maps: list[LinearMap] = []
+        self.predicted_error: float | None = None  # relative; set once the group's error is known
 
     def add(self, name: str, inputs=(), outputs=(), how: str = EXACT, note: str = "", target: str | None = None) -> None:
         module = f"{self.group.path}.{name}" if name else self.group.path
@@ -84,6 +85,11 @@ class _Maps:
         cast = lambda segments: tuple(s.cast(self.dtype, self.device) for s in segments)  # noqa: E731
         self.maps.append(LinearMap(module, target or module, in_features, out_features, cast(inputs), cast(outputs), how,
                                    note or f"{self.group.kind} group {self.group.name}"))
+
+    def finish(self, error: float, total: float) -> tuple[LinearMap, ...]:
+        """The maps, each with the group's predicted relative error (``error / total``, the output energy)."""
+        relative = error / total if total > 0 else 0.0
+        return tuple(replace(m, predicted_error=relative) for m in self.maps)
 
 
 def apply_decomposition(denoiser: nn.Module, group: ModuleGroup, decomposition: Decomposition, width: int,
@@ -99,7 +105,7 @@ def apply_decomposition(denoiser: nn.Module, group: ModuleGroup, decomposition: 
     if group.kind in ("qk_joint", "vo_joint", "vo_single", "ffn_single", "adaln"):
         error = _apply_named(denoiser, group, decomposition, width, maps, cov_input)
         return GroupResult(group.name, group.kind, group.width, width, group.params_at(group.width), group.params_at(width),
-                           error, decomposition.method_at(width), tuple(maps.maps))
+                           error, decomposition.method_at(width), maps.finish(error, _output_energy(decomposition)))
     if group.kind == "ffn":
         keep, w_down = decomposition.weights(width)
         up = module.net[0].proj
@@ -128,7 +134,14 @@ def apply_decomposition(denoiser: nn.Module, group: ModuleGroup, decomposition: 
         _assign(module.to_v, w_v)
         _assign_weight_keep_bias(module.to_out[0], w_o, bias_out)
     return GroupResult(group.name, group.kind, group.width, width, group.params_at(group.width), group.params_at(width), error,
-                       decomposition.method_at(width), tuple(maps.maps))
+                       decomposition.method_at(width), maps.finish(error, _output_energy(decomposition)))
+
+
+def _output_energy(decomposition: Decomposition) -> float:
+    """The group's predicted output energy at width 0 (what a relative error is relative to)."""
+    if isinstance(decomposition, FFNDecomposition):
+        return decomposition.output_energy
+    return float(decomposition.tail[0])
 
 
 def _basis_maps(maps: _Maps, group: ModuleGroup, projections: Sequence[tuple[Sequence[str] | str, Tensor, Tensor]]) -> None:

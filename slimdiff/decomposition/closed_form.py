@@ -425,6 +425,11 @@ class FFNDecomposition:
         removed = torch.nonzero(mask).flatten()
         return keep, solve(self.cov_hidden[keep][:, removed])
 
+    @property
+    def output_energy(self) -> float:
+        """trace(W_d^T C W_d): the down projection's output energy, what ``error`` is relative to."""
+        return float(torch.einsum("ic,ij,jc->", self.w_down, self.cov_hidden, self.w_down))
+
     def error(self, width: int) -> float:
         """Nyström residual trace(W_d^T (C - C[:,S] C[S,S]^-1 C[S,:]) W_d) for the selection at ``width``."""
         keep, w_new = self.weights(width)

@@ -104,6 +104,10 @@ class LinearMap:
     outputs: tuple[Segment, ...] = ()
     how: str = EXACT
     note: str = ""
+    # the group's predicted relative output error at its width (on the original weights: what the compression itself
+    # costs there; a LoRA delta seen through the same map loses about as much of its effect where it lies in the
+    # calibration activations' span), None where not recorded
+    predicted_error: float | None = None
 
     def merged(self, other: "LinearMap") -> "LinearMap":
         """This map and ``other`` (another group's blocks of the same linear, e.g. a Flux single block's fused output
@@ -112,9 +116,11 @@ class LinearMap:
                 (self.module, self.target, self.in_features, self.out_features):
             raise ValueError(f"maps of {self.module} and {other.module} disagree on the linear")
         how = EXACT if self.how == other.how == EXACT else LEAST_SQUARES
+        errors = [e for e in (self.predicted_error, other.predicted_error) if e is not None]
         return replace(self, inputs=_disjoint(self.inputs + other.inputs, self.in_features, self.module),
                        outputs=_disjoint(self.outputs + other.outputs, self.out_features, self.module),
-                       how=how, note="; ".join(n for n in (self.note, other.note) if n))
+                       how=how, note="; ".join(n for n in (self.note, other.note) if n),
+                       predicted_error=max(errors) if errors else None)
 
     @property
     def slim_in_features(self) -> int:
@@ -174,7 +180,7 @@ def maps_to_tensors(maps: Mapping[str, LinearMap], dtype: torch.dtype) -> tuple[
     described: dict[str, Any] = {}
     for module, item in sorted(maps.items()):
         entry = {"target": item.target, "in_features": item.in_features, "out_features": item.out_features,
-                 "how": item.how, "note": item.note}
+                 "how": item.how, "note": item.note, "predicted_error": item.predicted_error}
         for side in ("inputs", "outputs"):
             rows = []
             for i, segment in enumerate(getattr(item, side)):
@@ -201,7 +207,8 @@ def maps_from_tensors(described: Mapping[str, Any], tensors: Mapping[str, Tensor
                                         **{part: tensors[row[part]] for part in ("matrix", "index", "removed") if part in row})
                                 for row in entry.get(side, []))
         maps[module] = LinearMap(module, entry["target"], int(entry["in_features"]), int(entry["out_features"]),
-                                 sides["inputs"], sides["outputs"], entry.get("how", EXACT), entry.get("note", ""))
+                                 sides["inputs"], sides["outputs"], entry.get("how", EXACT), entry.get("note", ""),
+                                 entry.get("predicted_error"))
     return maps
 
 
@@ -244,6 +251,7 @@ class ProjectedModule:
     rank: int
     how: str  # "exact", "least squares" or "unchanged"
     note: str = ""
+    predicted_error: float | None = None  # the map's group: predicted relative output error at its width
 
 
 @dataclass
@@ -261,9 +269,11 @@ class LoraProjection:
 
     def summary(self) -> str:
         counts = self.counts()
+        errors = [r.predicted_error for r in self.modules if r.predicted_error is not None]
+        worst = f"; largest predicted relative error of a projected module's group: {max(errors):.3g}" if errors else ""
         return (f"{len(self.modules)} LoRA module(s) projected to {self.path}: {counts[EXACT]} exact (change of basis or "
                 f"selection), {counts[LEAST_SQUARES]} least squares (Nyström or low-rank factor), {counts[UNCHANGED]} on "
-                "unchanged modules")
+                f"unchanged modules, 0 dropped{worst}")
 
 
 def _split_key(key: str) -> tuple[str, str, str, str] | None:
@@ -406,22 +416,22 @@ def project_lora(lora: str | Path, folder: str | Path, out: str | Path, overwrit
                 if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
                     raise LoraError(f"{lora}: {module}: LoRA of a ({b.shape[0]} x {a.shape[1]}) weight, but the model's is "
                                     f"({shape[0]} x {shape[1]}): a LoRA of another model")
-                new_a, new_b, target, how, note = a, scaled_b, module, UNCHANGED, ""
+                new_a, new_b, target, how, note, error = a, scaled_b, module, UNCHANGED, "", None
             else:
                 if a.shape[1] != item.in_features or b.shape[0] != item.out_features:
                     raise LoraError(f"{lora}: {module}: LoRA of a ({b.shape[0]} x {a.shape[1]}) weight, but the original "
                                     f"model's is ({item.out_features} x {item.in_features}): a LoRA of another model")
                 new_a, new_b = item.project(a.to(torch.float32), scaled_b)
-                target, how, note = item.target, item.how, item.note
+                target, how, note, error = item.target, item.how, item.note, item.predicted_error
             prefix = key
         else:  # a text encoder's: not compressed, kept with its scale folded in
-            new_a, new_b, target, how, note, prefix = a, scaled_b, module, UNCHANGED, "", component
+            new_a, new_b, target, how, note, error, prefix = a, scaled_b, module, UNCHANGED, "", None, component
         if "bias" in entry:
             raise LoraError(f"{lora}: {module}: LoRA with a bias on B (lora_bias) is not supported")
         dtype = a.dtype if a.is_floating_point() else torch.float32
         tensors[f"{prefix}.{target}.lora_A.weight"] = new_a.to(dtype).contiguous()
         tensors[f"{prefix}.{target}.lora_B.weight"] = new_b.to(dtype).contiguous()
-        projection.modules.append(ProjectedModule(prefix, module, target, int(a.shape[0]), how, note))
+        projection.modules.append(ProjectedModule(prefix, module, target, int(a.shape[0]), how, note, error))
     report = {"source": str(lora), "model": str(folder), "counts": projection.counts()}
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "slimdiff": json.dumps(report, sort_keys=True)})
