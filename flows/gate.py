@@ -29,9 +29,12 @@ NO_GATE = ("no gate: params.yaml has no gate thresholds, so nothing was checked 
 def quality_gate(metrics: dict[str, Any], gate: dict[str, Any] | None) -> GateDecision:
     """Compare metrics with the thresholds in ``params.yaml: gate``; every threshold must hold.
 
-    No gate section (or an empty one) promotes nothing: the version stays a candidate and the reason says why. A
-    metric that is missing, null (NaN when measured) or not a number fails its threshold, naming the metric: the gate
-    cannot pass on it, and the version stays a candidate. A threshold that is not a finite number is a settings error.
+    Each metric is taken at its worst over the calibration sampler and every held-out sampler (``metrics["worst"]``,
+    written by the evaluate stage when ``evaluate.samplers`` are set), and the reason names the sampler. No gate
+    section (or an empty one) promotes nothing: the version stays a candidate and the reason says why. A metric that
+    is missing, null (NaN when measured) or not a number, under any sampler, fails its threshold, naming the metric:
+    the gate cannot pass on it, and the version stays a candidate. A threshold that is not a finite number is a
+    settings error.
     """
     if not gate:
         return GateDecision(False, NO_GATE)
@@ -49,11 +52,23 @@ def quality_gate(metrics: dict[str, Any], gate: dict[str, Any] | None) -> GateDe
         limit = _finite_number(threshold)
         if limit is None:
             raise ValueError(f"params.yaml gate.{key} must be a finite number, got {threshold!r}")
-        value = _finite_number(flat.get(metric))
+        value, where = _finite_number(flat.get(metric)), ""
         if value is None:
             failures.append(f"metric {metric} is NaN/missing ({flat.get(metric, 'absent')!r}): the gate cannot pass")
             continue
-        (passes if holds(value, limit) else failures).append(f"{metric}={value:.4g} vs {key}={threshold}")
+        for name, entry in (metrics.get("held_out") or {}).items():
+            other = flatten(entry).get(metric, "absent")
+            if _finite_number(other) is None:
+                failures.append(f"metric {metric} is NaN/missing under held-out sampler {name} ({other!r}): the gate "
+                                "cannot pass")
+                value = None
+                break
+        if value is None:
+            continue
+        worst = (metrics.get("worst") or {}).get(metric)
+        if isinstance(worst, dict) and _finite_number(worst.get("value")) is not None:
+            value, where = float(worst["value"]), f" (worst sampler: {worst.get('sampler')})"
+        (passes if holds(value, limit) else failures).append(f"{metric}={value:.4g}{where} vs {key}={threshold}")
     if failures:
         return GateDecision(False, "failed: " + "; ".join(failures))
     return GateDecision(True, "passed: " + "; ".join(passes))

@@ -238,6 +238,24 @@ def test_quality_gate_decisions():
         quality_gate(metrics, {"max_latency": 3})
 
 
+def test_the_gate_checks_each_metric_at_its_worst_sampler():
+    from flows.gate import quality_gate
+    from slimdiff.pipeline.stages import worst_case
+
+    metrics = {"fidelity": {"image_psnr_db": 20.0}, "alignment": {"ratio_to_original": 0.99},
+               "held_out": {"dpm 10 steps": {"fidelity": {"image_psnr_db": 12.5}, "alignment": {"ratio_to_original": 0.97}},
+                            "euler": {"fidelity": {"image_psnr_db": 18.0}, "alignment": {"ratio_to_original": 1.0}}}}
+    metrics["worst"] = worst_case(metrics)
+    decision = quality_gate(metrics, {"min_image_psnr_db": 15, "min_alignment_ratio": 0.95})
+    assert not decision.passed
+    assert "fidelity.image_psnr_db=12.5 (worst sampler: dpm 10 steps) vs min_image_psnr_db=15" in decision.reason
+    passed = quality_gate(metrics, {"min_image_psnr_db": 12, "min_alignment_ratio": 0.95})
+    assert passed.passed and "alignment.ratio_to_original=0.97 (worst sampler: dpm 10 steps)" in passed.reason
+    metrics["held_out"]["euler"]["fidelity"]["image_psnr_db"] = None  # NaN under one sampler: cannot pass
+    decision = quality_gate(metrics, {"min_image_psnr_db": 1})
+    assert not decision.passed and "held-out sampler euler" in decision.reason
+
+
 @pytest.mark.parametrize("gate", [None, {}])
 def test_no_gate_section_keeps_the_version_a_candidate_and_says_why(gate):
     from flows.gate import quality_gate
