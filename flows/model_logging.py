@@ -95,10 +95,20 @@ def deployment_sampler(params: dict[str, Any]) -> dict[str, Any]:
             "height": sampler.get("height"), "width": sampler.get("width")}
 
 
+def validated_samplers(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sampler settings the evaluate stage measured the model under: the calibration (deployment) sampler, then
+    each held-out one of ``evaluate.samplers`` as written (keys it leaves out are the calibration sampler's). The
+    served model names them in ``serving.json``: a request under other settings was not measured."""
+    calibration = {"name": "calibration", **deployment_sampler(params), "scheduler": "the pipeline's own"}
+    held_out = (params.get("evaluate") or {}).get("samplers") or []
+    return [calibration, *(dict(entry) for entry in held_out if isinstance(entry, dict))]
+
+
 def log_pipeline_model(pipeline: Path, params: dict[str, Any], workspace: Path | None = None):
     """Log the compressed pipeline folder as the ``model`` pyfunc of the active run: code (no pickle), weights as an
     artifact read with safetensors, ``serving.json`` (the deployment sampler, the dtype it was compressed in, the
-    device setting and the request limits derived from the model, with ``params.yaml: serve`` overrides), a signature
+    device setting, the request limits derived from the model, with ``params.yaml: serve`` overrides, and the sampler
+    settings it was validated under, ``validated_samplers``), a signature
     with the sampler's params schema, pinned requirements and the ``slimdiff`` package as code. Returns MLflow's
     ``ModelInfo``.
 
@@ -116,6 +126,7 @@ def log_pipeline_model(pipeline: Path, params: dict[str, Any], workspace: Path |
     device = str(serve.pop("device", "auto"))
     dtype = (params.get("model") or {}).get("dtype")
     document = serving_document(model_shape(pipeline), sampler, None if dtype in (None, "auto") else str(dtype), device, serve)
+    document["validated_samplers"] = validated_samplers(params)
     with tempfile.TemporaryDirectory(prefix="slimdiff-code-") as staging:
         code = Path(staging) / "slimdiff"  # the runtime only, without its __pycache__ folders
         copy_runtime_package(slimdiff_package(workspace), code)

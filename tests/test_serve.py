@@ -34,6 +34,7 @@ BIN = Path(sys.executable).parent
 MLFLOW = str(BIN / "mlflow") if (BIN / "mlflow").exists() else "mlflow"
 NAME = "slimdiff-serve-test"
 SAMPLER = {"steps": 3, "guidance": 4.0, "height": None, "width": None, "seed": 0}
+HELD_OUT = [{"name": "10 steps", "steps": 10}, {"name": "Euler", "scheduler": "EulerDiscreteScheduler"}]
 SERVE = {"max_steps": 900}  # params.yaml: serve overrides; 900 steps let one valid request outlast the time limit
 TIME_LIMIT = 4  # SLIMDIFF_SERVE_TIME_LIMIT of the test server, seconds
 PROMPTS = ["a small red circle at the top left", "a large blue square at the bottom right"]
@@ -79,7 +80,8 @@ def registered(tmp_path_factory):
     try:
         experiment = mlflow.create_experiment("serve", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            info = log_pipeline_model(folder, {"sampler": SAMPLER, "serve": SERVE, "model": {"dtype": "float32"}}, REPO)
+            info = log_pipeline_model(folder, {"sampler": SAMPLER, "serve": SERVE, "model": {"dtype": "float32"},
+                                               "evaluate": {"samplers": HELD_OUT}}, REPO)
         version = mlflow.register_model(info.model_uri, NAME).version
         MlflowClient().set_registered_model_alias(NAME, "champion", version)
     finally:
@@ -122,6 +124,9 @@ def test_logged_model_has_signature_params_schema_code_and_pinned_requirements(r
     assert serving["sampler"] == SAMPLER and serving["dtype"] == "float32" and serving["device"] == "auto"
     assert serving["limits"]["max_steps"] == 900 and serving["limits"]["size_multiple"] == 8
     assert (serving["limits"]["min_side"], serving["limits"]["max_side"]) == (8, 32)  # tiny pipeline: native 16 px
+    # the settings it was measured under: the calibration sampler, then the held-out ones (issue 23)
+    assert serving["validated_samplers"] == [{"name": "calibration", **SAMPLER,
+                                              "scheduler": "the pipeline's own"}, *HELD_OUT]
     assert "model_config" not in Model.load(local / "MLmodel").flavors["python_function"]
     run = mlflow.MlflowClient(uri).get_run(info.run_id)
     assert not [k for k in run.data.params if k.startswith("sampler/")], run.data.params
