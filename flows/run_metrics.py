@@ -78,3 +78,39 @@ def metric_tables(metrics: dict[str, Any]) -> dict[str, Any]:
     if buckets:
         tables["tables/metrics_by_bucket.json"] = pd.DataFrame(list(buckets.values()))
     return tables
+
+
+def stage_resources(outputs) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(metrics, table rows) of each stage's measured peak memory (``outputs/.resources/<stage>.json``, written by the
+    stage process that made its current outputs) beside the job's prediction (``outputs/memory_prediction.json``):
+    ``resources.<stage>.peak_host_gib`` and ``predicted_host_gib``, the device's where either is non-zero. A stage
+    without a record (never run in this workspace) has no row."""
+    import json
+    from pathlib import Path
+
+    outputs = Path(outputs)
+    try:
+        predicted = json.loads((outputs / "memory_prediction.json").read_text()).get("stages", {})
+    except (OSError, json.JSONDecodeError):
+        predicted = {}
+    gib = 2.0**30
+    metrics: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    for path in sorted((outputs / ".resources").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        stage = str(record.get("stage", path.stem))
+        expected = predicted.get(stage, {})
+        row = {"stage": stage, "seconds": record.get("seconds"),
+               "peak_host_gib": record.get("peak_host_bytes", 0) / gib,
+               "predicted_host_gib": expected.get("host_bytes", 0) / gib if expected else None,
+               "peak_device_gib": record.get("peak_device_bytes", 0) / gib,
+               "predicted_device_gib": expected.get("device_bytes", 0) / gib if expected else None}
+        rows.append(row)
+        for key in ("peak_host_gib", "predicted_host_gib", "peak_device_gib", "predicted_device_gib"):
+            value = row[key]
+            if value is not None and (value > 0 or key.endswith("host_gib")):
+                metrics[f"resources.{stage}.{key}"] = round(float(value), 4)
+    return metrics, rows

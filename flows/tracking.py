@@ -26,7 +26,7 @@ from flows.registry import (
     champion_of,
     registered_name,
 )
-from flows.run_metrics import headline_metrics, measurement_settings, metric_tables
+from flows.run_metrics import headline_metrics, measurement_settings, metric_tables, stage_resources
 from flows.tracking_server import _tracking_step, experiment_url, run_url, tracking_uri
 from slimdiff.pipeline.evaluation import flatten
 
@@ -178,6 +178,10 @@ def log_compression(workspace: Path, params: dict[str, Any], checkpoint_hash: st
         mlflow.log_metrics(headline)
         if timing:
             mlflow.log_metrics({**timing, "duration.total_s": total if total is not None else sum(durations.values())})
+        resources, resource_rows = stage_resources(outputs)  # each stage's measured peak memory beside the prediction
+        if resources:
+            mlflow.log_metrics(resources)
+            mlflow.log_table(pd.DataFrame(resource_rows), "tables/stage_resources.json")
         with warnings.catch_warnings():
             # MLflow registers its local-file dataset source for two URI schemes and warns that a path matches both
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")

@@ -56,6 +56,10 @@ def test_flows_end_to_end(prefect_api_url, workspace, monkeypatch):
     run = runs[0]
     assert run.data.params["allocate.budget"] == "0.4" and run.data.params["model.id"] == "tiny-sd"
     assert {"plan.removed_fraction", "fidelity.image_psnr_db", "macs.ratio"} <= set(run.data.metrics)
+    # each stage's measured peak host memory beside the job's prediction (issue 21)
+    for stage in ("capture", "score", "decompose", "evaluate"):
+        assert 0 < run.data.metrics[f"resources.{stage}.peak_host_gib"], stage
+        assert 0 < run.data.metrics[f"resources.{stage}.predicted_host_gib"], stage
     assert run.inputs.dataset_inputs[0].dataset.name == "slimset"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"width_plan.json", "width_plan.png", "metrics.json", "report", "dvc.lock.yaml"} <= artifacts  # .yaml: previewed
@@ -236,6 +240,27 @@ def test_quality_gate_decisions():
     assert not decision.passed and "alignment.ratio_to_original=0.9" in decision.reason
     with pytest.raises(KeyError, match="unknown gate threshold"):
         quality_gate(metrics, {"max_latency": 3})
+
+
+def test_stage_resources_pair_each_measured_peak_with_its_prediction(tmp_path):
+    import json
+
+    from flows.run_metrics import stage_resources
+
+    (tmp_path / ".resources").mkdir()
+    gib = 2**30
+    (tmp_path / ".resources" / "capture.json").write_text(json.dumps(
+        {"stage": "capture", "seconds": 3.0, "peak_host_bytes": 2 * gib, "peak_device_bytes": gib // 2}))
+    (tmp_path / ".resources" / "report.json").write_text(json.dumps(
+        {"stage": "report", "seconds": 1.0, "peak_host_bytes": gib, "peak_device_bytes": 0}))
+    (tmp_path / ".resources" / "broken.json").write_text("{")  # a damaged record is skipped, not fatal
+    (tmp_path / "memory_prediction.json").write_text(json.dumps(
+        {"stages": {"capture": {"host_bytes": 3 * gib, "device_bytes": gib}}}))
+    metrics, rows = stage_resources(tmp_path)
+    assert metrics == {"resources.capture.peak_host_gib": 2.0, "resources.capture.predicted_host_gib": 3.0,
+                       "resources.capture.peak_device_gib": 0.5, "resources.capture.predicted_device_gib": 1.0,
+                       "resources.report.peak_host_gib": 1.0}
+    assert [r["stage"] for r in rows] == ["capture", "report"] and rows[1]["predicted_host_gib"] is None
 
 
 def test_the_gate_checks_each_metric_at_its_worst_sampler():
