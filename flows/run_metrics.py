@@ -10,7 +10,7 @@ from slimdiff.pipeline.evaluation import flatten
 
 # Headline metrics stay MLflow metrics; per-group parameter counts, per-bucket breakdowns and the evaluation's
 # settings go to logged tables / the metrics.json artifact instead of one single-bar chart each.
-_NOT_HEADLINE = re.compile(r"^(params\.(original|compressed)\.groups\.|settings\.)|_by_bucket\.")
+_NOT_HEADLINE = re.compile(r"^(params\.(original|compressed)\.groups\.|settings\.|held_out\.)|_by_bucket\.")
 
 
 # numbers of metrics.json that are how a measurement was taken, not results: logged as params ``measured_with.<key>``
@@ -58,8 +58,9 @@ def measurement_settings(metrics: dict[str, Any]) -> dict[str, str]:
 
 
 def metric_tables(metrics: dict[str, Any]) -> dict[str, Any]:
-    """``{artifact file: DataFrame}``: parameters by group (original, compressed, kept fraction) and every
-    ``*_by_bucket`` metric by timestep bucket."""
+    """``{artifact file: DataFrame}``: parameters by group (original, compressed, kept fraction), every
+    ``*_by_bucket`` metric by timestep bucket, and the fidelity and alignment under each held-out sampler beside the
+    calibration sampler's."""
     import pandas as pd
 
     tables: dict[str, Any] = {}
@@ -77,6 +78,16 @@ def metric_tables(metrics: dict[str, Any]) -> dict[str, Any]:
             buckets.setdefault(match.group(2), {"bucket": match.group(2)})[match.group(1).replace(".", "_")] = value
     if buckets:
         tables["tables/metrics_by_bucket.json"] = pd.DataFrame(list(buckets.values()))
+    held_out = metrics.get("held_out") or {}
+    if held_out:  # one row per sampler; the worst of each gated metric stays a headline metric (worst.*)
+        def row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+            values = {k.replace(".", "_"): v for k, v in flatten(entry).items()
+                      if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+            return {"sampler": name, **values}
+
+        calibration = {k: metrics[k] for k in ("fidelity", "alignment") if k in metrics}
+        tables["tables/held_out_samplers.json"] = pd.DataFrame(
+            [row("calibration sampler", calibration), *(row(n, e) for n, e in held_out.items())])
     return tables
 
 

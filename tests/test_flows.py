@@ -143,7 +143,8 @@ def check_tracking_ux(client, run, version, name: str) -> None:
     assert run.data.params["measured_with.fidelity.image_ssim_kernel_size"] == "11"
     assert not [k for k in run.data.params if "/" in k], [k for k in run.data.params if "/" in k]  # no model-config copies
     tables = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
-    assert tables == {"tables/params_by_group.json", "tables/metrics_by_bucket.json"}, tables
+    assert tables == {"tables/params_by_group.json", "tables/metrics_by_bucket.json", "tables/stage_resources.json",
+                      "tables/held_out_samplers.json"}, tables
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith(f"**{name}**: remove 0.4 of the compressible parameters, allocator `slimdiff`"), note
     assert "gate → `champion`: passed" in note and "no champion yet" in note and "- job " in note, note
@@ -308,8 +309,13 @@ def test_headline_metrics_leave_out_measurement_settings_and_duplicates():
     changed["latency"]["macs_ratio"] = 2.0  # no longer the same value: both are logged
     assert {"latency.macs_ratio", "macs.ratio"} <= set(headline_metrics(changed))
     assert len(headline) + 10 < 75, len(headline)  # with the ten stage durations
-    table = metric_tables(metrics)["tables/metrics_by_bucket.json"]
-    assert not [c for c in table.columns if "." in c], list(table.columns)  # dotted names render as blank cells
+    tables = metric_tables(metrics)
+    for table in (tables["tables/metrics_by_bucket.json"], tables["tables/held_out_samplers.json"]):
+        assert not [c for c in table.columns if "." in c], list(table.columns)  # dotted names render as blank cells
+    # the held-out samplers are a table, one row each beside the calibration sampler; their worst stays a metric
+    held_out = tables["tables/held_out_samplers.json"]
+    assert list(held_out["sampler"]) == ["calibration sampler", *metrics["held_out"]]
+    assert not [k for k in headline if k.startswith("held_out.")] and "worst.fidelity.image_psnr_db.value" in headline
 
 
 def test_summary_links_where_the_mlflow_ui_runs(tmp_path, monkeypatch):
