@@ -19,6 +19,7 @@ from slimdiff.decomposition.closed_form import DEFAULT_REG, regularize
 from slimdiff.runtime.folder import CompressedModelError
 from slimdiff.runtime.lora import EXACT, LEAST_SQUARES, LoraError, merge_maps, project_lora, read_maps
 from slimdiff.runtime.sampling import SamplerSettings
+from benchmarks.lora_projection import cut_lora
 from tests.helpers import TINY_PROMPTS, tiny_flux_pipeline, tiny_sd_pipeline
 
 BUILD = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
@@ -121,15 +122,8 @@ def test_compressed_projection_keeps_more_of_the_effect_than_cutting_shapes(fami
     state = _random_lora(denoiser_of(original)[1], key)
     save_file(state, tmp_path / "lora.safetensors")
     project_lora(tmp_path / "lora.safetensors", folder, tmp_path / "projected.safetensors")
-    layout = {n: m.weight.shape for n, m in denoiser_of(slim)[1].named_modules() if isinstance(m, nn.Linear)}
     _, maps, _ = read_maps(folder)
-    cut = {}
-    for name_a, tensor in state.items():
-        module = name_a[len(key) + 1: name_a.index(".lora_")]
-        target = maps[module].target if module in maps else module
-        out_features, in_features = layout[target]
-        side = "lora_A" if ".lora_A." in name_a else "lora_B"
-        cut[f"{key}.{target}.{side}.weight"] = (tensor[:, :in_features] if side == "lora_A" else tensor[:out_features]).contiguous()
+    cut = cut_lora(state, key, maps, denoiser_of(slim)[1])  # the benchmark's naive baseline
     save_file(cut, tmp_path / "cut.safetensors")
     with_lora = copy.deepcopy(original)
     with_lora.load_lora_weights(str(tmp_path / "lora.safetensors"))

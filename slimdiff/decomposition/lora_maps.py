@@ -21,18 +21,24 @@ def _relative_residual(fitted: Tensor, target: Tensor) -> float:
     return 0.0 if scale == 0 else float((fitted - target).norm()) / scale
 
 
+def _per_head_fit(original_heads: Tensor, slim_heads: Tensor) -> tuple[Tensor, str]:
+    """(X, how) with ``original_heads[h] @ X[h] = slim_heads[h]`` in the least-squares sense for every head; "exact"
+    when the fit reproduces the slim weights to round-off."""
+    solution = torch.linalg.lstsq(original_heads, slim_heads,
+                                  driver="gelsd" if original_heads.device.type == "cpu" else None).solution
+    residual = _relative_residual(original_heads @ solution, slim_heads)
+    return solution, EXACT if residual <= EXACT_RESIDUAL else LEAST_SQUARES
+
+
 def output_heads(original: Tensor, slim: Tensor, heads: int, start: int = 0) -> tuple[Segment, str]:
     """The per-head output map ``M_h`` with ``slim_h = original_h M_h`` (least squares per head; exact when the slim
     projection lies in the original's column space, as the whitening-SVD's does): a ``heads`` segment of
     ``matrix[h] = M_h^T`` (slim head width x original head width). ``original`` (n, heads*dh), ``slim`` (n, heads*r)."""
     original, slim = original.to(torch.float64), slim.to(original.device, torch.float64)
     full, narrow = original.shape[1] // heads, slim.shape[1] // heads
-    original_heads = original.reshape(original.shape[0], heads, full).permute(1, 0, 2)
-    slim_heads = slim.reshape(slim.shape[0], heads, narrow).permute(1, 0, 2)
-    basis = torch.linalg.lstsq(original_heads, slim_heads, driver="gelsd" if original.device.type == "cpu" else None).solution
-    residual = _relative_residual(original_heads @ basis, slim_heads)
-    segment = Segment("heads", start, heads * full, heads * narrow, matrix=basis.transpose(1, 2).contiguous())
-    return segment, EXACT if residual <= EXACT_RESIDUAL else LEAST_SQUARES
+    basis, how = _per_head_fit(original.reshape(original.shape[0], heads, full).permute(1, 0, 2),
+                               slim.reshape(slim.shape[0], heads, narrow).permute(1, 0, 2))
+    return Segment("heads", start, heads * full, heads * narrow, matrix=basis.transpose(1, 2).contiguous()), how
 
 
 def input_heads(original: Tensor, slim: Tensor, heads: int, start: int = 0) -> tuple[Segment, str]:
@@ -41,12 +47,9 @@ def input_heads(original: Tensor, slim: Tensor, heads: int, start: int = 0) -> t
     ``slim`` (heads*r, d_out)."""
     original, slim = original.to(torch.float64), slim.to(original.device, torch.float64)
     full, narrow = original.shape[0] // heads, slim.shape[0] // heads
-    original_heads = original.reshape(heads, full, -1).transpose(1, 2)  # (heads, d_out, dh)
-    slim_heads = slim.reshape(heads, narrow, -1).transpose(1, 2)  # (heads, d_out, r)
-    solution = torch.linalg.lstsq(original_heads, slim_heads, driver="gelsd" if original.device.type == "cpu" else None).solution
-    residual = _relative_residual(original_heads @ solution, slim_heads)
-    segment = Segment("heads", start, heads * full, heads * narrow, matrix=solution.transpose(1, 2).contiguous())
-    return segment, EXACT if residual <= EXACT_RESIDUAL else LEAST_SQUARES
+    solution, how = _per_head_fit(original.reshape(heads, full, -1).transpose(1, 2),  # (heads, d_out, dh)
+                                  slim.reshape(heads, narrow, -1).transpose(1, 2))  # (heads, d_out, r)
+    return Segment("heads", start, heads * full, heads * narrow, matrix=solution.transpose(1, 2).contiguous()), how
 
 
 def selection(keep: Tensor, full: int, start: int = 0, correction: Tensor | None = None) -> Segment:

@@ -159,11 +159,12 @@ def read_config(folder: str | Path) -> tuple[str, dict[str, Any]]:
 
 def verify_files(folder: str | Path, config: dict[str, Any], hashes: bool = True, only: str | None = None) -> None:
     """Check the folder's files against the size and sha256 recorded at save time (``files`` of the config): a
-    missing, truncated, grown or altered file fails with one line naming it. ``only``: files under that subfolder.
+    missing, truncated, grown or altered file fails with one line naming it. ``only``: that file, or the files under
+    that subfolder.
     ``hashes=False`` checks sizes only. A version 1 folder recorded no files: nothing to check."""
     folder = Path(folder)
     for relative, expected in sorted((config.get("files") or {}).items()):
-        if only is not None and not relative.startswith(f"{only}/"):
+        if only is not None and relative != only and not relative.startswith(f"{only}/"):
             continue
         path = folder / relative
         if not path.is_file():

@@ -213,20 +213,21 @@ def maps_from_tensors(described: Mapping[str, Any], tensors: Mapping[str, Tensor
 
 
 def read_maps(folder: str | Path) -> tuple[str, dict[str, LinearMap], dict[str, Any]]:
-    """(denoiser key, the maps of every compressed linear, the folder's slimdiff config) of a saved folder, its files
-    checked against their recorded hashes first. A folder written before LoRA maps existed fails in one line."""
+    """(denoiser key, the maps of every compressed linear, the folder's slimdiff config) of a saved folder, the maps
+    file checked against its recorded hash first. A folder written before LoRA maps existed fails in one line."""
     from safetensors.torch import load_file
 
     from slimdiff.runtime.folder import CompressedModelError, read_config, verify_files
 
     folder = Path(folder)
     key, config = read_config(folder)
-    verify_files(folder, config, only=key)
     described = config.get("lora_maps")
     if described is None:
         raise CompressedModelError(
             f"{folder / key}: written by a slimdiff without LoRA maps (config version {config.get('version')}); "
             "compress the model again (or re-run the decompose stage) to project LoRAs onto it")
+    # the maps file only: hashing the weights too would read a FLUX-size model's whole denoiser to project a LoRA
+    verify_files(folder, config, only=f"{key}/{LORA_MAPS_NAME}")
     path = folder / key / LORA_MAPS_NAME
     tensors = load_file(str(path)) if described else {}
     return key, maps_from_tensors(described, tensors), config
@@ -407,23 +408,17 @@ def project_lora(lora: str | Path, folder: str | Path, out: str | Path, overwrit
         a, b = entry["A"], entry["B"]
         scaled_b = b.to(torch.float32) * entry["scale"]
         if component in ("", key):
-            item = maps.get(module)
-            if item is None:
+            item, prefix = maps.get(module), key
+            if item is None:  # a linear (or convolution) compression left alone: checked against its stored shape
                 stored = layout.get(f"{module}.weight")
                 if stored is None:
                     raise LoraError(f"{lora}: targets {module}, which the {key} of {folder} does not have")
-                shape = stored[0]
-                if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
-                    raise LoraError(f"{lora}: {module}: LoRA of a ({b.shape[0]} x {a.shape[1]}) weight, but the model's is "
-                                    f"({shape[0]} x {shape[1]}): a LoRA of another model")
-                new_a, new_b, target, how, note, error = a, scaled_b, module, UNCHANGED, "", None
-            else:
-                if a.shape[1] != item.in_features or b.shape[0] != item.out_features:
-                    raise LoraError(f"{lora}: {module}: LoRA of a ({b.shape[0]} x {a.shape[1]}) weight, but the original "
-                                    f"model's is ({item.out_features} x {item.in_features}): a LoRA of another model")
-                new_a, new_b = item.project(a.to(torch.float32), scaled_b)
-                target, how, note, error = item.target, item.how, item.note, item.predicted_error
-            prefix = key
+                item = LinearMap(module, module, stored[0][1], stored[0][0], how=UNCHANGED)
+            if a.shape[1] != item.in_features or b.shape[0] != item.out_features:
+                raise LoraError(f"{lora}: {module}: LoRA of a ({b.shape[0]} x {a.shape[1]}) weight, but the original "
+                                f"model's is ({item.out_features} x {item.in_features}): a LoRA of another model")
+            new_a, new_b = item.project(a.to(torch.float32), scaled_b)
+            target, how, note, error = item.target, item.how, item.note, item.predicted_error
         else:  # a text encoder's: not compressed, kept with its scale folded in
             new_a, new_b, target, how, note, error, prefix = a, scaled_b, module, UNCHANGED, "", None, component
         if "bias" in entry:
