@@ -91,8 +91,11 @@ def deployment_sampler(params: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"params.yaml has no sampler {missing}: the served model's defaults are the capture's sampler "
                          "(sampler.steps, sampler.guidance, sampler.seed, sampler.height, sampler.width)")
+    # how the guidance is passed and the text length are the model's, not a request's: served as captured
     return {"steps": int(sampler["steps"]), "guidance": float(sampler["guidance"]), "seed": int(sampler.get("seed") or 0),
-            "height": sampler.get("height"), "width": sampler.get("width")}
+            "height": sampler.get("height"), "width": sampler.get("width"),
+            "guidance_argument": sampler.get("guidance_argument") or "guidance_scale",
+            "max_sequence_length": sampler.get("max_sequence_length")}
 
 
 def validated_samplers(params: dict[str, Any]) -> list[dict[str, Any]]:

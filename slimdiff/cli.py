@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--min-keep", type=float, default=0.1, help="minimum kept fraction per module")
     c.add_argument("--steps", type=int, default=25, help="sampler steps during capture")
     c.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale during capture")
+    c.add_argument("--guidance-argument", default="guidance_scale", choices=["guidance_scale", "true_cfg_scale"],
+                   help="the pipeline argument that takes --guidance: guidance_scale, or true_cfg_scale (FluxPipeline's "
+                   "classifier-free guidance with an empty negative prompt)")
+    c.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (pipelines that take it: SD3, Flux)")
     c.add_argument("--height", type=int, default=None)
     c.add_argument("--width", type=int, default=None)
     c.add_argument("--seed", type=int, default=0)
@@ -119,7 +123,8 @@ def _compress(args: argparse.Namespace) -> int:
                             min_keep=args.min_keep, reg=args.reg, num_buckets=args.buckets, ffn_step=args.ffn_step,
                             rank_step=resolve_rank_step(args.rank_step, device),
                             batch_size=args.batch_size, timestep_grid=args.timestep_grid)
-    sampler = SamplerSettings(args.steps, args.guidance, args.height, args.width, args.seed)
+    sampler = SamplerSettings(args.steps, args.guidance, args.height, args.width, args.seed, args.guidance_argument,
+                              args.max_sequence_length)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")

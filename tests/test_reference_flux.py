@@ -27,7 +27,7 @@ from slimdiff.reference.flux_model import (
     pack_latents,
 )
 from slimdiff.reference.flux_train import FluxTrainConfig, train_flux
-from slimdiff.reference.metrics import guidance_kwargs
+from slimdiff.runtime.sampling import guidance_kwargs
 
 TINY = {
     "clip": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},

@@ -109,12 +109,14 @@ class _TeacherForcedReplay:
     """Forward hook on the original denoiser: replays each call's inputs through the compressed one.
 
     Accumulates, per timestep bucket, the energy of the original noise prediction and of the
-    difference, and the cosine of the guidance direction (cond - uncond halves of a CFG batch).
+    difference, and the cosine of the guidance direction: cond - uncond halves of a CFG batch, or, with
+    ``paired_calls`` (true CFG: two calls a step, conditional first), of each step's two calls.
     Teacher forcing: the compressed denoiser always sees the original trajectory's inputs, so the
     numbers measure per-call error and errors do not compound over the sampling steps.
     """
 
-    def __init__(self, original: nn.Module, compressed: nn.Module, num_buckets: int, num_train_timesteps: int, prompts: int):
+    def __init__(self, original: nn.Module, compressed: nn.Module, num_buckets: int, num_train_timesteps: int, prompts: int,
+                 paired_calls: bool = False):
         if original is compressed:
             raise ValueError("original and compressed denoisers are the same module; compress a copy")
         self.original, self.compressed = original, compressed
@@ -127,6 +129,8 @@ class _TeacherForcedReplay:
         self.cos_sum = [0.0] * num_buckets
         self.cos_count = [0] * num_buckets
         self.guided_calls = 0
+        self.paired_calls = paired_calls
+        self.pending: tuple[Tensor, Tensor, Tensor] | None = None  # (timestep, reference, test) of a step's conditional call
 
     def bucket(self, bound: dict) -> int:
         if "timestep" not in bound:
@@ -145,13 +149,26 @@ class _TeacherForcedReplay:
         self.signal[b] += float(reference.pow(2).sum())
         self.noise[b] += float((reference - test).pow(2).sum())
         self.calls[b] += 1
-        if reference.shape[0] == 2 * self.prompts:  # CFG batch: [uncond, cond]
+        if self.paired_calls:
+            timestep = torch.as_tensor(bound["timestep"]).reshape(-1)[:1].detach().cpu()
+            if self.pending is None:
+                self.pending = (timestep, reference, test)
+                return
+            cond_timestep, cond_r, cond_t = self.pending
+            self.pending = None
+            if not torch.equal(cond_timestep, timestep) or cond_r.shape != reference.shape:
+                raise RuntimeError("true classifier-free guidance: a step's two denoiser calls disagree on the timestep "
+                                   "or the batch; the pipeline does not make one conditional and one unconditional call a step")
+            cos = cosine(cond_r - reference, cond_t - test)
+        elif reference.shape[0] == 2 * self.prompts:  # CFG batch: [uncond, cond]
             uncond_r, cond_r = reference.chunk(2)
             uncond_t, cond_t = test.chunk(2)
             cos = cosine(cond_r - uncond_r, cond_t - uncond_t)
-            self.cos_sum[b] += float(cos.sum())
-            self.cos_count[b] += cos.numel()
-            self.guided_calls += 1
+        else:
+            return
+        self.cos_sum[b] += float(cos.sum())
+        self.cos_count[b] += cos.numel()
+        self.guided_calls += 1
 
 
 def _generate(pipe, prompts: Sequence[str], sampler: SamplerSettings) -> Tensor:
@@ -184,7 +201,8 @@ def _fidelity_run(original_pipe, compressed_pipe, prompts: Sequence[str], sample
     bar = tqdm(total=len(prompts), desc="evaluate (original, then compressed)", unit="prompt", disable=not progress)
     with torch.inference_mode():
         for batch in _batches(prompts, batch_size):
-            replay = _TeacherForcedReplay(original, compressed, num_buckets, num_train_timesteps, len(batch))
+            replay = _TeacherForcedReplay(original, compressed, num_buckets, num_train_timesteps, len(batch),
+                                          paired_calls=sampler.calls_per_step == 2)
             handle = original.register_forward_hook(replay, with_kwargs=True)
             try:
                 images_original.append(_generate(original_pipe, batch, sampler))

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,7 +70,11 @@ def sampler_settings(params: dict[str, Any]):
     from slimdiff.runtime.sampling import SamplerSettings
 
     s = params["sampler"]
-    return SamplerSettings(int(s["steps"]), float(s["guidance"]), s.get("height"), s.get("width"), int(s.get("seed", 0)))
+    try:
+        return SamplerSettings(int(s["steps"]), float(s["guidance"]), s.get("height"), s.get("width"), int(s.get("seed", 0)),
+                               s.get("guidance_argument") or "guidance_scale", s.get("max_sequence_length"))
+    except ValueError as error:
+        raise ValueError(f"params.yaml sampler: {error}") from None
 
 
 def config_from(params: dict[str, Any]):
@@ -164,6 +168,26 @@ def stage_curate(params: dict[str, Any]) -> None:
 RESOURCES_DIR = OUT / ".resources"
 
 MEMORY_PREDICTION = OUT / "memory_prediction.json"
+
+
+def check_model_supported(model: str | Path, sampler) -> None:
+    """Fail in one line when no adapter handles the pipeline's denoiser (naming its class and the supported ones) or
+    its call does not take the sampler settings; built on the meta device from the configs, no weight is read."""
+    import diffusers
+
+    from slimdiff.arch import find_groups
+    from slimdiff.arch.pipelines import denoiser_of
+    from slimdiff.pipeline.memory import meta_pipeline
+
+    index = json.loads((Path(model) / "model_index.json").read_text())
+    name = str(index.get("_class_name"))
+    if not isinstance(getattr(diffusers, name, None), type):
+        raise ValueError(f"{Path(model) / 'model_index.json'} names pipeline class {name!r}, which diffusers "
+                         f"{diffusers.__version__} does not have")
+    pipe, _ = meta_pipeline(model)
+    _, denoiser = denoiser_of(pipe)
+    find_groups(denoiser)
+    sampler.check_pipeline(type(pipe))
 
 
 def predict_memory(params: dict[str, Any]):
@@ -515,8 +539,8 @@ def held_out_samplers(params: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         elif entry.get("scheduler_config"):
             raise ValueError(f"{where}: scheduler_config needs a scheduler")
         try:
-            sampler = SamplerSettings(steps, float(entry.get("guidance", base.guidance_scale)), entry.get("height", base.height),
-                                      entry.get("width", base.width), base.seed)
+            sampler = replace(base, num_inference_steps=steps, guidance_scale=float(entry.get("guidance", base.guidance_scale)),
+                              height=entry.get("height", base.height), width=entry.get("width", base.width))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from None
         name = str(entry.get("name") or f"{steps} steps" + (f", {entry['scheduler']}" if entry.get("scheduler") else ""))

@@ -27,6 +27,7 @@ import torch
 from slimdiff.reference.data import load_split, make_split, parse_scene
 from slimdiff.reference.evaluator import FD_NAME, ReferenceEvaluator, load_evaluator, uint8_to_unit
 from slimdiff.reference.model import transformer_share
+from slimdiff.runtime.sampling import guidance_kwargs
 
 
 @dataclass
@@ -53,15 +54,6 @@ def select_prompts(captions: list[str], n_objects: int, n: int) -> list[int]:
     if len(picked) < n:
         raise ValueError(f"only {len(picked)} captions with {n_objects} objects, {n} requested")
     return picked
-
-
-def guidance_kwargs(guidance_argument: str, guidance_scale: float, n_prompts: int) -> dict:
-    """The call arguments of classifier-free guidance for `n_prompts` prompts."""
-    if guidance_argument == "guidance_scale":
-        return {"guidance_scale": guidance_scale}
-    if guidance_argument == "true_cfg_scale":
-        return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * n_prompts}
-    raise ValueError(f"guidance_argument must be 'guidance_scale' or 'true_cfg_scale', got {guidance_argument!r}")
 
 
 @torch.no_grad()

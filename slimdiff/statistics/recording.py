@@ -19,6 +19,7 @@ from slimdiff.arch.pipelines import denoiser_of
 from slimdiff.arch.sites import sites_for
 from slimdiff.device import module_device
 from slimdiff.runtime.sampling import (
+    SAMPLER_DEFAULTS,
     SamplerSettings,
     prompt_hash,
     prompts_digest,
@@ -61,9 +62,8 @@ def check_calibration(capture: Capture, prompts: Sequence[str], sampler: "Sample
     if recorded != prompts_digest(prompts):
         raise ValueError(f"{source} was taken on {capture.metadata.get('num_prompts', '?')} other calibration prompts (digest "
                          f"{str(recorded)[:12]}), not on these {len(prompts)} (digest {prompts_digest(prompts)[:12]}); re-run the capture")
-    wanted = {"num_inference_steps": sampler.num_inference_steps, "guidance_scale": sampler.guidance_scale,
-              "height": sampler.height, "width": sampler.width, "seed": sampler.seed}
-    differ = {k: (capture.metadata.get(k), v) for k, v in wanted.items() if capture.metadata.get(k) != v}
+    recorded_sampler = {k: capture.metadata.get(k, SAMPLER_DEFAULTS.get(k)) for k in sampler.to_dict()}
+    differ = {k: (recorded_sampler[k], v) for k, v in sampler.to_dict().items() if recorded_sampler[k] != v}
     if differ:
         detail = ", ".join(f"{k} {was} (now {now})" for k, (was, now) in differ.items())
         raise ValueError(f"{source} was taken with other sampler settings: {detail}; re-run the capture")
@@ -206,11 +206,7 @@ def capture(
         "model_hash": model_hash,
         "denoiser_class": type(denoiser).__name__,
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": _jsonable(_scheduler_config(pipe.scheduler))},
-        "num_inference_steps": sampler.num_inference_steps,
-        "guidance_scale": sampler.guidance_scale,
-        "height": sampler.height,
-        "width": sampler.width,
-        "seed": sampler.seed,
+        **sampler.to_dict(),
         "bucket_edges": recorder.edges,
         "num_prompts": len(prompts),
         "prompt_hashes": sorted(hashes),

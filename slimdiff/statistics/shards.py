@@ -37,6 +37,7 @@ from slimdiff.arch.pipelines import denoiser_of
 from slimdiff.arch.sites import site_width, sites_for
 from slimdiff.files import atomic_path, stream_safetensors
 from slimdiff.runtime.sampling import (
+    SAMPLER_DEFAULTS,
     SamplerSettings,
     prompt_hash,
     prompts_digest_from_hashes,
@@ -301,13 +302,13 @@ def verify_shard(path: str | Path, shard: Shard) -> dict:
                          else "prompts" for k in differ[:2])
         raise ValueError(f"{path}: shard digest {info['digest'][:12]} is not the planned {shard.digest[:12]}: it was "
                          f"captured with another {what}; rejected, not merged")
-    recorded = {"model_hash": metadata.get("model_hash"), "denoiser_class": metadata.get("denoiser_class"),
-                "num_inference_steps": metadata.get("num_inference_steps"), "guidance_scale": metadata.get("guidance_scale"),
-                "seed": metadata.get("seed"), "dtype": metadata.get("dtype"), "device_type": metadata.get("device_type")}
     sampler = shard.identity["sampler"]
+    recorded = {"model_hash": metadata.get("model_hash"), "denoiser_class": metadata.get("denoiser_class"),
+                **{k: metadata.get(k, SAMPLER_DEFAULTS.get(k)) for k in sampler},
+                "dtype": metadata.get("dtype"), "device_type": metadata.get("device_type")}
     expected = {"model_hash": identity["model_hash"], "denoiser_class": identity["denoiser_class"],
-                "num_inference_steps": sampler["num_inference_steps"], "guidance_scale": sampler["guidance_scale"],
-                "seed": sampler["seed"], "dtype": identity["dtype"], "device_type": identity["device_type"]}
+                **sampler,
+                "dtype": identity["dtype"], "device_type": identity["device_type"]}
     differ = [k for k in expected if recorded[k] != expected[k]]
     if differ or sorted(ordered) != metadata.get("prompt_hashes"):
         field = differ[0] if differ else "prompt_hashes"

@@ -281,8 +281,8 @@ def check_site_parts(path: Path, site: str, parts: dict[str, Tensor]) -> None:
 
 # Metadata keys that must agree between shards (everything that defines the sampling distribution).
 _SHARD_INVARIANT_KEYS = (
-    "model_id", "model_hash", "denoiser_class", "scheduler", "num_inference_steps", "guidance_scale",
-    "height", "width", "seed", "bucket_edges", "site_tokens",
+    "model_id", "model_hash", "denoiser_class", "scheduler", "num_inference_steps", "guidance_scale", "guidance_argument",
+    "max_sequence_length", "height", "width", "seed", "bucket_edges", "site_tokens",
 )
 
 
