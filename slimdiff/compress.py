@@ -257,7 +257,9 @@ def load_pipeline(model: str, device: str | torch.device | None = None, dtype: s
     from diffusers import DiffusionPipeline
 
     from slimdiff.device import check_dtype_runs, resolve_device
+    from slimdiff.environment import quiet_libraries
 
+    quiet_libraries()
     target = resolve_device(device) if device is not None else None
     torch_dtype = resolve_model_dtype(dtype, model) if dtype is not None else None
     if torch_dtype is not None:

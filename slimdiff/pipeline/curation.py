@@ -464,6 +464,9 @@ def load_text_encoder(model: str | Path):
     """The tokenizer and text encoder of a local diffusers pipeline folder (nothing else is loaded)."""
     import transformers
 
+    from slimdiff.environment import quiet_libraries
+
+    quiet_libraries()
     path = Path(model)
     if not (path / "tokenizer").is_dir() or not (path / "text_encoder").is_dir():
         raise CurationError(f"model folder {path} has no tokenizer/ and text_encoder/ subfolders "

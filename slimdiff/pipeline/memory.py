@@ -111,8 +111,12 @@ def meta_pipeline(model: str | Path, stored_dtype: str | None = None):
     configs without weights (a published model's) takes ``stored_dtype`` for every component."""
     import importlib
 
+    import diffusers  # noqa: F401 - imported before quiet_libraries silences it
     from accelerate import init_empty_weights
 
+    from slimdiff.environment import quiet_libraries
+
+    quiet_libraries()
     folder = Path(model)
     index = json.loads((folder / "model_index.json").read_text())
     pipeline_cls = getattr(importlib.import_module("diffusers"), index["_class_name"])

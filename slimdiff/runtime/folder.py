@@ -332,7 +332,9 @@ def load(folder: str | Path, *, device: str | torch.device | None = None, dtype:
     from diffusers import DiffusionPipeline
 
     from slimdiff.device import check_dtype_runs, resolve_device, resolve_dtype
+    from slimdiff.environment import quiet_libraries
 
+    quiet_libraries()
     folder = Path(folder)
     if "torch_dtype" in from_pretrained_kwargs:  # diffusers' old name: one dtype for every component
         legacy = from_pretrained_kwargs.pop("torch_dtype")
