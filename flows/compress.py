@@ -36,10 +36,12 @@ def preflight(workspace: Path, show_memory: bool = True) -> dict[str, Any]:
     from slimdiff.environment import quiet_libraries
     from slimdiff.pipeline.stages import (
         check_memory,
+        check_model_supported,
         config_from,
         device_settings,
         held_out_samplers,
         load_params,
+        sampler_settings,
     )
 
     quiet_libraries()  # before the memory footprint imports the pipeline's classes (transformers' notices)
@@ -49,6 +51,14 @@ def preflight(workspace: Path, show_memory: bool = True) -> dict[str, Any]:
     model = workspace / str(params["model"]["path"])
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"model path {params['model']['path']!r} is not a diffusers pipeline folder (no model_index.json)")
+    if "code" not in params:
+        raise ValueError("params.yaml has no code: the folder holding slimdiff/, relative to the workspace (dvc.yaml's "
+                       "code dependencies are read there): code: . at the repository root")
+    if not (workspace / str(params["code"]) / "slimdiff" / "pipeline" / "stages.py").is_file():
+        raise FileNotFoundError(f"params.yaml code: {params['code']!r} does not hold slimdiff/ (dvc.yaml's code "
+                                "dependencies are read there; the path is relative to the workspace)")
+    # the sampler settings, the denoiser class (an adapter for it) and the call arguments the sampler passes
+    check_model_supported(model, sampler_settings(params))
     for source in params["curate"]["sources"]:
         path = workspace / str(source)
         if "/" in str(source) and not str(source).startswith(("data/", "./", "/")) and not path.exists():

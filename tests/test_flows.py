@@ -202,25 +202,67 @@ def check_prefect_ux(name: str, version: str, workspace: Path) -> None:
     assert "- MLflow run: [" in markdown and "/#/experiments/" in markdown and "| fidelity.image_psnr_db |" in markdown
 
 
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """A fresh workspace that no job has run in, copied by each bad-input case."""
+    workspace = make_workspace(tmp_path_factory.mktemp("pristine") / "ws")
+    (workspace / "data" / "empty.txt").write_text("")
+    return workspace
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda p: p["model"].update(path="data/missing"), "not a diffusers pipeline folder"),
     (lambda p: p["allocate"].update(budget=1.5), "budget 1.5"),
     (lambda p: p["curate"].update(sources=["data/empty.txt"]), "is empty"),
     (lambda p: p["model"].update(dtype="int8"), "unknown dtype 'int8'"),
+    (lambda p: p["sampler"].update(guidance_argument="true_cfg_scale"),
+     "StableDiffusionPipeline takes no 'true_cfg_scale' argument"),
+    (lambda p: p["sampler"].update(max_sequence_length=0), "params.yaml sampler: max_sequence_length must be a whole number"),
+    (lambda p: p.pop("code"), "params.yaml has no code:"),
+    (lambda p: p.update(code="elsewhere"), "params.yaml code: 'elsewhere' does not hold slimdiff/"),
     pytest.param(lambda p: p["model"].update(device="cuda"), "CUDA is not available",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")),
 ])
-def test_bad_input_one_line_error_and_no_outputs(tmp_path, change, message):
-    workspace = make_workspace(tmp_path / "ws")
-    (workspace / "data" / "empty.txt").write_text("")
+def test_bad_input_one_line_error_and_no_outputs(pristine, tmp_path, change, message, monkeypatch, capsys):
+    """The command's ``main`` in this process (the subprocess path, ``python -m flows.compress``, is the unreachable
+    tracking case below): exit code 2, one line on stderr, nothing written."""
+    import shutil
+
+    from flows.compress import main
+
+    workspace = tmp_path / "ws"
+    shutil.copytree(pristine, workspace, symlinks=True)
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     change(params)
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = subprocess.run([sys.executable, "-m", "flows.compress", "--workspace", str(workspace)], cwd=REPO,
-                            capture_output=True, text=True, env=dict(os.environ, MLFLOW_TRACKING_URI=""))
-    assert result.returncode == 2
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    assert main(["--workspace", str(workspace)]) == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (workspace / "outputs").exists() and not (workspace / "mlflow.db").exists()
+
+
+def test_a_pipeline_no_adapter_supports_fails_in_preflight_naming_its_class(pristine, tmp_path, monkeypatch, capsys):
+    """Issue 26's bad input: a pipeline folder whose denoiser no adapter handles (an unconditional DDPM UNet without
+    attention) fails before any stage, naming the class and the supported ones."""
+    import shutil
+
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from flows.compress import main
+
+    workspace = tmp_path / "ws"
+    shutil.copytree(pristine, workspace, symlinks=True)
+    shutil.rmtree(workspace / "data" / "model")
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(workspace / "data" / "model")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    assert main(["--workspace", str(workspace)]) == 2
+    stderr = capsys.readouterr().err
+    assert "UNet2DModel has no supported transformer block; supported denoisers: UNet2DConditionModel" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert not (workspace / "outputs").exists()
 
 
 def test_unreachable_tracking_uri_fails_before_any_stage(tmp_path):
