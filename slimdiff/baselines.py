@@ -1,9 +1,13 @@
 """Baselines through the same code path and the same parameter accounting as SlimDiff (issue 6, part 2).
 
 Every method compresses an *uncompressed* denoiser in place to remove a ``Budget`` of its compressible
-parameters, counted as ``ModuleGroup.unit_params * width`` summed over compressible groups: the
-weights of to_q, to_k, to_v (+ biases), to_out.0 (no bias), the FFN up projection (+ bias) and down
-projection (no bias). All read the same ``Capture`` (taken with ``extra_sites=baseline_sites(denoiser)``).
+parameters, counted as ``ModuleGroup.unit_params * width`` summed over the compressible groups of ``BASELINE_KINDS``
+(every kind but ``adaln``: adaLN modulations stay whole under every baseline, and the budget is a share of what the
+baselines may cut): the weights of to_q, to_k, to_v (+ biases), to_out.0 (no bias), the FFN up projection (+ bias)
+and down projection (no bias); in SD3 / Flux joint attention also add_q_proj, add_k_proj, add_v_proj and to_add_out,
+in Flux single blocks attn.to_v, proj_mlp and the fused proj_out (``slimdiff.cost.group_params``: each of the two
+groups counts its input columns; a factorised proj_out is split in proportion to them). All read the same
+``Capture`` (taken with ``extra_sites=baseline_sites(denoiser)``).
 
 Each baseline follows its official code by default (issue 23); the variant this module used before is kept behind
 a named option. Notation: a linear y = W x with W (d_out x d_in) as torch stores it; statistics pooled over every
@@ -30,6 +34,12 @@ All three keep one rank ratio r / min(d_in, d_out) for every matrix (option ``ra
 kept-weight fraction per matrix instead, r = ratio d_in d_out / (d_in + d_out), SVD-LLM's official rank rule; the
 official ASVD searches per-layer ranks by perplexity sensitivity, which has no counterpart here), found by
 bisection, then single rank steps on the matrices furthest above it until the budget is met (overshoot < one step).
+The matrices (``matrices``) are every linear of every compressible group, whatever its kind, each factorised with the
+statistics of its own input: a joint attention's image projections (to_q, to_k, to_v) with the image input, its text
+projections (add_*_proj) with the text input, to_out.0 and to_add_out with their own inputs; a Flux single block's
+attn.to_v with the attention input, proj_mlp with its own, and the fused proj_out as one matrix with its whole input
+[attention output; MLP activation] (the site ``<block>.proj_out``, which ``baseline_sites`` adds: SlimDiff's capture
+holds only its MLP columns). QK left intact by the adapter (q/k RMSNorm, rotary embedding: SD3.5, Flux) is not cut.
 
 Structured, narrower dense networks (built with ``slimdiff.runtime.resize.resize_group``, like SlimDiff). The official codes
 prune LLaMA attention by whole heads scored on o_proj's input; here each head keeps its count and narrows (the
@@ -51,8 +61,33 @@ score apart from the head) by the logit term q_i k_i, and every head keeps its b
   std, Bessel-corrected std as ``torch.std``), one global ranking: a width step (one unit per head for QK/VO,
   ``ffn_step`` channels for the FFN) scores the mean z of what it removes (official: a head scores the mean z of its
   channels) and steps go in increasing score until the budget is met. Bias compensation (official ``compress``):
-  b' = b + W_out[:, removed] E[x_removed] on to_out.0 and the FFN down projection. Option
+  b' = b + W_out[:, removed] E[x_removed] on to_out.0 and the FFN down projection (DiT output linears: below). Option
   ``attention_metric="plain"`` (before issue 23): attention metrics not squared.
+
+DiT groups (SD3, Flux; ``_output_sides``, ``_row_linears``), in SlimDiff's structure (``resize_group``):
+- Units and the linears they cut. ``vo_joint``: rows h*w+i of to_v and add_v_proj (both streams share a head's
+  width) and the same columns of to_out.0 and to_add_out (only to_out.0 in a ``context_pre_only`` block).
+  ``qk_joint``: rows of to_q, add_q_proj, to_k, add_k_proj. ``vo_single``: rows of attn.to_v and the attention columns
+  [0, a) of the fused proj_out; ``ffn_single``: rows of proj_mlp and the MLP columns [a, a + m) of proj_out (each
+  keeps the other group's columns). ``ffn`` (ff, ff_context): as on UNets.
+- Output side of a joint VO: the output linears s (to_out.0 for the image tokens, to_add_out for the text tokens)
+  taken as one layer over all n = sum_s n_s tokens, each weight reading its own stream's tokens; p_s = n_s / n from
+  the token counts of the output linears' input sites, rms_s / Var_s / E_s over stream s's tokens.
+  Wanda-sp: m_s[i, j] = |W_s[i, j]| sqrt(p_s) rms_s(x_j) (the official |W| ||x|| / sqrt(n)); score_j = the mean of
+  m over all stacked rows i of every s (``column_norm="l2"``: their L2 norm).
+  FLAP: score_j = (sum_s p_s Var_s(x_j) ||W_s[:, j]||_2^2)^2, the fluctuation energy per token of the stacked output,
+  squared as attention (``attention_metric="plain"``: not squared); compensation on each output linear with its own
+  stream's mean, b_s' = b_s + W_s[:, removed] E_s[x_removed].
+  With one output linear (p = 1) all of this is the single-layer formula above.
+- Flux single blocks: W_out = the group's columns of proj_out, x = those columns of proj_out's input (site
+  ``<block>.proj_out``, the MLP columns sliced at the uncompressed offset a): vo_single scored as VO (FLAP squared),
+  ffn_single as an FFN (not squared). FLAP adds both groups' terms to proj_out's one bias,
+  b' = b + W[:, removed attention columns] E[x_removed] + W[:, a + removed MLP columns] E[x_removed].
+- ``qk_joint`` (SD3 without q/k norm; ours): the QK terms above with q and k moments over the tokens of both streams:
+  E[q_i^2] = sum_s p_s E_s[q_i^2] with q = to_q x (image) or add_q_proj c (text), p_s = the streams' token shares at
+  the q inputs (to_q, add_q_proj sites); E[k_i], E[k_i^2] likewise; Var(k_i) = E[k_i^2] - E[k_i]^2 over both streams.
+  Wanda-sp: rms(q_i) rms(k_i); FLAP: (E[q_i^2] Var(k_i))^2.
+Every group is scored on the uncompressed model before any is cut (a Flux single block's groups share proj_out).
 
 SlimDiff: ``slimdiff`` (greedy spectral-influence allocation), ``slimdiff_uniform``, ``slimdiff_modegpt``.
 """
@@ -70,7 +105,8 @@ from torch import Tensor, nn
 
 from slimdiff.planning.allocation import DEFAULT_MIN_KEEP, DEFAULT_TEMPERATURE, Budget, BudgetError, allocate, allowed_widths, check_budget
 from slimdiff.statistics.sums import Capture
-from slimdiff.arch.sites import group_input_sites
+from slimdiff.arch.flux import single_block_columns
+from slimdiff.arch.sites import group_input_sites, parse_site, sites_for
 from slimdiff.decomposition.closed_form import DEFAULT_REG, Whitening, regularize, whitening
 from slimdiff.cost import count_params
 from slimdiff.arch import GROUP_KINDS, ModuleGroup, compressible_groups
@@ -272,8 +308,10 @@ class Matrix:
         return self.d_in * self.d_out - factorized_params(self.d_in, self.d_out, rank)
 
 
-# what the baselines compress; an adaLN modulation (PixArt, DiT) stays whole under every baseline
-BASELINE_KINDS = ("qk_self", "vo_self", "qk_cross", "vo_cross", "ffn")
+# what the baselines compress: every group kind but the adaLN modulation (PixArt, DiT, SD3, Flux), which stays whole
+# under every baseline
+BASELINE_KINDS = tuple(kind for kind in GROUP_KINDS if kind != "adaln")
+FFN_KINDS = ("ffn", "ffn_single")
 
 
 def baseline_groups(denoiser: nn.Module) -> list[ModuleGroup]:
@@ -281,34 +319,61 @@ def baseline_groups(denoiser: nn.Module) -> list[ModuleGroup]:
     return [g for g in compressible_groups(denoiser) if g.kind in BASELINE_KINDS]
 
 
+def _unsupported(group: ModuleGroup) -> ValueError:
+    return ValueError(f"baselines cannot cut {group.kind!r} groups ({group.name}); "
+                      f"they cut {', '.join(BASELINE_KINDS)}")
+
+
 def _group_linears(group: ModuleGroup) -> list[tuple[str, str]]:
-    """(linear path, input site) of a group's two linears."""
-    x_site, y_site = group_input_sites(group)
-    p = group.path
-    if group.kind.startswith("qk"):
-        return [(f"{p}.to_q", x_site), (f"{p}.to_k", y_site)]
-    if group.kind.startswith("vo"):
+    """(linear path, input site) of every linear of a group.
+
+    Joint attention: each stream's query, key and value projections read that stream's input (``group.sites``, image
+    then text), each output projection its own input. Flux single block: ``attn.to_v`` reads the attention input,
+    ``proj_mlp`` its own, and the fused ``proj_out`` (listed by both groups of the block) its whole input."""
+    p, kind = group.path, group.kind
+    if kind in ("qk_self", "qk_cross", "vo_self", "vo_cross"):
+        x_site, y_site = group_input_sites(group)
+        if kind.startswith("qk"):
+            return [(f"{p}.to_q", x_site), (f"{p}.to_k", y_site)]
         return [(f"{p}.to_v", y_site), (f"{p}.to_out.0", f"{p}.to_out.0")]
-    return [(f"{p}.net.0.proj", f"{p}.net.0.proj"), (f"{p}.net.2", f"{p}.net.2")]
+    if kind == "ffn":
+        return [(f"{p}.net.0.proj", f"{p}.net.0.proj"), (f"{p}.net.2", f"{p}.net.2")]
+    if kind == "qk_joint":
+        return [(f"{p}.{name}", site) for names in (group.query, group.key)
+                for name, site in zip(names, group.sites, strict=True)]
+    if kind == "vo_joint":
+        return ([(f"{p}.{name}", site) for name, site in zip(group.value, group.sites, strict=True)]
+                + [(f"{p}.{name}", f"{p}.{name}") for name in group.out])
+    if kind == "vo_single":
+        return [(f"{p}.{group.value[0]}", group.sites[0]), (f"{p}.{group.out[0]}", f"{p}.{group.out[0]}")]
+    if kind == "ffn_single":
+        return [(f"{p}.{group.up}", f"{p}.{group.up}"), (f"{p}.{group.out[0]}", f"{p}.{group.out[0]}")]
+    raise _unsupported(group)
 
 
 def matrices(denoiser: nn.Module) -> list[Matrix]:
-    """Every compressible linear of ``denoiser``, in group order."""
-    out = []
+    """Every compressible linear of ``denoiser``, in group order, each once (``group``: the first group that has it; a
+    Flux single block's fused ``proj_out`` belongs to its attention and MLP groups and is listed under the first)."""
+    out, seen = [], set()
     for group in baseline_groups(denoiser):
         for path, site in _group_linears(group):
+            if path in seen:
+                continue
+            seen.add(path)
             linear = denoiser.get_submodule(path)
             out.append(Matrix(path, site, group.name, linear.in_features, linear.out_features))
     return out
 
 
 def baseline_sites(denoiser: nn.Module) -> list[str]:
-    """Linear inputs the baselines need beyond SlimDiff's own sites: ``to_out.0`` and ``ff.net.0.proj``.
+    """Linear inputs the baselines need beyond SlimDiff's own sites: the output projections (``to_out.0``,
+    ``to_add_out``), the FFN up projections (``ff.net.0.proj``, ``proj_mlp``) and the whole input of a Flux single
+    block's fused ``proj_out`` (SlimDiff's capture holds its MLP columns only).
 
     Pass to ``slimdiff.capture(..., extra_sites=baseline_sites(denoiser))``.
     """
-    own = {site for g in baseline_groups(denoiser) for site in group_input_sites(g)}
-    return [m.site for m in matrices(denoiser) if m.site not in own]
+    own = set(sites_for(baseline_groups(denoiser)))
+    return list(dict.fromkeys(m.site for m in matrices(denoiser) if m.site not in own))
 
 
 def _second_moment(capture: Capture, site: str, augment: bool = False) -> Tensor:
@@ -316,12 +381,6 @@ def _second_moment(capture: Capture, site: str, augment: bool = False) -> Tensor
         raise KeyError(f"capture has no statistics for {site!r}; capture with "
                        f"extra_sites=slimdiff.baselines.baseline_sites(denoiser)")
     return capture.second_moment(site, augment=augment)
-
-
-def _moments(capture: Capture, site: str) -> tuple[Tensor, Tensor]:
-    """(E[x x^T], E[x]) of a site's input."""
-    aug = _second_moment(capture, site, augment=True)
-    return aug[:-1, :-1], aug[:-1, -1]
 
 
 def _output_moments(linear: nn.Module, capture: Capture, site: str) -> tuple[Tensor, Tensor]:
@@ -485,60 +544,167 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
-def _output_side(denoiser: nn.Module, group: ModuleGroup) -> tuple[Tensor, str]:
-    """(W_out in float64 (d_out, units), the capture site of its input) of the layer reading a VO or FFN group's units."""
-    module = denoiser.get_submodule(group.path)
-    out = module.net[2] if group.kind == "ffn" else module.to_out[0]
-    site = f"{group.path}.net.2" if group.kind == "ffn" else f"{group.path}.to_out.0"
-    return out.weight.detach().cpu().to(torch.float64), site
+@dataclass(frozen=True)
+class OutputSide:
+    """A linear that reads a group's units, named relative to the group's path (``to_out.0``, ``to_add_out``, an FFN's
+    ``net.2``, a Flux single block's fused ``proj_out``): where the group's columns start in its input now (``start``;
+    the MLP columns of ``proj_out`` move when the attention columns narrow), and the capture ``site`` of its input in
+    the uncompressed model with the column where they start there (``site_start``)."""
+
+    linear: str
+    start: int
+    site: str
+    site_start: int
+
+
+def _output_sides(denoiser: nn.Module, group: ModuleGroup) -> list[OutputSide]:
+    """The linears reading a VO or FFN group's units: one, or one per stream of a joint attention that has an output."""
+    p, kind = group.path, group.kind
+    if kind == "ffn":
+        return [OutputSide("net.2", 0, f"{p}.net.2", 0)]
+    if kind in ("vo_self", "vo_cross"):
+        return [OutputSide("to_out.0", 0, f"{p}.to_out.0", 0)]
+    if kind == "vo_joint":
+        return [OutputSide(name, 0, f"{p}.{name}", 0) for name in group.out]
+    if kind == "vo_single":  # the attention columns of proj_out come first
+        return [OutputSide(group.out[0], 0, f"{p}.{group.out[0]}", 0)]
+    if kind == "ffn_single":
+        attention, _ = single_block_columns(denoiser.get_submodule(p))
+        _, columns = parse_site(group.sites[0])  # the MLP columns of the uncompressed proj_out's input
+        if columns is None:
+            raise ValueError(f"{group.name}: site {group.sites[0]!r} names no column range of {group.out[0]}")
+        return [OutputSide(group.out[0], attention, f"{p}.{group.out[0]}", columns.start)]
+    if kind.startswith("qk"):
+        raise ValueError(f"{group.name}: a {kind} group has no output layer (QK is scored on its logit term)")
+    raise _unsupported(group)
+
+
+def _units(group: ModuleGroup) -> int:
+    """Prunable units of a group: heads x per-head width, or FFN channels."""
+    return group.heads * group.width
+
+
+def _side_weight(denoiser: nn.Module, group: ModuleGroup, side: OutputSide) -> Tensor:
+    """The columns of ``side``'s weight that read ``group``'s units: (d_out, units), float64 on the CPU."""
+    weight = denoiser.get_submodule(f"{group.path}.{side.linear}").weight.detach().cpu().to(torch.float64)
+    return weight[:, side.start: side.start + _units(group)]
+
+
+def _tokens(capture: Capture, site: str) -> int:
+    """Tokens a site's statistics were summed over."""
+    if site not in capture.sites:
+        _second_moment(capture, site)  # raises naming baseline_sites
+    return int(capture.sites[site].count.sum())
+
+
+def _channel_moments(capture: Capture, site: str) -> tuple[Tensor, Tensor]:
+    """(E[x_j^2], E[x_j]) of every input channel of a site over every captured token (float64, CPU)."""
+    tokens = _tokens(capture, site)
+    if tokens == 0:
+        raise ValueError(f"capture holds no tokens for {site!r}")
+    stats = capture.sites[site]
+    second = torch.diagonal(stats.sum_outer).cpu().to(torch.float64) / tokens
+    return second, stats.sum.cpu().to(torch.float64) / tokens
+
+
+def _side_moments(capture: Capture, group: ModuleGroup, side: OutputSide) -> tuple[Tensor, Tensor]:
+    """(E[x_j^2], E[x_j]) of ``group``'s units at ``side``'s input."""
+    second, mean = _channel_moments(capture, side.site)
+    columns = slice(side.site_start, side.site_start + _units(group))
+    if columns.stop > second.shape[0]:
+        raise ValueError(f"{group.name}: columns {columns.start}:{columns.stop} outside site {side.site!r} "
+                         f"({second.shape[0]} wide)")
+    return second[columns], mean[columns]
+
+
+def _token_shares(capture: Capture, sites: list[str]) -> list[float]:
+    """Each site's share of the tokens of all ``sites`` (the streams of a joint attention): n_s / sum_s n_s."""
+    tokens = [_tokens(capture, site) for site in sites]
+    total = sum(tokens)
+    if total == 0:
+        raise ValueError(f"capture holds no tokens for {sites}")
+    return [t / total for t in tokens]
+
+
+def _pooled_output_moments(capture: Capture, linears: list[tuple[nn.Module, str]]) -> tuple[Tensor, Tensor]:
+    """Per-output (E[y_i^2], E[y_i]) of linears y = W x + b that fill one dimension from several streams (each with its
+    input site), over the tokens of all of them: each stream's moments weighted by its share of the tokens."""
+    shares = _token_shares(capture, [site for _, site in linears])
+    second = mean = 0.0
+    for (linear, site), share in zip(linears, shares):
+        stream_second, stream_mean = _output_moments(linear, capture, site)
+        second, mean = second + share * stream_second, mean + share * stream_mean
+    return second, mean
 
 
 def _qk_moments(denoiser: nn.Module, group: ModuleGroup, capture: Capture) -> tuple[Tensor, Tensor, Tensor]:
-    """(E[q_i^2], E[k_i^2], E[k_i]) of every query/key dimension, from the inputs' captured moments."""
+    """(E[q_i^2], E[k_i^2], E[k_i]) of every query/key dimension over every query/key token, from the inputs' captured
+    moments; a joint attention pools the image and text tokens (``_pooled_output_moments``)."""
     module = denoiser.get_submodule(group.path)
-    x_site, y_site = group_input_sites(group)
-    q_second, _ = _output_moments(module.to_q, capture, x_site)
-    k_second, k_mean = _output_moments(module.to_k, capture, y_site)
+    if group.kind == "qk_joint":
+        queries = [(module.get_submodule(n), site) for n, site in zip(group.query, group.sites, strict=True)]
+        keys = [(module.get_submodule(n), site) for n, site in zip(group.key, group.sites, strict=True)]
+    elif group.kind in ("qk_self", "qk_cross"):
+        x_site, y_site = group_input_sites(group)
+        queries, keys = [(module.to_q, x_site)], [(module.to_k, y_site)]
+    else:
+        raise ValueError(f"{group.name}: a {group.kind} group has no query/key projections")
+    q_second, _ = _pooled_output_moments(capture, queries)
+    k_second, k_mean = _pooled_output_moments(capture, keys)
     return q_second, k_second, k_mean
 
 
 def _per_unit(group: ModuleGroup, score: Tensor) -> Tensor:
-    return score if group.kind == "ffn" else score.reshape(group.heads, group.width)
+    return score if group.kind in FFN_KINDS else score.reshape(group.heads, group.width)
 
 
 def wanda_scores(denoiser: nn.Module, group: ModuleGroup, capture: Capture, column_norm: str = "mean_abs") -> Tensor:
-    """Wanda-sp importance of every prunable unit: (heads, head width) for QK/VO, (channels,) for the FFN.
+    """Wanda-sp importance of every prunable unit: (heads, head width) for QK/VO, (channels,) for an FFN.
 
-    VO / FFN (official): mean_i |W_out[i, j]| * rms(x_j), x the output layer's input (to_out.0, FFN down projection);
-    ``column_norm="l2"``: ||W_out[:, j]||_2 * rms(x_j). QK (ours): rms(q_i) rms(k_i).
+    VO / FFN (official): mean_i |W_out[i, j]| * rms(x_j), x the output layer's input (``_output_sides``);
+    ``column_norm="l2"``: ||W_out[:, j]||_2 * rms(x_j). A joint attention stacks its output linears' rows, each weight
+    with its own stream's activations: m_s[i, j] = |W_s[i, j]| sqrt(p_s) rms_s(x_j), p_s = n_s / sum_s n_s; the score
+    is the mean of m over all stacked rows (``l2``: their L2 norm). QK (ours): rms(q_i) rms(k_i), a joint attention's
+    moments over the tokens of both streams.
     """
     _check_choice("wanda_sp column_norm", column_norm, WANDA_COLUMN_NORMS)
     if group.kind.startswith("qk"):
         q_second, k_second, _ = _qk_moments(denoiser, group, capture)
         return _per_unit(group, (q_second * k_second).sqrt())
-    weight, site = _output_side(denoiser, group)
-    second, _ = _moments(capture, site)
-    rms = torch.diagonal(second).clamp_min(0).sqrt()
-    column = weight.abs().mean(0) if column_norm == "mean_abs" else weight.pow(2).sum(0).sqrt()
-    return _per_unit(group, column * rms)
+    sides = _output_sides(denoiser, group)
+    shares = _token_shares(capture, [side.site for side in sides])
+    metric = []
+    for side, share in zip(sides, shares):
+        second, _ = _side_moments(capture, group, side)
+        norm = math.sqrt(share) * second.clamp_min(0).sqrt()  # share 1 (one stream): exactly rms(x_j)
+        metric.append(_side_weight(denoiser, group, side).abs() * norm[None, :])
+    stacked = torch.cat(metric, dim=0)
+    score = stacked.mean(0) if column_norm == "mean_abs" else stacked.pow(2).sum(0).sqrt()
+    return _per_unit(group, score)
 
 
 def flap_scores(denoiser: nn.Module, group: ModuleGroup, capture: Capture, attention_metric: str = "squared") -> Tensor:
-    """FLAP's fluctuation metric of every prunable unit: (heads, head width) for QK/VO, (channels,) for the FFN.
+    """FLAP's fluctuation metric of every prunable unit: (heads, head width) for QK/VO, (channels,) for an FFN.
 
-    VO / FFN: Var(x_j) ||W_out[:, j]||_2^2 (``WIFV``); QK (ours): E[q_i^2] Var(k_i), the variance of the dimension's
-    logit term across keys (softmax ignores the rest). Attention metrics (QK, VO) squared (official);
-    ``attention_metric="plain"``: not squared.
+    VO / FFN: Var(x_j) ||W_out[:, j]||_2^2 (``WIFV``); a joint attention sums its output linears' terms weighted by
+    their streams' token shares, sum_s p_s Var_s(x_j) ||W_s[:, j]||_2^2 (the fluctuation energy per token of the
+    stacked output). QK (ours): E[q_i^2] Var(k_i), the variance of the dimension's logit term across keys (softmax
+    ignores the rest; a joint attention's moments over both streams' tokens). Attention metrics (QK, VO) squared
+    (official); ``attention_metric="plain"``: not squared.
     """
     _check_choice("flap attention_metric", attention_metric, FLAP_ATTENTION_METRICS)
     if group.kind.startswith("qk"):
         q_second, k_second, k_mean = _qk_moments(denoiser, group, capture)
         score = q_second * (k_second - k_mean**2).clamp_min(0)
     else:
-        weight, site = _output_side(denoiser, group)
-        second, mean = _moments(capture, site)
-        score = weight.pow(2).sum(0) * (torch.diagonal(second) - mean**2).clamp_min(0)
-    if group.kind != "ffn" and attention_metric == "squared":
+        sides = _output_sides(denoiser, group)
+        shares = _token_shares(capture, [side.site for side in sides])
+        score = 0.0
+        for side, share in zip(sides, shares):
+            second, mean = _side_moments(capture, group, side)
+            variance = (second - mean**2).clamp_min(0)
+            score = score + _side_weight(denoiser, group, side).pow(2).sum(0) * (share * variance)
+    if group.kind not in FFN_KINDS and attention_metric == "squared":
         score = score**2
     return _per_unit(group, score)
 
@@ -549,50 +715,65 @@ def _kept(score: Tensor, width: int) -> Tensor:
     return torch.sort(order, dim=-1).values
 
 
+def _row_linears(group: ModuleGroup) -> tuple[str, ...]:
+    """The linears (relative to the group's path) whose output rows are a group's units."""
+    kind = group.kind
+    if kind in ("qk_self", "qk_cross"):
+        return ("to_q", "to_k")
+    if kind == "qk_joint":
+        return group.query + group.key
+    if kind in ("vo_self", "vo_cross"):
+        return ("to_v",)
+    if kind in ("vo_joint", "vo_single"):
+        return group.value
+    if kind == "ffn":
+        return ("net.0.proj",)
+    if kind == "ffn_single":
+        return (group.up,)
+    raise _unsupported(group)
+
+
 def _prune_group(denoiser: nn.Module, group: ModuleGroup, keep: Tensor, capture: Capture | None = None) -> bool:
-    """Keep units ``keep`` of ``group`` (no reconstruction). With ``capture``, add the removed channels'
-    mean contribution to the output layer's bias (FLAP); returns whether a bias was compensated."""
+    """Keep units ``keep`` of ``group`` (no reconstruction): the rows of its projections (every stream's; both halves of
+    a gated FFN) and the columns of the linears reading them (every stream's output projection; a fused ``proj_out``
+    keeps the other group's columns). With ``capture``, add the removed channels' mean contribution to each output
+    linear's bias, with the mean of its own input (FLAP); returns whether a bias was compensated."""
     module = denoiser.get_submodule(group.path)
     width = keep.shape[-1]
     if keep.ndim == 2:
         flat = (keep + torch.arange(group.heads)[:, None] * group.width).reshape(-1)
     else:
         flat = keep
-    compensated = False
-    with torch.no_grad():
-        if group.kind.startswith("qk"):
-            old_q, old_k = module.to_q, module.to_k
-            resize_group(denoiser, group, width)
-            for old, new in ((old_q, module.to_q), (old_k, module.to_k)):
-                new.weight.copy_(old.weight[flat])
-                if old.bias is not None:
-                    new.bias.copy_(old.bias[flat])
-            return False
-        if group.kind == "ffn":
-            up, down = module.net[0].proj, module.net[2]
-            rows = torch.cat([flat, flat + group.width]) if group.gated else flat
-            site = f"{group.path}.net.2"
-        else:
-            up, down = module.to_v, module.to_out[0]
-            rows = flat
-            site = f"{group.path}.to_out.0"
-        bias = None if down.bias is None else down.bias.detach().clone()
+    rows = torch.cat([flat, flat + group.width]) if group.gated else flat
+    row_linears = {name: module.get_submodule(name) for name in _row_linears(group)}
+    sides = [] if group.kind.startswith("qk") else _output_sides(denoiser, group)
+    removed = torch.ones(_units(group), dtype=torch.bool)
+    removed[flat] = False
+    columns, biases, compensated = {}, {}, False
+    for side in sides:
+        old = module.get_submodule(side.linear)
+        kept = torch.cat([torch.arange(side.start), side.start + flat,
+                          torch.arange(side.start + _units(group), old.in_features)]).to(old.weight.device)
+        columns[side.linear] = old.weight.detach()[:, kept].clone()
+        bias = None if old.bias is None else old.bias.detach().clone()
         if capture is not None and bias is not None:
-            _, mean = _moments(capture, site)
-            removed = torch.ones(down.in_features, dtype=torch.bool)
-            removed[flat] = False
-            weight = down.weight.detach().cpu().to(torch.float64)
-            shift = (weight[:, removed] @ mean[removed]).to(bias.device)
+            _, mean = _side_moments(capture, group, side)
+            shift = (_side_weight(denoiser, group, side)[:, removed] @ mean[removed]).to(bias.device)
             bias = (bias.to(torch.float64) + shift).to(bias.dtype)
             compensated = True
-        resize_group(denoiser, group, width)
-        new_up, new_down = (module.net[0].proj, module.net[2]) if group.kind == "ffn" else (module.to_v, module.to_out[0])
-        new_up.weight.copy_(up.weight[rows])
-        if up.bias is not None:
-            new_up.bias.copy_(up.bias[rows])
-        new_down.weight.copy_(down.weight[:, flat])
-        if bias is not None:
-            new_down.bias.copy_(bias)
+        biases[side.linear] = bias
+    resize_group(denoiser, group, width)
+    with torch.no_grad():
+        for name, old in row_linears.items():
+            new = module.get_submodule(name)
+            new.weight.copy_(old.weight[rows.to(old.weight.device)])
+            if old.bias is not None:
+                new.bias.copy_(old.bias[rows.to(old.bias.device)])
+        for side in sides:
+            new = module.get_submodule(side.linear)
+            new.weight.copy_(columns[side.linear])
+            if biases[side.linear] is not None:
+                new.bias.copy_(biases[side.linear])
     return compensated
 
 
@@ -608,10 +789,12 @@ def wanda_sp(denoiser: nn.Module, capture: Capture, scores: InfluenceScores | No
     groups = baseline_groups(denoiser)
     plan = allocate(_unit_scores(groups, _granularity(scores)), budget, "uniform", min_keep)
     widths = plan.widths
+    # every group scored on the uncompressed model before any is cut (a Flux single block's groups share proj_out)
+    keeps = {g.name: _kept(wanda_scores(denoiser, g, capture, column_norm), widths[g.name])
+             for g in groups if widths[g.name] < g.width}
     for group in groups:
-        if widths[group.name] < group.width:
-            keep = _kept(wanda_scores(denoiser, group, capture, column_norm), widths[group.name])
-            _prune_group(denoiser, group, keep)
+        if group.name in keeps:
+            _prune_group(denoiser, group, keeps[group.name])
     return {"widths": widths, "min_keep": min_keep, "column_norm": column_norm, "reconstruction": None}
 
 
@@ -716,10 +899,11 @@ def compress_with(method: str, denoiser: nn.Module, capture: Capture, scores: In
     if unknown:
         raise ValueError(f"method {method!r} has no option(s) {unknown}; its options: {', '.join(valid) or 'none'}")
     if not method.startswith("slimdiff"):
-        other = sorted({g.kind for g in compressible_groups(denoiser)} - set(BASELINE_KINDS) - {"adaln"})
-        if other:
-            raise ValueError(f"baseline {method!r} compresses the groups of BasicTransformerBlock models ({', '.join(BASELINE_KINDS)}); "
-                             f"{type(denoiser).__name__} also has {', '.join(other)} groups: use method 'slimdiff'")
+        unsupported = sorted({g.kind for g in compressible_groups(denoiser)} - set(BASELINE_KINDS) - {"adaln"})
+        if unsupported:
+            raise ValueError(f"baseline {method!r} cannot cut the {', '.join(unsupported)} groups of "
+                             f"{type(denoiser).__name__} (it cuts {', '.join(BASELINE_KINDS)}; adaLN modulations stay "
+                             "whole): use method 'slimdiff'")
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     # the budget is a share of what the method may cut: a baseline leaves adaLN modulations whole
     kinds = GROUP_KINDS if method.startswith("slimdiff") else BASELINE_KINDS

@@ -23,6 +23,17 @@ def _params_without_output_bias(module: nn.Module) -> int:
     return _params(module) - (bias.numel() if isinstance(bias, Tensor) else 0)
 
 
+def _fused_share(block: nn.Module, kind: str) -> int:
+    """Weights of a Flux single block's fused ``proj_out`` that count to its ``vo_single`` or ``ffn_single`` group: the
+    group's input columns times the output width while ``proj_out`` is dense; a factorised ``proj_out`` (per-matrix
+    baselines) splits its weights, both factors, in proportion to the two groups' input columns (the attention's
+    share rounded down), so the two shares always sum to the whole."""
+    attention, mlp = single_block_columns(block)
+    weights = _params_without_output_bias(block.proj_out)
+    attention_share = weights * attention // (attention + mlp)
+    return attention_share if kind == "vo_single" else weights - attention_share
+
+
 def group_params(denoiser: nn.Module, group: ModuleGroup) -> int:
     """Parameters a group holds now, counted from its modules (both factors of a factorised linear).
 
@@ -35,10 +46,9 @@ def group_params(denoiser: nn.Module, group: ModuleGroup) -> int:
     if group.kind == "vo_joint":
         return (sum(_params(module.get_submodule(n)) for n in group.value)
                 + sum(_params_without_output_bias(module.get_submodule(n)) for n in group.out))
-    if group.kind in ("vo_single", "ffn_single"):  # the group's own columns of the fused proj_out
-        attention, mlp = single_block_columns(module)
+    if group.kind in ("vo_single", "ffn_single"):
         inner = module.get_submodule(group.value[0] if group.kind == "vo_single" else group.up)
-        return _params(inner) + module.proj_out.out_features * (attention if group.kind == "vo_single" else mlp)
+        return _params(inner) + _fused_share(module, group.kind)
     if group.kind == "adaln":
         return _params_without_output_bias(module)
     if group.kind.startswith("qk"):
