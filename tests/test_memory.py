@@ -37,3 +37,26 @@ def test_statistics_bytes_equals_recorded_storage(num_buckets, dtype, bucket_byt
             assert s.bucket_sum_outer is None and s.bucket_sum is None
         else:
             assert s.bucket_sum_outer.element_size() == s.bucket_sum.element_size() == bucket_bytes
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.5])
+def test_lora_maps_bound_holds_for_the_maps_a_compression_computes(tmp_path, budget):
+    """The decompose stage's "LoRA maps" term (every group's ``lora_maps_elements`` x dtype bytes) bounds the maps
+    ``slimdiff.compress_pipeline`` really computes and holds until the folder is written, at any budget."""
+    from slimdiff.compress import SlimDiffConfig, compress_pipeline
+    from slimdiff.pipeline.memory import MemorySettings, footprint, lora_maps_elements, predict
+    from slimdiff.runtime.lora import maps_to_tensors
+    from slimdiff.runtime.sampling import SamplerSettings
+    from tests.helpers import TINY_PROMPTS, tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    sampler = SamplerSettings(2, 4.0)
+    fp = footprint(tmp_path / "model", sampler, 2)
+    bound = sum(lora_maps_elements(g) for g in fp.groups)
+    assert predict(fp, MemorySettings(dtype=torch.float32))["decompose"].host_terms["LoRA maps"] == 4 * bound
+    result = compress_pipeline(pipe, TINY_PROMPTS[:4], SlimDiffConfig(budget=budget, gain_prompts=2, gain_calls=2,
+                                                                      batch_size=2), sampler, progress=False)
+    tensors, _ = maps_to_tensors(result.lora_maps, torch.float32)
+    held = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    assert 0 < held <= bound, (held, bound)

@@ -331,6 +331,19 @@ def decompose_working_set(shape: GroupShape) -> int:
                   + 2 * shape.head_dim * shape.heads * max(shape.out, 1))
 
 
+def lora_maps_elements(shape: GroupShape) -> int:
+    """At most the elements of one group's LoRA maps (slimdiff.runtime.lora, computed while decomposing and held on the
+    model's device until the folder is written), at any width: an FFN's Nyström correction is kept x removed channels,
+    at most f^2 / 4 (half kept); QK/VO a change of basis per head on each side, at most 2 heads x head_dim^2; a
+    factorised modulation's input map rank x d_in, at most min(d_in, d_out) x d_in."""
+    if shape.kind in ("ffn", "ffn_single"):
+        f = shape.dim_x
+        return (f // 2) * (f - f // 2)
+    if shape.kind == "adaln":
+        return min(shape.dim_x, shape.out) * shape.dim_x
+    return 2 * shape.heads * shape.head_dim * shape.head_dim
+
+
 def settings_from_params(params: dict[str, Any], device: torch.device, dtype: torch.dtype) -> MemorySettings:
     """The memory settings of a params.yaml (after ``slimdiff.pipeline.stages.device_settings``)."""
     from slimdiff.device import linalg_device
@@ -423,9 +436,16 @@ def predict(fp: Footprint, s: MemorySettings) -> dict[str, StageMemory]:
             memory = model_stage({})
             memory.host_terms.update({**extra, "decomposition working set": working})
             memory.host += site_bytes + working
-        if name == "decompose" and on_gpu:
-            memory.host_terms["one weight shard while saving"] = SAVE_SHARD_BYTES
-            memory.host += SAVE_SHARD_BYTES
+        if name == "decompose":
+            maps = b * sum(lora_maps_elements(g) for g in fp.groups)  # every group's, until the folder is written
+            if on_gpu:
+                memory.device_terms["LoRA maps"] = maps
+                memory.device += maps
+                memory.host_terms["one weight shard while saving"] = SAVE_SHARD_BYTES
+                memory.host += SAVE_SHARD_BYTES
+            else:
+                memory.host_terms["LoRA maps"] = maps
+                memory.host += maps
         stages[name] = memory
     stages["allocate"] = stage({}, {})
     images = 2 * fp.image_elements * 4
