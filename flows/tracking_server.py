@@ -95,10 +95,12 @@ def _credentials() -> tuple[dict[str, str], str]:
     return {}, ""
 
 
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+def check_tracking_uri(uri: str, timeout: float = 15.0) -> None:
     """Fail fast, before any stage runs, when the tracking URI cannot be reached or written, or (a server with
     authentication) refuses the environment's credentials (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``,
-    or ``MLFLOW_TRACKING_TOKEN``): an authenticated read of the experiments, before any stage runs."""
+    or ``MLFLOW_TRACKING_TOKEN``): an authenticated read of the experiments, before any stage runs. ``timeout``: per
+    request; a refused connection fails at once, and a busy server (basic-auth hashes the password on every request)
+    may take seconds to answer."""
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request

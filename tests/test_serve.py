@@ -121,11 +121,13 @@ def test_logged_model_has_signature_params_schema_code_and_pinned_requirements(r
     assert Model.load(local / "MLmodel").flavors["python_function"]["code"] == "code"
     # the served defaults and limits travel as serving.json (not as model_config, which MLflow copies into run params)
     serving = json.loads((local / "artifacts" / "serving.json").read_text())
-    assert serving["sampler"] == SAMPLER and serving["dtype"] == "float32" and serving["device"] == "auto"
+    # how the guidance is passed and the text length are the model's: the defaults when params.yaml leaves them out
+    served = {**SAMPLER, "guidance_argument": "guidance_scale", "max_sequence_length": None}
+    assert serving["sampler"] == served and serving["dtype"] == "float32" and serving["device"] == "auto"
     assert serving["limits"]["max_steps"] == 900 and serving["limits"]["size_multiple"] == 8
     assert (serving["limits"]["min_side"], serving["limits"]["max_side"]) == (8, 32)  # tiny pipeline: native 16 px
     # the settings it was measured under: the calibration sampler, then the held-out ones (issue 23)
-    assert serving["validated_samplers"] == [{"name": "calibration", **SAMPLER,
+    assert serving["validated_samplers"] == [{"name": "calibration", **served,
                                               "scheduler": "the pipeline's own"}, *HELD_OUT]
     assert "model_config" not in Model.load(local / "MLmodel").flavors["python_function"]
     run = mlflow.MlflowClient(uri).get_run(info.run_id)

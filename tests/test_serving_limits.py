@@ -470,3 +470,33 @@ def test_a_model_without_its_sampler_fails_to_load_with_one_line(tiny, monkeypat
     assert exited.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("slimdiff model: serving.json has no deployment sampler"), lines
+
+
+def test_a_served_flux_model_samples_with_its_true_cfg_and_text_length(tmp_path, monkeypatch):
+    """A model captured with true classifier-free guidance and a T5 length (issue 26: the Flux-style reference) is
+    served with them: its answer is the pipeline's own image under ``SamplerSettings`` with the same settings (the
+    request's ``guidance`` as ``true_cfg_scale``), not an unguided one at FluxPipeline's 512 tokens."""
+    import slimdiff
+    from slimdiff.runtime.sampling import SamplerSettings
+    from tests.helpers import tiny_flux_pipeline
+
+    monkeypatch.setenv("SLIMDIFF_THREADS", "1")
+    folder = slimdiff.save(tiny_flux_pipeline(), tmp_path / "pipeline")
+    sampler = {"steps": 2, "guidance": 4.0, "seed": 0, "height": 64, "width": 64, "guidance_argument": "true_cfg_scale",
+               "max_sequence_length": 12}
+    document = serving_document(model_shape(folder), sampler, "float32", "cpu", {})
+    (tmp_path / "serving.json").write_text(json.dumps(document))
+    context = type("Context", (), {"artifacts": {"pipeline": str(folder), "serving": str(tmp_path / "serving.json")},
+                                   "model_config": {}})()
+    model = serving.SlimDiffPyfunc()
+    model.load_context(context)
+    images = model.predict(None, {"prompt": PROMPTS[:2]}, params={"seed": 1})
+    pipe = slimdiff.load(folder)
+    pipe.set_progress_bar_config(disable=True)
+    settings = SamplerSettings(2, 4.0, 64, 64, 1, "true_cfg_scale", 12)
+    expected = (np.clip(pipe(**settings.pipe_kwargs(pipe, PROMPTS[:2]), output_type="np").images, 0, 1) * 255).round()
+    assert images.shape == expected.shape == (2, 64, 64, 3)
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    unguided = replace(settings, guidance_argument="guidance_scale", max_sequence_length=None)
+    other = (np.clip(pipe(**unguided.pipe_kwargs(pipe, PROMPTS[:2]), output_type="np").images, 0, 1) * 255).round()
+    assert np.abs(images.astype(int) - other.astype(int)).max() > 1  # the settings change the image: they were used
