@@ -219,8 +219,11 @@ def test_dit_page_checks_the_goal_at_equal_measured_latency(pages):
     assert_provenance(pages, [(page, heading, text)], results["command"])
     # slimdiff at 0.5 runs 7.5 ms (x1.33): alignment 0.98, within 0.02 of 0.99; svd_llm at 7.5 ms: SQNR 29 > 20, FD 1.5 < 20
     assert "slimdiff at 0.5: speed-up 1.33x, alignment 0.980 vs original 0.990 (gap +0.010: within 0.02)" in text, text
-    assert "SQNR at 7.5 ms (slimdiff at 0.5: 20): better than slimdiff: svd_llm (29)" in text, text
-    assert "FD to the original at 7.5 ms (slimdiff at 0.5: 20): better than slimdiff: svd_llm (1.5)" in text, text
+    assert "SQNR at 7.5 ms (slimdiff at 0.5: 20): better than slimdiff: svd_llm (29)." in text, text
+    assert "FD to the original at 7.5 ms (slimdiff at 0.5: 20): better than slimdiff: svd_llm (1.5)." in text, text
+    rows[4:] = []  # without svd_llm: flap (17.5 at 7.5 ms) is measured there and worse
+    [(_, _, text)] = dit.render({**results, "rows": rows})
+    assert "SQNR at 7.5 ms (slimdiff at 0.5: 20): slimdiff is best of the methods measured at this latency: flap (17.5)." in text
     assert "| slimdiff | 0.1000 | 0.1100 | 0.2000 | 1.10 | 2.00 |" in text, text
     assert dit.interpolate([(1.0, 0.0), (3.0, 4.0)], 2.0) == 2.0 and dit.interpolate([(1.0, 0.0)], 2.0) is None
 
