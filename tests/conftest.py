@@ -40,8 +40,16 @@ def prefect_api_url():
         yield PREFECT_API_URL.value()
 
 
+# Minutes each long module takes on the CI machine (fresh clone, 2 cores, both busy): they start first, longest
+# first, each on its own worker, so that no worker is left alone with a long one at the end
+LONGEST_FIRST = {"tests.test_kill_stages": 9.0, "tests.test_flows": 7.0, "tests.test_shards": 3.5,
+                 "tests.test_tracking_auth": 1.5, "tests.test_resume": 1.1}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules with slow tests first (stable order otherwise): with parallel workers (``-n``, one file per worker at a
-    time) the long modules start at once instead of last, so no worker is left alone with one at the end."""
+    """The long modules first, longest first (``LONGEST_FIRST``), then other modules with slow tests, then the rest
+    (stable order otherwise). With parallel workers (``-n``, one file per worker at a time; ``scripts/test.sh`` passes
+    ``--no-loadscope-reorder``, else xdist orders the files by their number of tests instead) the long modules start
+    at once instead of last."""
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
+    items.sort(key=lambda item: (-LONGEST_FIRST.get(item.module.__name__, 0), item.module.__name__ not in slow_modules))

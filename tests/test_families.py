@@ -234,8 +234,15 @@ def test_latency_table_times_joint_attention_and_both_parts_of_flux_single_block
     names = {c.unit for c in table.curves}
     assert {"single_transformer_blocks.0.attn.vo", "single_transformer_blocks.0.mlp"} <= names
     checks = table.settings["additivity"]
-    assert checks and all(c["module"] == "single_transformer_blocks.0" and c["measured_ms"] > 0 and c["predicted_ms"] > 0
-                          for c in checks)
+    assert checks and all(c["module"] == "single_transformer_blocks.0" and c["measured_ms"] > 0 for c in checks)
+    # the prediction is the additive model on the curves (timings decide its value, not whether it is checked: with
+    # one repeat on a busy machine it can even come out negative)
+    curves = {c.unit: c for c in table.curves}
+    for check in checks:
+        parts = [curves[name] for name in check["widths"]]
+        full = sum(part.ms[-1] for part in parts) / len(parts)
+        saved = sum(part.ms[-1] - part.at(width) for part, width in zip(parts, check["widths"].values()))
+        assert check["predicted_ms"] == pytest.approx(full - saved, rel=1e-12), check
 
 
 # family: (pipeline builder, image side, pipeline class, a group kind the plan must hold)
