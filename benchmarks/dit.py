@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pages import markdown_table, provenance, read_results, run_record, write_bytes, write_results, write_sections  # noqa: E402
-from benchmarks.quality import describe, library_versions, method_options, row_of  # noqa: E402
+from benchmarks.quality import describe, library_versions, method_options, row_of, with_denoiser  # noqa: E402
 
 JOB = ROOT / "data" / "reference-flux" / "job"
 RESULTS = ROOT / "benchmarks" / "results" / "dit.json"
@@ -63,20 +62,11 @@ def job_params() -> dict:
     return load_params(JOB / "params.yaml")
 
 
-def with_denoiser(pipe, denoiser):
-    return type(pipe)(**{**pipe.components, "transformer": denoiser})
-
-
 def held_out(pipe, params: dict):
     """(name, sampler, pipeline with that scheduler) of the job's held-out samplers."""
-    from slimdiff.pipeline.stages import held_out_samplers
+    from slimdiff.pipeline.stages import held_out_samplers, with_scheduler
 
-    out = []
-    for name, sampler, scheduler in held_out_samplers(params):
-        other = pipe if scheduler is None else type(pipe)(**{**pipe.components, "scheduler": scheduler[0].from_config(
-            pipe.scheduler.config, **scheduler[1])})
-        out.append((name, sampler, other))
-    return out
+    return [(name, sampler, with_scheduler(pipe, scheduler)) for name, sampler, scheduler in held_out_samplers(params)]
 
 
 def compress_one(method: str, kind: str, point: float, denoiser, stats, scores, table) -> dict:

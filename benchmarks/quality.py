@@ -62,8 +62,11 @@ def library_versions() -> str:
 
 
 def with_denoiser(pipe, denoiser):
-    """The same pipeline with another UNet (shares every other component)."""
-    return type(pipe)(**{**pipe.components, "unet": denoiser})
+    """The same pipeline with another denoiser (its ``unet`` or ``transformer``; shares every other component)."""
+    from slimdiff.arch.pipelines import denoiser_of
+
+    key, _ = denoiser_of(pipe)
+    return type(pipe)(**{**pipe.components, key: denoiser})
 
 
 def calibrate(pipe, prompts, sampler, args):

@@ -182,16 +182,17 @@ class SlimDiffPyfunc(mlflow.pyfunc.PythonModel):
                               self.dtype_bytes) <= self.memory_budget
 
     def _generate(self, jobs: list[Job], on_step: Callable[[int], None]) -> np.ndarray:
-        from slimdiff.runtime.sampling import guidance_kwargs, prompt_generator
+        from slimdiff.runtime.sampling import SamplerSettings, prompt_generator
 
         s = jobs[0].settings
         prompts = [p for job in jobs for p in job.prompts]
-        kwargs = dict(prompt=prompts, num_inference_steps=s.steps, height=s.height, width=s.width,
-                      **guidance_kwargs(self.defaults.get("guidance_argument") or "guidance_scale", s.guidance, len(prompts)),
-                      generator=[prompt_generator(p, job.settings.seed) for job in jobs for p in job.prompts],
-                      output_type="np")
-        if self.defaults.get("max_sequence_length") is not None:
-            kwargs["max_sequence_length"] = int(self.defaults["max_sequence_length"])
+        # the call the capture and evaluation made (how the guidance is passed, the text length: the model's own),
+        # with each job's seed for its prompts (a coalesced batch holds several requests)
+        sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.seed,
+                                  self.defaults.get("guidance_argument") or "guidance_scale",
+                                  self.defaults.get("max_sequence_length"))
+        kwargs = {**sampler.pipe_kwargs(self.pipe, prompts), "output_type": "np",
+                  "generator": [prompt_generator(p, job.settings.seed) for job in jobs for p in job.prompts]}
         if self.step_callback:
             def callback(pipe, step, timestep, tensors):
                 on_step(step + 1)

@@ -465,7 +465,7 @@ def stage_evaluate(params: dict[str, Any]) -> None:
     held_out = {}
     prompts = evaluation_prompts(params)[: int(e.get("held_out_n", 50))]
     for name, sampler, scheduler in held_out_samplers(params):  # the settings the model was not calibrated on
-        other_original, other_compressed = _with_scheduler(original, scheduler), _with_scheduler(compressed, scheduler)
+        other_original, other_compressed = with_scheduler(original, scheduler), with_scheduler(compressed, scheduler)
         result = evaluate(other_original, other_compressed, prompts, sampler, evaluator=evaluator, measure_latency=False,
                           progress=True)
         held_out[name] = {"sampler": {**sampler.to_dict(), "scheduler": type(other_original.scheduler).__name__},
@@ -510,8 +510,6 @@ def held_out_samplers(params: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     import diffusers
     from diffusers import SchedulerMixin
 
-    from slimdiff.runtime.sampling import SamplerSettings
-
     base = sampler_settings(params)
     entries = params["evaluate"].get("samplers") or []
     if not isinstance(entries, list):
@@ -551,7 +549,7 @@ def held_out_samplers(params: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def _with_scheduler(pipe, scheduler):
+def with_scheduler(pipe, scheduler):
     """A pipeline sharing ``pipe``'s modules with another scheduler, or ``pipe`` itself."""
     if scheduler is None:
         return pipe
