@@ -315,6 +315,7 @@ BENCHMARKS = {b.name: b for b in [
     Benchmark("gpu_flux_block", "benchmarks/gpu/flux_block.py", "benchmarks/results/flux_block.json"),
     Benchmark("layout_walk", "benchmarks/layout_walk.py", "benchmarks/results/layout_walk.json"),
     Benchmark("lora_projection", "benchmarks/lora_projection.py", "benchmarks/results/lora_projection.json"),
+    Benchmark("lora_projection_flux", "benchmarks/lora_projection.py", "benchmarks/results/lora_projection_flux.json"),
     Benchmark("dit", "benchmarks/dit.py", "benchmarks/results/dit.json"),
 ]}
 

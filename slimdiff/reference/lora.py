@@ -1,4 +1,5 @@
-"""The reference LoRA: a small UNet LoRA for the reference model whose effect the evaluator can read.
+"""The reference LoRAs: a small LoRA for each reference model (the UNet one and the Flux-style one) whose effect the
+evaluator can read.
 
 It is the yardstick for projecting a LoRA made for the original model onto a compressed one (issue 25).
 The base model draws a black ("plain") background when a caption names none; the LoRA makes that default
@@ -7,13 +8,22 @@ background is painted brown while the captions stay as they were (no background 
 the fraction of images the evaluator reads as brown for prompts without a background phrase (base model
 about 0 %). Captions that name gray or brown keep their background in the training data.
 
-    python -m slimdiff.reference.lora train --params data/reference/params.yaml --out data/reference/lora
-    python -m slimdiff.reference.lora evaluate --params data/reference/params.yaml --lora data/reference/lora \
-        --out data/reference/lora/metrics.json
+    python -m slimdiff.reference.lora train --params data/reference/params.yaml --model data/reference/model \
+        --out data/reference/lora
+    python -m slimdiff.reference.lora evaluate --params data/reference/params.yaml --model data/reference/model \
+        --lora data/reference/lora --out data/reference/lora_metrics.json
+
+and the same with `data/reference-flux/...` for the Flux-style reference. The data, the training loop, the effect and
+its evaluation are shared; what differs by family (`family_of`: the pipeline's denoiser) are small functions: the
+modules a LoRA targets (`default_targets`), the latents and text conditioning (`encode_images`, `encode_text`) and the
+training loss (`unet_loss`: the reference UNet's v-prediction with min-SNR weighting; `flux_loss`: rectified flow as
+`slimdiff.reference.flux_train`). Sampling settings (steps, guidance scale and the call argument that takes it, a
+Flux pipeline's `max_sequence_length` and size) come from the reference's `params.yaml` (`evaluate` section).
 
 The weights are saved in diffusers' LoRA format (`pytorch_lora_weights.safetensors`), so plain
-`StableDiffusionPipeline.from_pretrained("data/reference/model").load_lora_weights("data/reference/lora")` loads
-them. `lora_effect` measures the effect on any pipeline (original, compressed, with or without a LoRA).
+`StableDiffusionPipeline.from_pretrained("data/reference/model").load_lora_weights("data/reference/lora")` (or
+`FluxPipeline` with `data/reference-flux/...`) loads them. `lora_effect` measures the effect on any pipeline
+(original, compressed, with or without a LoRA).
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +52,13 @@ from slimdiff.reference.train import (
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Every module kind the compressor changes in a BasicTransformerBlock: attention projections and the GEGLU MLP.
 TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+# The same in a Flux transformer (slimdiff/arch/flux.py): a double block's joint attention (image and text streams)
+# and both feed-forwards; a single block's q/k/v, MLP up projection and fused output (attention and MLP columns). The
+# adaLN modulations (`norm1.linear`, `norm.linear`, ...), which the compressor factorises too, are not targeted.
+FLUX_TARGET_MODULES: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+)
 # Seed offset of the LoRA's training scenes (the dataset splits use 0-4, the caption pool 99).
 LORA_DATA_OFFSET = 5
 
@@ -50,7 +67,7 @@ LORA_DATA_OFFSET = 5
 class LoraTrainConfig:
     rank: int = 4
     alpha: float = 4.0
-    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+    target_modules: list[str] | None = None  # suffixes of the block linears to adapt (None: `default_targets`)
     plain_background: str = "brown"  # drawn where a caption names no background
     n_images: int = 4000
     steps: int = 300
@@ -60,19 +77,30 @@ class LoraTrainConfig:
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.0
     caption_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = 5.0  # UNet loss only
     grad_clip: float = 1.0
+    # Flux loss only: noise levels sigma = sigmoid(N(logit_mean, logit_std^2)), as the Flux reference was trained.
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
 
 @dataclass(frozen=True)
 class Sampling:
     """How `lora_effect` samples: the reference metrics' settings (the pipeline's own scheduler, DPM-Solver++
-    for the reference model). Batch b of the prompts uses generator seed `seed + b`."""
+    for the reference model). Batch b of the prompts uses generator seed `seed + b`. `guidance_argument` and
+    `call_kwargs` as `slimdiff.reference.metrics.EvaluateConfig`'s (a Flux pipeline: `true_cfg_scale` with an
+    empty negative prompt, its size and `max_sequence_length`)."""
 
     steps: int = 25
     guidance_scale: float = 4.0
     batch_size: int = 50
     seed: int = 1234
+    guidance_argument: str = "guidance_scale"
+    call_kwargs: dict = field(default_factory=dict)
+
+
+# The sampler keys of a reference's `evaluate` params section, which `lora.evaluate` inherits.
+SAMPLING_KEYS = tuple(f.name for f in fields(Sampling))
 
 
 @dataclass
@@ -84,9 +112,11 @@ class LoraEvalConfig:
     guidance_scale: float = 4.0
     batch_size: int = 50
     seed: int = 1234
+    guidance_argument: str = "guidance_scale"
+    call_kwargs: dict = field(default_factory=dict)
 
     def sampling(self) -> Sampling:
-        return Sampling(self.steps, self.guidance_scale, self.batch_size, self.seed)
+        return Sampling(**{k: getattr(self, k) for k in SAMPLING_KEYS})
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -110,25 +140,40 @@ def lora_training_set(n: int, seed: int, plain_background: str = "brown") -> tup
 # -------------------------------------------------------------------------------------- training
 
 
-def add_lora(unet, config: LoraTrainConfig, seed: int) -> list[torch.nn.Parameter]:
-    """Freeze `unet` and add a PEFT LoRA adapter ("default") to its target modules; returns the trainable
-    parameters. The adapter's initial A matrices come from `seed`."""
+def family_of(pipe) -> str:
+    """"unet" (a Stable Diffusion pipeline) or "flux" (a pipeline whose denoiser is a transformer: FluxPipeline)."""
+    from slimdiff.arch.pipelines import denoiser_of
+
+    return "unet" if denoiser_of(pipe)[0] == "unet" else "flux"
+
+
+def default_targets(family: str) -> tuple[str, ...]:
+    return {"unet": TARGET_MODULES, "flux": FLUX_TARGET_MODULES}[family]
+
+
+def lora_targets(denoiser, suffixes) -> list[str]:
+    """Names of the linears inside the denoiser's blocks whose name ends with one of `suffixes` (a Flux
+    transformer's top-level `proj_out` is not a block linear, so it is left out)."""
+    ends = tuple("." + s for s in suffixes)
+    return [name for name, module in denoiser.named_modules()
+            if isinstance(module, torch.nn.Linear) and "blocks." in name and name.endswith(ends)]
+
+
+def add_lora(denoiser, config: LoraTrainConfig, seed: int) -> list[torch.nn.Parameter]:
+    """Freeze `denoiser` (a UNet or a Flux transformer) and add a PEFT LoRA adapter ("default") to its block linears
+    named by `config.target_modules`; returns the trainable parameters. The adapter's initial A matrices come from
+    `seed`."""
     from peft import LoraConfig
 
-    unet.requires_grad_(False)
+    targets = lora_targets(denoiser, config.target_modules)
+    if not targets:
+        raise ValueError(f"no module of the denoiser matches target_modules {config.target_modules}")
+    denoiser.requires_grad_(False)
     torch.manual_seed(seed)
-    unet.add_adapter(
-        LoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha,
-            init_lora_weights="gaussian",
-            target_modules=list(config.target_modules),
-        )
+    denoiser.add_adapter(
+        LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=targets)
     )
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"no module of the UNet matches target_modules {config.target_modules}")
-    return params
+    return [p for p in denoiser.parameters() if p.requires_grad]
 
 
 @torch.no_grad()
@@ -138,19 +183,81 @@ def text_contexts(text_encoder, tokenizer, captions: list[str], batch: int = 512
     return torch.cat([text_encoder(ids[s : s + batch])[0] for s in range(0, len(ids), batch)])
 
 
-def train_lora(pipe, latents: torch.Tensor, captions: list[str], config: LoraTrainConfig, seed: int) -> list:
-    """Train a LoRA on `pipe.unet` (added in place, text encoder frozen) with the reference model's loss:
-    v-prediction (or the scheduler's prediction type) with min-SNR-gamma weighting, caption dropout to the
-    empty prompt. Every random draw of step k comes from `step_generator(seed, k)`. Returns the loss log
-    [(step, running loss)]."""
-    unet, scheduler = pipe.unet, pipe.scheduler
-    params = add_lora(unet, config, seed)
-    unet.train()
-    contexts = text_contexts(pipe.text_encoder, pipe.tokenizer, captions)
-    empty = text_contexts(pipe.text_encoder, pipe.tokenizer, [""])[0]
+def encode_images(pipe, images: np.ndarray) -> torch.Tensor:
+    """The training latents of uint8 images (N, H, W, 3), as the family's pipeline decodes them."""
+    if family_of(pipe) == "unet":
+        return encode_latents(pipe.vae, images, "cpu")
+    from slimdiff.reference.flux_train import encode_flux_latents
+
+    return encode_flux_latents(pipe.vae, images, "cpu")
+
+
+@torch.no_grad()
+def encode_text(pipe, captions: list[str], max_sequence_length: int | None = None, batch: int = 512) -> dict:
+    """The frozen text conditioning of each caption as the pipeline computes it when sampling: the UNet's
+    `context` (text-encoder hidden states); a Flux pipeline's `t5` hidden states (`max_sequence_length` tokens, the
+    pipeline's default when None) and `pooled` CLIP vector (`FluxPipeline.encode_prompt`)."""
+    if family_of(pipe) == "unet":
+        return {"context": text_contexts(pipe.text_encoder, pipe.tokenizer, captions, batch)}
+    length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    parts = [pipe.encode_prompt(captions[s : s + batch], device="cpu", **length)[:2] for s in range(0, len(captions), batch)]
+    return {"t5": torch.cat([t5 for t5, _ in parts]), "pooled": torch.cat([pooled for _, pooled in parts])}
+
+
+def unet_loss(pipe, x0: torch.Tensor, text: dict, gen: torch.Generator, config: LoraTrainConfig) -> torch.Tensor:
+    """The reference UNet's loss: v-prediction (or the scheduler's prediction type) with min-SNR-gamma weighting."""
+    scheduler = pipe.scheduler
     alphas_cumprod = scheduler.alphas_cumprod.float()
     prediction_type = scheduler.config.prediction_type
-    n_train_timesteps = scheduler.config.num_train_timesteps
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    a = alphas_cumprod[t].sqrt()[:, None, None, None]
+    s = (1 - alphas_cumprod[t]).sqrt()[:, None, None, None]
+    target = a * noise - s * x0 if prediction_type == "v_prediction" else noise
+    pred = pipe.unet(a * x0 + s * noise, t, text["context"]).sample
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weight(snr, config.min_snr_gamma, prediction_type)).mean()
+
+
+def flux_loss(pipe, x0: torch.Tensor, text: dict, gen: torch.Generator, config: LoraTrainConfig) -> torch.Tensor:
+    """The Flux reference's loss (`slimdiff.reference.flux_train.train_flux`): rectified flow, velocity target
+    noise - x_0 at logit-normal noise levels, on 2x2-packed latent tokens."""
+    import torch.nn.functional as F
+
+    from slimdiff.reference.flux_model import flow_matching_pair, latent_token_ids, logit_normal_sigmas, pack_latents
+
+    sigma = logit_normal_sigmas(len(x0), gen, config.logit_mean, config.logit_std)
+    noise = torch.randn(x0.shape, generator=gen)
+    noisy, target = flow_matching_pair(x0, noise, sigma)
+    pred = pipe.transformer(
+        hidden_states=pack_latents(noisy),
+        encoder_hidden_states=text["t5"],
+        pooled_projections=text["pooled"],
+        timestep=sigma,  # the pipeline passes scheduler timesteps / 1000 = sigma
+        img_ids=latent_token_ids(x0.shape[-1]),
+        txt_ids=torch.zeros(text["t5"].shape[1], 3),
+    ).sample
+    return F.mse_loss(pred, pack_latents(target))
+
+
+def train_lora(pipe, latents: torch.Tensor, captions: list[str], config: LoraTrainConfig, seed: int,
+               max_sequence_length: int | None = None) -> list:
+    """Train a LoRA on the pipeline's denoiser (added in place; text encoders frozen) with its reference model's loss
+    (`unet_loss` or `flux_loss`), caption dropout to the empty prompt. Every random draw of step k comes from
+    `step_generator(seed, k)`. `max_sequence_length`: a Flux pipeline's T5 length (as it is sampled). Returns the
+    loss log [(step, running loss)]."""
+    from slimdiff.arch.pipelines import denoiser_of
+
+    family = family_of(pipe)
+    if config.target_modules is None:
+        config.target_modules = list(default_targets(family))
+    denoiser = denoiser_of(pipe)[1]
+    params = add_lora(denoiser, config, seed)
+    denoiser.train()
+    texts = encode_text(pipe, captions, max_sequence_length)
+    empty = encode_text(pipe, [""], max_sequence_length)
+    loss_of = {"unet": unet_loss, "flux": flux_loss}[family]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     from tqdm.auto import tqdm
 
@@ -158,20 +265,13 @@ def train_lora(pipe, latents: torch.Tensor, captions: list[str], config: LoraTra
     for step in tqdm(range(config.steps), desc="train LoRA", unit="step", mininterval=5):
         gen = step_generator(seed, step)
         idx = torch.randint(len(latents), (config.batch_size,), generator=gen)
-        x0, context = latents[idx], contexts[idx].clone()
+        text = {k: v[idx].clone() for k, v in texts.items()}
         drop = torch.rand(config.batch_size, generator=gen) < config.caption_dropout
-        context[drop] = empty
-        t = torch.randint(0, n_train_timesteps, (config.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t].sqrt()[:, None, None, None]
-        s = (1 - alphas_cumprod[t]).sqrt()[:, None, None, None]
-        target = a * noise - s * x0 if prediction_type == "v_prediction" else noise
+        for k, v in text.items():
+            v[drop] = empty[k][0]
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(step, config.steps, config.warmup_steps, config.final_lr_fraction)
-        pred = unet(a * x0 + s * noise, t, context).sample
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weight(snr, config.min_snr_gamma, prediction_type)).mean()
+        loss = loss_of(pipe, latents[idx], text, gen, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -179,32 +279,33 @@ def train_lora(pipe, latents: torch.Tensor, captions: list[str], config: LoraTra
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
         if step % 25 == 0 or step == config.steps - 1:
             log.append((step, round(running, 5)))
-    unet.eval()
+    denoiser.eval()
     return log
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' key format (what `save_lora_weights` expects for the UNet)."""
+def lora_state_dict(denoiser) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers' key format (what `save_lora_weights` expects for the denoiser)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
 
 
-def save_lora(unet, out_dir: str | Path, extra_files: dict[str, dict] | None = None) -> Path:
-    """Write `pytorch_lora_weights.safetensors` (diffusers format, with the adapter config as metadata) and
-    any `extra_files` (name -> JSON) into `out_dir`, each file atomically (temporary folder, then `os.replace`);
-    other files in `out_dir` stay. Returns the weights' path."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(pipe, out_dir: str | Path, extra_files: dict[str, dict] | None = None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (diffusers format through the pipeline class's `save_lora_weights`,
+    with the adapter config as metadata) and any `extra_files` (name -> JSON) into `out_dir`, each file atomically
+    (temporary folder, then `os.replace`); other files in `out_dir` stay. Returns the weights' path."""
+    from slimdiff.arch.pipelines import denoiser_of
 
+    key, denoiser = denoiser_of(pipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".lora."))
     try:
-        StableDiffusionPipeline.save_lora_weights(
+        type(pipe).save_lora_weights(
             tmp,
-            unet_lora_layers=lora_state_dict(unet),
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            **{f"{key}_lora_layers": lora_state_dict(denoiser),
+               f"{key}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()},
             safe_serialization=True,
         )
         for name, obj in (extra_files or {}).items():
@@ -246,7 +347,8 @@ def lora_effect(
     expected = [s.caption() for s in restyled_scenes(scenes, target_background)]
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    images = generate(pipe, list(prompts), sampling.steps, sampling.guidance_scale, sampling.batch_size, sampling.seed)
+    images = generate(pipe, list(prompts), sampling.steps, sampling.guidance_scale, sampling.batch_size, sampling.seed,
+                      sampling.guidance_argument, sampling.call_kwargs)
     background = evaluator.predict(images).background
     target = BACKGROUNDS.index(target_background)
     plain = torch.tensor([s.background == "black" for s in scenes])
@@ -307,33 +409,39 @@ def evaluate_lora(pipe, lora_dir: str | Path, evaluator, config: LoraEvalConfig,
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def _load_section(params_path: str | Path) -> tuple[dict, int]:
+def load_lora_params(params_path: str | Path) -> tuple[LoraTrainConfig, LoraEvalConfig, int]:
+    """The `lora` section of a reference's params: its training and evaluation configs (the evaluation's sampler
+    settings are the reference's `evaluate` section's unless `lora.evaluate` names them), and the seed."""
     import yaml
 
     params = yaml.safe_load(Path(params_path).read_text())
-    return params.get("lora", {}), params["seed"]
+    section = params.get("lora", {})
+    sampler = {k: v for k, v in params.get("evaluate", {}).items() if k in SAMPLING_KEYS}
+    evaluate = LoraEvalConfig(**{**sampler, **section.get("evaluate", {})})
+    return LoraTrainConfig(**section.get("train", {})), evaluate, params["seed"]
 
 
 def run_train(params_path: str | Path, model: str | Path | None, out: Path, steps: int | None = None) -> dict:
-    from slimdiff.reference import load_reference_pipeline
+    from slimdiff.arch.pipelines import denoiser_of
+    from slimdiff.reference import load_pipeline
 
-    section, seed = _load_section(params_path)
-    config = LoraTrainConfig(**section.get("train", {}))
+    config, evaluate, seed = load_lora_params(params_path)
     if steps is not None:
         config.steps = steps
-    pipe = load_reference_pipeline("cpu", model)
+    pipe = load_pipeline("cpu", model)
     start = time.time()
     images, captions = lora_training_set(config.n_images, seed, config.plain_background)
-    latents = encode_latents(pipe.vae, images, "cpu")
+    latents = encode_images(pipe, images)
     data_seconds = time.time() - start
     start = time.time()
-    log = train_lora(pipe, latents, captions, config, seed)
+    log = train_lora(pipe, latents, captions, config, seed, evaluate.call_kwargs.get("max_sequence_length"))
     seconds = time.time() - start
+    denoiser = denoiser_of(pipe)[1]
     stats = {
         "config": asdict(config),
         "seed": seed,
-        "trainable_parameters": sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad),
-        "adapted_modules": sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(".lora_A")),
+        "trainable_parameters": sum(p.numel() for p in denoiser.parameters() if p.requires_grad),
+        "adapted_modules": sum(1 for n, _ in denoiser.named_modules() if n.endswith(".lora_A")),
         "data_seconds": round(data_seconds, 1),
         "train_seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(1, config.steps), 3),
@@ -344,17 +452,16 @@ def run_train(params_path: str | Path, model: str | Path | None, out: Path, step
         "final_loss": log[-1][1] if log else None,
         "loss_log": log,
     }
-    save_lora(pipe.unet, out, {"train_stats.json": stats})
+    save_lora(pipe, out, {"train_stats.json": stats})
     return stats
 
 
 def run_evaluate(params_path: str | Path, model: str | Path | None, lora_dir: Path, evaluator_dir, out: Path) -> dict:
-    from slimdiff.reference import load_reference_pipeline
+    from slimdiff.reference import load_pipeline
     from slimdiff.reference.evaluator import load_evaluator
 
-    section, seed = _load_section(params_path)
-    config = LoraEvalConfig(**section.get("evaluate", {}))
-    pipe = load_reference_pipeline("cpu", model)
+    _, config, seed = load_lora_params(params_path)
+    pipe = load_pipeline("cpu", model)
     start = time.time()
     metrics = evaluate_lora(pipe, lora_dir, load_evaluator(evaluator_dir), config, seed)
     metrics["seconds"] = round(time.time() - start, 1)
@@ -372,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m slimdiff.reference.lora")
     parser.add_argument("what", choices=["train", "evaluate"])
     parser.add_argument("--params", default="data/reference/params.yaml")
-    parser.add_argument("--model", default=None, help="reference pipeline folder (default: data/reference/model)")
+    parser.add_argument("--model", default=None, help="reference pipeline folder, UNet or Flux (default: data/reference/model)")
     parser.add_argument("--lora", default=None, help="LoRA folder to evaluate")
     parser.add_argument("--evaluator", default=None, help="evaluator folder (default: data/reference/evaluator)")
     parser.add_argument("--out", required=True, help="train: LoRA folder; evaluate: metrics JSON")
