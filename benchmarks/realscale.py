@@ -131,7 +131,12 @@ def run_job(root: Path, kind: str) -> dict:
     with open(log, "w") as out:
         code = subprocess.run([sys.executable, "-m", "flows.compress", "--workspace", str(root)], cwd=ROOT,
                               env=environment(root), stdout=out, stderr=subprocess.STDOUT).returncode
-    seconds = time.monotonic() - start
+    return job_record(root, kind, code, time.monotonic() - start)
+
+
+def job_record(root: Path, kind: str, code: int, seconds: float | None) -> dict:
+    """A finished job's record from its workspace: the stages' resource records, the log and the prediction."""
+    log = root / f"job-{kind}.log"
     records = {p.stem: json.loads(p.read_text()) for p in sorted((root / "outputs" / ".resources").glob("*.json"))}
     prediction = predicted(root)
     text = log.read_text(errors="replace")
@@ -146,10 +151,11 @@ def run_job(root: Path, kind: str) -> dict:
                          "predicted_host_bytes": host,
                          "ratio": records[stage]["peak_host_bytes"] / host if host else None,
                          "predicted_terms": prediction.get(stage, {}).get("host_terms")}
-    print(f"{kind}: exit {code} in {seconds:.0f} s; {ran}; {registered}", flush=True)
-    for stage, row in stages.items():
+    print(f"{kind}: exit {code} in {seconds or 0:.0f} s; {ran}; {registered}", flush=True)
+    for stage, row in stages.items():  # a stage the formula does not cover (latency: no model) has no prediction
         print(f"  {stage:<10} {row['seconds']:7.1f} s  measured {row['measured_host_bytes'] / GIB:6.2f} GiB  "
-              f"predicted {row['predicted_host_bytes'] / GIB:6.2f} GiB  ratio {row['ratio']:.2f}", flush=True)
+              f"predicted {gib(row['predicted_host_bytes']):>6} GiB  ratio "
+              f"{'-' if row['ratio'] is None else format(row['ratio'], '.2f')}", flush=True)
     return {"kind": kind, "budget": BUDGETS[kind], "exit_code": code, "seconds": seconds, "stages_run": ran,
             "registered": registered, "stages": stages, "log_tail": text[-3000:] if code else ""}
 
@@ -328,7 +334,11 @@ def section(result: dict) -> str:
         f"+ {result['depth'][1]} single block(s): {result['transformer_parameters'] / 1e6:,.0f} M parameters, seeded random "
         "bfloat16 weights; tiny text encoders and VAE. The job is the real one (`python -m flows.compress`: preflight with "
         "the printed prediction, the DVC stages, MLflow, the registry) on the CPU in bfloat16 at 32 px, 2 sampler steps, "
-        "2 timestep buckets, once per budget kind: DVC re-runs only what a new budget changes. *Measured* is the stage "
+        "2 timestep buckets, with the budget kind(s) "
+        + ", ".join(f"`{j['kind']}` {j['budget']}" for j in jobs) + " (one job each, DVC re-running only what a new "
+        "budget changes; the wall time of each job: " + ", ".join(
+            f"{j['kind']} {j['seconds'] / 60:.0f} min" if j["seconds"] else f"{j['kind']} not recorded" for j in jobs)
+        + "). *Measured* is the stage "
         "process's own peak RSS (`ru_maxrss`, written to `outputs/.resources/<stage>.json`); *predicted* is "
         "`slimdiff.pipeline.memory.predict` for the same params, the figure the flow prints before the capture.", "",
         "Exit codes: " + ", ".join(f"{j['kind']} {j['exit_code']}" for j in jobs) + ". "
@@ -339,13 +349,18 @@ def section(result: dict) -> str:
         f"**Loading the compressed model** (`slimdiff.load`, bfloat16, in a fresh process): the peak host RSS rose by "
         f"{gib(load['increase'])} GiB for {gib(load['files_bytes'])} GiB of safetensors files "
         f"({load['ratio_to_files']:.2f}x; goal at most 1.2x: no float32 or random copy).", "",
-        "**The score stage does not grow with the number of sites.** The same job at a quarter of the widths (hidden 768, "
-        "MLP 3072), deeper and deeper:", "",
-        markdown_table(["blocks (double + single)", "statistics sites", "capture file (GiB)", "score peak host RSS (GiB)",
-                        "predicted (GiB)"],
-                       [[f"{r['depth'][0]} + {r['depth'][1]}", r["sites"], gib(r["statistics_bytes"]),
-                         gib(r["score_peak_host_bytes"]), gib(r["predicted_host_bytes"])] for r in sites]), "",
     ]
+    if sites:
+        lines += [
+            "**The score stage does not grow with the number of sites.** The same job at a quarter of the widths (hidden "
+            "768, MLP 3072), deeper and deeper:", "",
+            markdown_table(["blocks (double + single)", "statistics sites", "capture file (GiB)", "score peak host RSS (GiB)",
+                            "predicted (GiB)"],
+                           [[f"{r['depth'][0]} + {r['depth'][1]}", r["sites"], gib(r["statistics_bytes"]),
+                             gib(r["score_peak_host_bytes"]), gib(r["predicted_host_bytes"])] for r in sites]), "",
+        ]
+    else:
+        lines += ["The score stage at growing depth was not measured in this run (`--sites-depths` empty).", ""]
     return "\n".join(lines)
 
 
@@ -382,7 +397,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--depth", type=int, nargs=2, default=(1, 1), metavar=("DOUBLE", "SINGLE"))
     parser.add_argument("--kinds", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/slimdiff-realscale"))
-    parser.add_argument("--sites-depths", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--sites-depths", type=int, nargs="*", default=[1, 2, 4], help="none: skip the sites scaling")
+    parser.add_argument("--finished-job", action="append", default=[], metavar="KIND:EXIT:SECONDS",
+                        help="take this budget kind's job from the workspace as a finished run left it (its resource "
+                             "records and log; exit code and wall time as that run printed them) instead of running it")
     parser.add_argument("--skip-job", action="store_true", help="only the predictions for full models (seconds)")
     parser.add_argument("--render-only", action="store_true", help="only re-render the sections from the results file")
     args = parser.parse_args(argv)
@@ -399,13 +417,24 @@ def main(argv: list[str] | None = None) -> dict:
               "depth": list(args.depth)}
     result["full_models"] = full_model_predictions(root / "configs")
     if not args.skip_job:
-        ws = workspace(root / "job", tuple(args.depth))
+        finished = {}
+        for entry in args.finished_job:
+            kind, code, seconds = entry.split(":")
+            if kind not in BUDGETS:
+                parser.error(f"--finished-job {entry}: kind {kind!r} is not one of {', '.join(BUDGETS)}")
+            finished[kind] = (int(code), float(seconds))
+        ws = root / "job"
+        if not finished:
+            ws = workspace(ws, tuple(args.depth))
+        elif not (ws / "outputs" / ".resources").is_dir():
+            parser.error(f"--finished-job: {ws} holds no finished job's records")
         result["transformer_parameters"] = sum(p.numel() for p in realscale_pipeline(tuple(args.depth)).transformer.parameters())
-        result["jobs"] = [run_job(ws, kind) for kind in args.kinds]
+        result["jobs"] = [job_record(ws, kind, *finished[kind]) if kind in finished else run_job(ws, kind)
+                          for kind in args.kinds]
         result["load"] = load_peak(ws / "outputs" / "model", environment(ws))
         print(f"load: +{result['load']['increase'] / GIB:.2f} GiB for {result['load']['files_bytes'] / GIB:.2f} GiB of files",
               flush=True)
-        result["sites"] = sites_scaling(root, [(d, d) for d in args.sites_depths], environment(ws))
+        result["sites"] = sites_scaling(root, [(d, d) for d in args.sites_depths], environment(ws)) if args.sites_depths else []
     write_results(RESULTS, result, indent=1)
     write_sections(render(read_results(RESULTS)))
     return result

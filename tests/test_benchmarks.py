@@ -162,7 +162,9 @@ def test_benchmarks_without_committed_results_render_from_a_results_dict(pages):
     stage = {"seconds": 3.0, "measured_host_bytes": 2 * gib, "predicted_host_bytes": 2.2 * gib, "ratio": 0.91}
     predicted = {"host_bytes": gib, "device_bytes": gib, "device_terms": {"statistics": gib, "decomposition working set": gib}}
     results = {**record(pages, "python benchmarks/realscale.py"), "machine": "x86_64", "depth": [1, 1],
-               "transformer_parameters": 10**9, "jobs": [{"kind": "params", "exit_code": 0, "stages": {"capture": stage}}],
+               "transformer_parameters": 10**9, "jobs": [{"kind": "params", "budget": 0.3, "exit_code": 0, "seconds": 600.0,
+                                                 "stages": {"capture": stage, "latency": {**stage, "predicted_host_bytes": None,
+                                                                                          "ratio": None}}}],
                "load": {"increase": gib, "files_bytes": gib, "ratio_to_files": 1.0},
                "sites": [{"depth": [1, 1], "sites": 8, "statistics_bytes": gib, "score_peak_host_bytes": gib,
                           "predicted_host_bytes": gib}],
@@ -171,6 +173,9 @@ def test_benchmarks_without_committed_results_render_from_a_results_dict(pages):
     sections = real.render(results)
     assert [h for _, h, _ in sections] == [real.HEADING, real.HEADING_FULL]
     assert_provenance(pages, sections, results["command"])
+    assert "params 10 min" in sections[0][2] and "0.91x its prediction" in sections[0][2]
+    unmeasured = real.render({**results, "sites": []})[0][2]
+    assert "not measured in this run" in unmeasured and "does not grow" not in unmeasured
 
     job = pages.BENCHMARKS["gpu_job"].module()
     results = {**record(pages, "python benchmarks/gpu/job.py --out x.json"), "mode": "full", "device": "NVIDIA H200",
