@@ -161,11 +161,24 @@ def job_record(root: Path, kind: str, code: int, seconds: float | None) -> dict:
 
 
 MEASURE_LOAD = """
-import json, resource, sys, torch
+import json, sys, torch
 import slimdiff
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def high_water():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so it would start at the parent's peak
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+before = high_water()
 pipe = slimdiff.load(sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# read every tensor once: memory-mapped weights are only counted in RSS when their pages are touched
+for module in pipe.components.values():
+    if isinstance(module, torch.nn.Module):
+        for tensor in [*module.parameters(), *module.buffers()]:
+            for chunk in tensor.detach().reshape(-1).split(2**20):
+                chunk.float().sum()
+peak = high_water()
 print(json.dumps({"before": before, "peak": peak, "dtype": str(pipe.transformer.dtype)}))
 """
 
@@ -341,12 +354,16 @@ def section(result: dict) -> str:
         + "). *Measured* is the stage "
         "process's own peak RSS (`ru_maxrss`, written to `outputs/.resources/<stage>.json`); *predicted* is "
         "`slimdiff.pipeline.memory.predict` for the same params, the figure the flow prints before the capture.", "",
+        *([f"Job(s) {', '.join(j['kind'] for j in jobs if j.get('collected'))} ran in an earlier run of this script in "
+           "the same workspace (`--finished-job`: the stage records and log are that job's own; its exit code and wall time "
+           "as that run printed them).", ""] if any(j.get("collected") for j in jobs) else []),
         "Exit codes: " + ", ".join(f"{j['kind']} {j['exit_code']}" for j in jobs) + ". "
         + ("Every stage's measured peak is at most "
            f"{worst:.2f}x its prediction (goal: at most 1.2x)." if worst else ""), "",
         markdown_table(["budget", "stage", "seconds", "measured peak host RSS (GiB)", "predicted (GiB)", "measured / predicted"],
                        rows), "",
-        f"**Loading the compressed model** (`slimdiff.load`, bfloat16, in a fresh process): the peak host RSS rose by "
+        f"**Loading the compressed model** (`slimdiff.load`, bfloat16, in a fresh process, then every tensor read once so "
+        "that memory-mapped pages count): the peak host RSS rose by "
         f"{gib(load['increase'])} GiB for {gib(load['files_bytes'])} GiB of safetensors files "
         f"({load['ratio_to_files']:.2f}x; goal at most 1.2x: no float32 or random copy).", "",
     ]
@@ -429,8 +446,8 @@ def main(argv: list[str] | None = None) -> dict:
         elif not (ws / "outputs" / ".resources").is_dir():
             parser.error(f"--finished-job: {ws} holds no finished job's records")
         result["transformer_parameters"] = sum(p.numel() for p in realscale_pipeline(tuple(args.depth)).transformer.parameters())
-        result["jobs"] = [job_record(ws, kind, *finished[kind]) if kind in finished else run_job(ws, kind)
-                          for kind in args.kinds]
+        result["jobs"] = [{**job_record(ws, kind, *finished[kind]), "collected": True} if kind in finished
+                          else run_job(ws, kind) for kind in args.kinds]
         result["load"] = load_peak(ws / "outputs" / "model", environment(ws))
         print(f"load: +{result['load']['increase'] / GIB:.2f} GiB for {result['load']['files_bytes'] / GIB:.2f} GiB of files",
               flush=True)
