@@ -436,7 +436,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_job:
         finished = {}
         for entry in args.finished_job:
-            kind, code, seconds = entry.split(":")
+            kind, code, seconds = (entry.split(":") + ["", ""])[:3]
+            if not (code.lstrip("-").isdigit() and seconds.replace(".", "", 1).isdigit()):
+                parser.error(f"--finished-job {entry}: expected KIND:EXIT:SECONDS, e.g. params:0:3576")
             if kind not in BUDGETS:
                 parser.error(f"--finished-job {entry}: kind {kind!r} is not one of {', '.join(BUDGETS)}")
             finished[kind] = (int(code), float(seconds))
