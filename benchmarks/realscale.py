@@ -5,7 +5,7 @@ embedding, RoPE axes 16/56/56) at reduced depth (1 double and 1 single block by 
 bfloat16, tiny text encoders and VAE (tests/helpers.py), goes through the real job: ``python -m flows.compress`` over
 the DVC stages into MLflow and the registry, once per budget kind (params, then macs, then latency: DVC re-runs only
 what a new budget changes), on the CPU in bfloat16 at 32 px. Each stage's wall time and peak host RSS (the stage
-process's own ``ru_maxrss``) are put beside ``slimdiff.pipeline.memory``'s prediction. Then:
+process's own high-water mark, ``VmHWM``) are put beside ``slimdiff.pipeline.memory``'s prediction. Then:
 
 - loading the compressed bfloat16 model: peak host RSS above the process before the load, against the folder's size;
 - the score stage's peak RSS as the number of sites grows (the same widths / 4 at 1+1, 2+2 and 4+4 blocks);
@@ -131,13 +131,23 @@ def run_job(root: Path, kind: str) -> dict:
     with open(log, "w") as out:
         code = subprocess.run([sys.executable, "-m", "flows.compress", "--workspace", str(root)], cwd=ROOT,
                               env=environment(root), stdout=out, stderr=subprocess.STDOUT).returncode
-    return job_record(root, kind, code, time.monotonic() - start)
+    seconds = time.monotonic() - start
+    # the next kind's job clears the records: keep this job's, so a later run can collect every job (--finished-job)
+    shutil.rmtree(resources(root, kind), ignore_errors=True)
+    if (root / "outputs" / ".resources").is_dir():
+        shutil.copytree(root / "outputs" / ".resources", resources(root, kind))
+    return job_record(root, kind, code, seconds)
+
+
+def resources(root: Path, kind: str) -> Path:
+    """Where the stages' resource records of the ``kind`` job are kept after it ran."""
+    return root / f"resources-{kind}"
 
 
 def job_record(root: Path, kind: str, code: int, seconds: float | None) -> dict:
     """A finished job's record from its workspace: the stages' resource records, the log and the prediction."""
     log = root / f"job-{kind}.log"
-    records = {p.stem: json.loads(p.read_text()) for p in sorted((root / "outputs" / ".resources").glob("*.json"))}
+    records = {p.stem: json.loads(p.read_text()) for p in sorted(resources(root, kind).glob("*.json"))}
     prediction = predicted(root)
     text = log.read_text(errors="replace")
     ran = next((line for line in text.splitlines() if line.startswith("stages run:")), "")
@@ -163,14 +173,9 @@ def job_record(root: Path, kind: str, code: int, seconds: float | None) -> dict:
 MEASURE_LOAD = """
 import json, sys, torch
 import slimdiff
+from slimdiff.pipeline.memory import peak_host_rss
 
-def high_water():
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so it would start at the parent's peak
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-
-before = high_water()
+before = peak_host_rss()
 pipe = slimdiff.load(sys.argv[1])
 # read every tensor once: memory-mapped weights are only counted in RSS when their pages are touched
 for module in pipe.components.values():
@@ -178,7 +183,7 @@ for module in pipe.components.values():
         for tensor in [*module.parameters(), *module.buffers()]:
             for chunk in tensor.detach().reshape(-1).split(2**20):
                 chunk.float().sum()
-peak = high_water()
+peak = peak_host_rss()
 print(json.dumps({"before": before, "peak": peak, "dtype": str(pipe.transformer.dtype)}))
 """
 
@@ -352,7 +357,7 @@ def section(result: dict) -> str:
         "budget changes; the wall time of each job: " + ", ".join(
             f"{j['kind']} {j['seconds'] / 60:.0f} min" if j["seconds"] else f"{j['kind']} not recorded" for j in jobs)
         + "). *Measured* is the stage "
-        "process's own peak RSS (`ru_maxrss`, written to `outputs/.resources/<stage>.json`); *predicted* is "
+        "process's own peak RSS (`VmHWM`, not `ru_maxrss`, which Linux carries over from the process that started it; written to `outputs/.resources/<stage>.json`); *predicted* is "
         "`slimdiff.pipeline.memory.predict` for the same params, the figure the flow prints before the capture.", "",
         *([f"Job(s) {', '.join(j['kind'] for j in jobs if j.get('collected'))} ran in an earlier run of this script in "
            "the same workspace (`--finished-job`: the stage records and log are that job's own; its exit code and wall time "
@@ -445,8 +450,9 @@ def main(argv: list[str] | None = None) -> dict:
         ws = root / "job"
         if not finished:
             ws = workspace(ws, tuple(args.depth))
-        elif not (ws / "outputs" / ".resources").is_dir():
-            parser.error(f"--finished-job: {ws} holds no finished job's records")
+        for kind in finished:
+            if not resources(ws, kind).is_dir():
+                parser.error(f"--finished-job {kind}: {resources(ws, kind)} holds no finished job's records")
         result["transformer_parameters"] = sum(p.numel() for p in realscale_pipeline(tuple(args.depth)).transformer.parameters())
         result["jobs"] = [{**job_record(ws, kind, *finished[kind]), "collected": True} if kind in finished
                           else run_job(ws, kind) for kind in args.kinds]

@@ -334,3 +334,20 @@ def test_a_job_that_would_not_fit_fails_in_preflight_with_one_line_and_writes_no
     assert len(err) == 1 and "predicted memory does not fit" in err[0] and "0.3 GiB available" in err[0], err
     after = sorted(p.relative_to(root) for p in root.rglob("*") if ".git" not in p.parts and ".dvc" not in p.parts)
     assert before == after
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is Linux's")
+def test_a_stage_records_its_own_peak_not_the_peak_of_the_process_that_started_it():
+    """Linux carries ru_maxrss over fork and exec: a stage started by a process that once held 1.5 GiB would report
+    1.5 GiB. The stage's record reads the process's own high-water mark."""
+    import subprocess
+    import sys
+
+    child = "from slimdiff.pipeline.memory import peak_host_rss; print(peak_host_rss())"
+    parent = ("import subprocess, sys\n"
+              "held = b'x' * (3 << 29)\n"  # 1.5 GiB, every page written
+              "del held\n"
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    child_peak = int(out.stdout.split()[-1])
+    assert 0 < child_peak < 1 << 30, child_peak / 2**30

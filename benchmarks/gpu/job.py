@@ -116,7 +116,7 @@ def section(result: dict) -> str:
              "The job's "
              f"stages (`python -m slimdiff.pipeline.stages <stage>`, what `dvc repro` runs) on the reference model with "
              f"`model.device: {result['model_device']}`, settings {json.dumps(result['overrides'])}; measured peaks are "
-             "each stage process's own (`ru_maxrss`, `torch.cuda.max_memory_reserved`), predicted ones "
+             "each stage process's own (`VmHWM`, `torch.cuda.max_memory_reserved`), predicted ones "
              "`slimdiff.pipeline.memory`'s.", "",
              markdown_table(["stage", "exit", "seconds", "peak host RSS (GiB)", "predicted", "peak GPU (GiB)", "predicted"], rows),
              ""]

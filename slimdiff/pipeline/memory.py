@@ -519,6 +519,23 @@ def available_memory(device: torch.device) -> tuple[int, int | None]:
     return host, device_free
 
 
+def peak_host_rss() -> int:
+    """This process's own peak resident set size in bytes (Linux ``VmHWM``). Not ``ru_maxrss``: Linux carries it over
+    fork and exec, so a stage started by a process that once held more would report that process's peak. Off Linux,
+    ``ru_maxrss`` is the only figure (and may include such a parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
 def _meminfo_available() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -628,16 +628,15 @@ def main(argv: list[str] | None = None) -> int:
 def record_resources(stage: str, seconds: float) -> dict[str, Any]:
     """This stage process's wall time, peak host RSS and peak GPU memory (reserved by torch), written to
     ``outputs/.resources/<stage>.json``: the flow logs them, the memory benchmark compares them with the prediction."""
-    import resource
-
     import torch
 
     from slimdiff.files import write_json
+    from slimdiff.pipeline.memory import peak_host_rss
 
     device = 0
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         device = max(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count()))
-    record = {"stage": stage, "seconds": seconds, "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    record = {"stage": stage, "seconds": seconds, "peak_host_bytes": peak_host_rss(),
               "peak_device_bytes": device}
     write_json(RESOURCES_DIR / f"{stage}.json", record)
     return record
