@@ -23,6 +23,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {**run_record(__file__, argv), "threads": args.threads,
                      "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                   if k not in ("render_only", "out")},
-                     "plans": []}
+                     "plans": [], "load_average": {"start": os.getloadavg()[0]}}
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
     results["model_hash"] = model_hash = model_content_hash(unet)
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
               f"x{row['end_to_end_speedup']:.2f} end to end", flush=True)
         write_results(partial, {**results, "complete": False})  # progress survives a failure; never the results file
     results["seconds"] = time.perf_counter() - began
+    results["load_average"]["end"] = os.getloadavg()[0]
     write_results(args.out, results)
     partial.unlink(missing_ok=True)
     write_page(read_results(args.out))
@@ -408,6 +410,10 @@ def render(r: dict) -> list[tuple[Path, str, str]]:
         f"{r['threads']} torch thread(s) for every timing. Denoiser calls are CFG-shaped: batch 2, 64x64 latents (512 px), "
         "77 text tokens.",
     ]
+    if r.get("load_average"):
+        lines += [f"Machine load (1-minute load average): {r['load_average']['start']:.2f} at the "
+                  f"start, {r['load_average'].get('end', float('nan')):.2f} at the end; interleaving the original and each plan "
+                  "keeps their ratio fair under a steady load."]
     if r.get("args", {}).get("replan_only"):
         lines += ["", "**Not the figures of one run**: this file was written by the since-removed `--replan-only` option, "
                   "which recomputed the predicted columns (params removed, predicted error, predicted latency) from cached "
