@@ -41,6 +41,12 @@ REFERENCE_PARAMS = ROOT / "data" / "reference" / "params.yaml"  # slimdiff.refer
 # The training facts of a model whose folder is gone, for rows in the CSV of an earlier run (the committed page was
 # rendered with these; commit b87cd67)
 LEGACY_TRAIN_STATS = {"cpu-rerun": ROOT / "data" / "reference" / "cpu_rerun_train_stats.json"}
+# what the page of the run that wrote the CSV recorded (commit 7889418; the CSV itself has no command or machine)
+LEGACY_RUN = {"command": ".venv/bin/python benchmarks/reference_repro.py --model committed-gpu=data/reference/model "
+                         "--model cpu-rerun=/work/repro/data/reference/model --seeds 1234 1235 1236",
+              "recorded_machine": "x86_64 CPU, 2 cores, torch 2.13.0+cpu (as the page of that run recorded it, commit "
+                                  "7889418; the CSV has no machine or code version)",
+              "date": "2026-11-26"}
 
 # (column, group, attribute): accuracies read from metrics["reference_alignment"].
 ACCURACIES = [
@@ -144,10 +150,11 @@ def train_stats_of(models: list[tuple[str, Path]], given: dict[str, Path]) -> di
 # ---- rendering: from the results file alone -----------------------------------------------------------------------
 
 
-def from_rows(rows: list[dict], train_stats: dict[str, Path], source: str) -> dict:
-    """Results from the CSV rows of an earlier run (no command, machine or code version recorded)."""
+def from_rows(rows: list[dict], train_stats: dict[str, Path], source: str, run: dict | None = None) -> dict:
+    """Results from the CSV rows of an earlier run (the CSV records no command, machine or code version; ``run``:
+    what that run's page recorded of them)."""
     models = list(dict.fromkeys((r["model"], r["folder"]) for r in rows))
-    return {"rows": rows, "models": [list(m) for m in models], "seeds": sorted({r["seed"] for r in rows}),
+    return {**(run or {}), "rows": rows, "models": [list(m) for m in models], "seeds": sorted({r["seed"] for r in rows}),
             "train_stats": train_stats_of([(n, Path(f) if Path(f).is_absolute() else ROOT / f) for n, f in models],
                                           train_stats),
             "seconds": sum(r["seconds"] for r in rows), "_source": source}
@@ -159,7 +166,8 @@ def load(path: Path = RESULTS) -> dict | None:
     if path.is_file():
         return read_results(path)
     if path.with_suffix(".csv").is_file():
-        return from_rows(read_rows(path.with_suffix(".csv")), LEGACY_TRAIN_STATS, relative(path.with_suffix(".csv")))
+        return from_rows(read_rows(path.with_suffix(".csv")), LEGACY_TRAIN_STATS, relative(path.with_suffix(".csv")),
+                         LEGACY_RUN)
     return None
 
 
@@ -258,7 +266,7 @@ def render(results: dict) -> list[tuple[Path, str, str]]:
         "",
         *training_table(results),
         "",
-        *provenance(results, settings={"seeds": " ".join(map(str, results["seeds"]))}),
+        *provenance(results, results.get("recorded_machine"), settings={"seeds": " ".join(map(str, results["seeds"]))}),
         f"{threads} torch thread(s); {results['seconds'] / 60:.1f} min for {len(rows)} evaluations. Re-render: "
         "`.venv/bin/python benchmarks/reference_repro.py --render-only`.",
         "",
