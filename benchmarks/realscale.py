@@ -373,13 +373,23 @@ def section(result: dict) -> str:
         f"({load['ratio_to_files']:.2f}x; goal at most 1.2x: no float32 or random copy).", "",
     ]
     if sites:
+        first, last = sites[0], sites[-1]
+        over = [r for r in sites if r["score_peak_host_bytes"] > r["predicted_host_bytes"]]
         lines += [
-            "**The score stage does not grow with the number of sites.** The same job at a quarter of the widths (hidden "
+            "**The score stage does not grow with the statistics.** The same job at a quarter of the widths (hidden "
             "768, MLP 3072), deeper and deeper:", "",
             markdown_table(["blocks (double + single)", "statistics sites", "capture file (GiB)", "score peak host RSS (GiB)",
                             "predicted (GiB)"],
                            [[f"{r['depth'][0]} + {r['depth'][1]}", r["sites"], gib(r["statistics_bytes"]),
                              gib(r["score_peak_host_bytes"]), gib(r["predicted_host_bytes"])] for r in sites]), "",
+            f"From {first['sites']} to {last['sites']} sites the statistics grow "
+            f"{last['statistics_bytes'] / first['statistics_bytes']:.1f}x ({gib(first['statistics_bytes'])} -> "
+            f"{gib(last['statistics_bytes'])} GiB) and the score stage's peak by "
+            f"{gib(last['score_peak_host_bytes'] - first['score_peak_host_bytes'])} GiB; the prediction, which counts the "
+            f"model (deeper with the sites) and one site group's statistics at a time, grows by "
+            f"{gib(last['predicted_host_bytes'] - first['predicted_host_bytes'])} GiB. "
+            + ("Every peak is under its prediction." if not over else
+               f"Over its prediction: {', '.join(str(r['sites']) + ' sites' for r in over)}."), "",
         ]
     else:
         lines += ["The score stage at growing depth was not measured in this run (`--sites-depths` empty).", ""]
