@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pages import markdown_table, provenance, read_results, run_record, write_bytes, write_results, write_sections  # noqa: E402
-from benchmarks.quality import describe, library_versions, method_options, row_of, with_denoiser  # noqa: E402
+from benchmarks.quality import (describe, interpolation_summary, interpolation_text, library_versions,  # noqa: E402
+                                method_options, row_of, with_denoiser)
 
 JOB = ROOT / "data" / "reference-flux" / "job"
 RESULTS = ROOT / "benchmarks" / "results" / "dit.json"
@@ -45,8 +46,8 @@ PLOT = ROOT / "docs" / "img" / "dit_vs_latency.png"
 # a macs / latency point keeps that fraction of the compressible MACs / of the denoiser's measured latency
 RUNS = (
     ("slimdiff", "slimdiff", "params", (0.2, 0.35, 0.5)),
-    ("slimdiff (MACs)", "slimdiff", "macs", (0.8, 0.65, 0.5)),
-    ("slimdiff (latency)", "slimdiff", "latency", (0.85, 0.75, 0.65)),
+    ("slimdiff (MACs)", "slimdiff", "macs", (0.8, 0.7, 0.65, 0.5)),
+    ("slimdiff (latency)", "slimdiff", "latency", (0.85, 0.8, 0.75, 0.7, 0.65)),
     ("uniform", "slimdiff_uniform", "params", (0.2, 0.35, 0.5)),
     ("svd_llm", "svd_llm", "params", (0.2, 0.35, 0.5)),
     ("asvd", "asvd", "params", (0.2, 0.35, 0.5)),
@@ -83,7 +84,8 @@ def compress_one(method: str, kind: str, point: float, denoiser, stats, scores, 
     decompose(denoiser, stats, plan.widths)
     after = count_params(denoiser)
     return {"removed_fraction": (before["compressible"] - after["compressible"]) / before["compressible"],
-            "total_after": after["total"], "settings": {"allocator": "slimdiff", "budget_kind": kind}}
+            "total_after": after["total"], "settings": {"allocator": "slimdiff", "budget_kind": kind},
+            "plan_latency": plan.latency}
 
 
 def relative_error(fidelity: dict) -> float:
@@ -128,6 +130,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
                                      repeats=args.latency_repeats)
     call = first_call(pipe, latency_prompts, sampler)
     results["calibration_seconds"] = time.perf_counter() - started
+    results["latency_table"] = {"denoiser_ms": table.denoiser_ms, "units": len(table.curves),
+                                "interpolation": interpolation_summary(table)}
     print(f"capture, scores and latency table: {results['calibration_seconds']:.0f} s", flush=True)
     out = Path(args.out)
     partial = out.with_suffix(".partial.json")
@@ -143,6 +147,9 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
             timed = latency(pipe.transformer, denoiser, lambda: detach_clone(call), args.latency_repeats)
             metrics["latency"] = {"denoiser": timed, "denoiser_speedup": timed["speedup"]}
             row = {**row_of(method, point, len(calibration), removed, metrics), "label": label, "budget_kind": kind}
+            if removed.get("plan_latency"):
+                row["predicted_latency_fraction"] = removed["plan_latency"]["predicted_fraction"]
+                row["interpolated_units"] = removed["plan_latency"]["interpolated_units"]
             results["rows"].append(row)
             print(f"{label:<19} {kind:<7} {point:.2f} sqnr {row['noise_sqnr_db']:6.2f} psnr {row['image_psnr_db']:6.2f} "
                   f"align {row['alignment_overall']:.3f} fd {row['fd_to_original']:.1f} speed-up {row['denoiser_speedup']:.2f} "
@@ -217,6 +224,20 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return None
 
 
+def latency_plans_text(r: dict) -> list[str]:
+    """What the latency table's interpolation checks allowed, and how many units each latency plan put at untimed widths."""
+    table = r.get("latency_table")
+    if not table:
+        return []
+    plans = [x for x in r["rows"] if x.get("interpolated_units") is not None and x["budget_kind"] == "latency"]
+    text = (f"Latency table: {table['units']} units, the denoiser {table['denoiser_ms']:.2f} ms."
+            + interpolation_text(table.get("interpolation")))
+    if plans:
+        text += (" Units at untimed widths in the latency plans: "
+                 + ", ".join(f"{x['budget']:g}: {x['interpolated_units']}" for x in plans) + ".")
+    return [text, ""]
+
+
 def render(r: dict) -> list[tuple[Path, str, str]]:
     rows, s = r["rows"], r["settings"]
     title = "# Benchmark: transformers (the Flux-style reference)"
@@ -239,7 +260,7 @@ def render(r: dict) -> list[tuple[Path, str, str]]:
                               f"{x['macs_ratio']:.2f}", f"{x['denoiser_ms']:.2f}", f"{x['denoiser_speedup']:.2f}"]
                              for x in rows]), "",
              f"Original model: alignment {rows[0]['alignment_original']:.3f} on the same prompts, denoiser "
-             f"{rows[0]['denoiser_ms_original']:.2f} ms.", "", *goals(rows)]
+             f"{rows[0]['denoiser_ms_original']:.2f} ms.", "", *latency_plans_text(r), *goals(rows)]
     if r.get("held_out"):
         names = [k for k in r["held_out"][0] if k not in ("label", "budget", "calibration")]
         lines += ["## Held-out sampler settings (learned weights)", "",

@@ -425,5 +425,31 @@ def write_page(r: dict) -> None:
     draw(r)
 
 
+
+def interpolation_summary(table) -> dict | None:
+    """The table's interpolation checks: units checked, units whose untimed widths a plan may use, the worst check."""
+    checks = table.settings.get("interpolation")
+    if checks is None:
+        return None
+    timed = [c for c in table.curves if not c.measured_as and c.unit in (table.interpolation_errors() or {})]
+    worst = max(checks, key=lambda c: abs(c["measured_ms"] / c["interpolated_ms"] - 1), default=None)
+    return {"checked_units": len(timed), "trusted_units": sum(1 for c in timed if table.interpolates(c)),
+            "checks": len(checks), "worst": worst}
+
+
+def interpolation_text(summary: dict | None) -> str:
+    """A sentence on a latency table's interpolation checks (``interpolation_summary``), or nothing."""
+    from slimdiff.planning.latency import INTERPOLATION_TOLERANCE
+
+    if not summary or not summary["checked_units"]:
+        return ""
+    w = summary["worst"]
+    return (f" Interpolation between timed widths, checked at {summary['checks']} untimed widths of "
+            f"{summary['checked_units']} shapes, held within {INTERPOLATION_TOLERANCE:.0%} of the unit's time on {summary['trusted_units']} (a plan may use their "
+            f"untimed widths) and not on {summary['checked_units'] - summary['trusted_units']} (timed widths only); the "
+            f"worst: `{w['unit']}` at width {w['width']}, {w['measured_ms']:.3g} ms measured against "
+            f"{w['interpolated_ms']:.3g} ms interpolated.")
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

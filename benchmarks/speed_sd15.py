@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import slimdiff.runtime.attention as attention  # noqa: E402
 from benchmarks.pages import provenance, read_results, run_record, write_results  # noqa: E402
+from benchmarks.quality import interpolation_summary, interpolation_text  # noqa: E402
 from slimdiff.planning.allocation import BudgetError, WidthPlan, allocate
 from slimdiff.statistics.recorder import ActivationRecorder
 from slimdiff.statistics.sums import Capture
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     results["caches"] = {"directory": str(cache) if cache else None, "scores": scores_how, "latency_table": table_how}
     results["table"] = {"denoiser_ms": table.denoiser_ms, "compressible_ms": table.compressible_ms,
                         "units": len(table.curves), "timed_units": sum(1 for c in table.curves if not c.measured_as),
-                        "seconds": table_how["seconds"]}
+                        "seconds": table_how["seconds"], "interpolation": interpolation_summary(table)}
     print(f"denoiser {table.denoiser_ms:.0f} ms, compressible units {table.compressible_ms:.0f} ms", flush=True)
 
     plans = make_plans(scores, table, args.params_budget, args.latency_target)
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             "params_removed_fraction": removed(plan), "macs_ratio": plan.macs_before / plan.macs_after,
             "predicted_latency_fraction": plan.latency["predicted_fraction"],
             "predicted_upper_bound": plan.latency["upper_bound"],
+            "interpolated_units": plan.latency.get("interpolated_units"),
+            "interpolation_error_fraction": plan.latency.get("interpolation_error_fraction"),
             "original_ms": measured["original_ms"], "compressed_ms": measured["compressed_ms"],
             "measured_latency_fraction": measured["compressed_ms"] / measured["original_ms"],
             "denoiser_speedup": measured["speedup"],
@@ -394,6 +397,17 @@ def _where_time_goes(r: dict, best: dict) -> str:
     return text + f" and the FFNs to {_percent(ffns)}."
 
 
+def _untimed_text(plans) -> str:
+    latency = [p for p in plans if p["budget_kind"] == "latency" and p.get("interpolated_units") is not None]
+    if not latency:
+        return ""
+    p = latency[0]
+    bound = p.get("interpolation_error_fraction")
+    return (f" The `{p['label']}` plan has {p['interpolated_units']} unit(s) at untimed widths"
+            + (f" (their worst checks sum to {bound:.1%} of the denoiser's latency)." if p["interpolated_units"] and bound is not None
+               else "."))
+
+
 def render(r: dict) -> list[tuple[Path, str, str]]:
     a = r.get("settings") or r.get("args", {})
     t = r["table"]
@@ -426,7 +440,7 @@ def render(r: dict) -> list[tuple[Path, str, str]]:
         "",
         f"Latency table: the denoiser takes {t['denoiser_ms']:.0f} ms; its {t['units']} compressible units (attentions with QK",
         f"and VO at one width, FFNs) take {t['compressible_ms']:.0f} ms at full width, timed alone "
-        f"({t['timed_units']} distinct shapes timed{table_seconds}).",
+        f"({t['timed_units']} distinct shapes timed{table_seconds})." + interpolation_text(t.get("interpolation")),
         "",
         "| plan | matched on | params removed | compressible MACs ratio | predicted error (SIS) | predicted latency | "
         "measured latency | denoiser speed-up | 25-step generation speed-up |",
@@ -461,7 +475,7 @@ def render(r: dict) -> list[tuple[Path, str, str]]:
         f"({best['predicted_error']:.4g}; the others: "
         + ", ".join(f"`{p['label']}` {p['predicted_error']:.4g}" for p in at_target.values() if p is not best)
         + f") and removes {best['params_removed_fraction']:.0%} of the compressible parameters. It spends the budget where "
-        "time is spent: " + _where_time_goes(r, best),
+        "time is spent: " + _where_time_goes(r, best) + _untimed_text(at_target.values()),
         f"- **At matched parameter removal** ({a['params_budget'] * 100:g} %), the latency plan is the fastest and predicts the most "
         "error: the two budgets ask different questions; a team that wants speed states it in latency.",
         "- **Padding**: the untied parameter plan barely narrows the 4096-token attentions, so zero-padding its unequal "

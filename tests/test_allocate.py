@@ -199,3 +199,69 @@ def test_score_requires_gains_unless_asked(scored):
 def test_granularity_validation():
     with pytest.raises(ValueError, match="ffn_step"):
         Granularity(ffn_step=0)
+
+
+# ---- the greedy walks each unit's convex hull -------------------------------------------------------
+
+def _unit(name: str, cost: list[float], sis: list[float]):
+    from slimdiff.planning.allocation import _Unit
+
+    return _Unit((name,), list(range(1, len(cost) + 1)), cost, sis, name)
+
+
+def test_greedy_passes_a_step_that_buys_little_to_reach_the_cheap_widths_beyond_it():
+    """A latency curve's flat stretch: unit ``a``'s first step saves 0.1 for an error of 1, its second 8.9 for 1 more.
+    Width by width, the first step looks ten times dearer than ``b``'s and ``a`` is never cut; on the hull its two
+    steps are one, the cheapest of all. The plan equals the brute-force optimum."""
+    from itertools import product
+
+    from slimdiff.planning.allocation import _greedy
+
+    a = _unit("a", [0.0, 1.0, 9.9, 10.0], [3.0, 2.0, 1.0, 0.0])  # widths 1..4, cost at each, SIS at each
+    b = _unit("b", [0.0, 3.0, 6.0, 9.0], [9.0, 4.0, 1.0, 0.0])
+    target = 9.0
+    widths = _greedy([a, b], target)
+    assert widths == {"a": 2, "b": 4}
+
+    def total(choice):
+        return sum(u.sis[i] for u, i in zip((a, b), choice)), sum(u.saved(i) for u, i in zip((a, b), choice))
+
+    best = min(total(c)[0] for c in product(range(4), repeat=2) if total(c)[1] >= target)
+    assert total((widths["a"] - 1, widths["b"] - 1))[0] == best == 2.0
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=st.lists(st.lists(st.tuples(st.floats(0.01, 10.0), st.floats(0.0, 10.0)), min_size=1, max_size=5),
+                      min_size=1, max_size=4),
+       fraction=st.floats(0.05, 0.95))
+def test_greedy_on_convex_curves_is_the_width_by_width_greedy_and_meets_the_target_within_one_step(steps, fraction):
+    """Sorted so that every step costs more error per unit saved than the one before (convex): the hull is every width,
+    so the hull greedy takes the width-by-width greedy's steps and its finishing move is no worse than that greedy's
+    last step; the target is met within one width step."""
+    from slimdiff.planning.allocation import _greedy
+
+    units = []
+    for k, unit_steps in enumerate(steps):
+        ordered = sorted(unit_steps, key=lambda s: s[1] / s[0])  # (saved, increase) of each step from full width down
+        cost, sis = [0.0], [0.0]
+        for saved, increase in reversed(ordered):  # built from the narrowest width up
+            cost.append(cost[-1] + saved)
+            sis.append(sis[-1] - increase)
+        units.append(_unit(f"u{k}", cost, [s - sis[-1] for s in sis]))
+    target = fraction * sum(u.saved(0) for u in units)
+    widths = _greedy(units, target)
+    removed = sum(u.saved(widths[u.weight_key] - 1) for u in units)
+    max_step = max(u.cost[i + 1] - u.cost[i] for u in units for i in range(len(u.widths) - 1))
+    assert target <= removed + 1e-9 and removed < target + max_step
+    # the width-by-width greedy: least increase per unit saved first, single steps; it stops at the step that reaches
+    # the target, and the hull greedy's finishing move may only improve on that step
+    position = {u.weight_key: len(u.widths) - 1 for u in units}
+    done = 0.0
+    while done < target:
+        u = min((u for u in units if position[u.weight_key] > 0),
+                key=lambda u: (u.sis[position[u.weight_key] - 1] - u.sis[position[u.weight_key]])
+                / (u.cost[position[u.weight_key]] - u.cost[position[u.weight_key] - 1]))
+        done += u.cost[position[u.weight_key]] - u.cost[position[u.weight_key] - 1]
+        position[u.weight_key] -= 1
+    by_step = sum(u.sis[position[u.weight_key]] for u in units)
+    assert sum(u.sis[widths[u.weight_key] - 1] for u in units) <= by_step + 1e-9

@@ -17,12 +17,13 @@ from slimdiff.planning.latency import (
     LatencyCurve,
     LatencyTable,
     LatencyTableError,
+    interpolation_checks,
     latency_units,
     measure_latency_table,
     pareto_widths,
 )
 from slimdiff.runtime.attention import SlimAttnProcessor, attend
-from slimdiff.scoring.influence import Granularity, score
+from slimdiff.scoring.influence import Granularity, candidate_widths, score
 from slimdiff.statistics.recorder import ActivationRecorder
 from slimdiff.statistics.sums import Capture
 from tests.helpers import TINY_DENOISERS
@@ -129,12 +130,30 @@ def test_measured_table_covers_every_group_and_round_trips(tmp_path, tiny_scored
     assert {g for c in table.curves for g in c.groups} == groups
     units = latency_units(model)
     assert len(table.curves) == len(units)
+    checks = table.settings["interpolation"]
+    assert checks  # four timed widths leave untimed ones on the tiny model's wider units
+    grid_of = {g.name: candidate_widths(g.width, Granularity(8, 1).step(g.kind)) for g in compressible_groups(model)}
     for curve in table.curves:
         assert curve.widths == sorted(curve.widths) and len(curve.widths) <= 4 and all(ms > 0 for ms in curve.ms)
+        # every timed curve with untimed grid widths is checked there, beside its timed widths
+        untimed = [w for w in grid_of[curve.groups[0]] if w not in curve.widths]
+        mine = [c for c in checks if c["unit"] == curve.unit]
+        if curve.measured_as or not untimed:
+            assert not mine
+        else:
+            assert mine and all(c["width"] in untimed and c["measured_ms"] > 0 for c in mine)
+            assert all(c["interpolated_ms"] == pytest.approx(curve.at(c["width"])) for c in mine)
         full = compressible_groups(model)[[g.name for g in compressible_groups(model)].index(curve.groups[0])].width
         assert curve.widths[-1] == full
         if "attn" in curve.unit:
             assert len(curve.groups) == 2  # QK and VO timed at one width
+    by_unit = {}
+    for c in checks:
+        by_unit[c["unit"]] = max(by_unit.get(c["unit"], 0.0), abs(c["measured_ms"] - c["interpolated_ms"]))
+    assert table.interpolation_errors() == pytest.approx(by_unit)
+    for curve in table.curves:
+        worst = by_unit.get(curve.measured_as or curve.unit)
+        assert table.interpolates(curve) == (worst is not None and worst <= 0.05 * curve.ms[-1])
     # the tiny UNet repeats block shapes: those are timed once and share the numbers
     shared = [c for c in table.curves if c.measured_as]
     assert shared and all(c.ms == next(d for d in table.curves if d.unit == c.measured_as).ms for c in shared)
@@ -204,6 +223,54 @@ def test_greedy_spends_latency_where_error_per_millisecond_is_lowest(tiny_scored
     plan = allocate(flat, 1 - step / DENOISER_MS, budget_kind="latency", latency_table=table, min_keep=0.0)
     assert plan.widths[fast_saver.name] < fast_saver.full_width
     assert plan.widths[slow_saver.name] == slow_saver.full_width
+
+
+def test_interpolation_checks_time_the_middle_of_untimed_gaps():
+    grid = list(range(8, 129, 8))
+    assert interpolation_checks(grid, grid) == []
+    timed = [8, 48, 88, 128]  # three gaps of four untimed widths: one check in the middle of each
+    assert interpolation_checks(grid, timed) == [32, 72, 112]
+    assert interpolation_checks(grid, [8, 16, 128]) == [72]  # only one gap has untimed widths
+
+
+def thinned_table(scores, checks_off_by: dict[str, float] | None):
+    """``synthetic_table`` timed at every other grid width (untimed ones between); with interpolation checks off by
+    ``checks_off_by[unit]`` (a fraction of the unit's full-width time) on the units named (None: a table measured
+    before checks existed)."""
+    table = synthetic_table(scores)
+    for curve in table.curves:
+        keep = [i for i in range(len(curve.widths)) if i % 2 == (len(curve.widths) - 1) % 2 or i == 0]
+        curve.widths, curve.ms = [curve.widths[i] for i in keep], [curve.ms[i] for i in keep]
+    if checks_off_by is not None:
+        table.settings["interpolation"] = [
+            {"unit": c.unit, "width": c.widths[-1] - 1, "interpolated_ms": c.ms[-1],
+             "measured_ms": c.ms[-1] * (1 + checks_off_by[c.unit])} for c in table.curves if c.unit in checks_off_by]
+    return table
+
+
+def test_untimed_widths_are_chosen_only_where_the_units_checks_trust_interpolation(tiny_scored):
+    _, _, _, scores = tiny_scored
+    names = [c.unit for c in synthetic_table(scores).curves]
+    ffns = [n for n in names if n.endswith(".ff") or ".ff." in n or "attn" not in n]
+    assert ffns and len(ffns) < len(names)
+    # FFNs interpolate within 1 % of their time, attentions are 20 % off (a kernel that dislikes untimed head widths)
+    mixed = thinned_table(scores, {n: (0.01 if n in ffns else -0.2) for n in names})
+    trusted, unchecked = thinned_table(scores, {n: 0.01 for n in names}), thinned_table(scores, None)
+    assert [mixed.interpolates(c) for c in mixed.curves] == [c.unit in ffns for c in mixed.curves]
+    assert all(trusted.interpolates(c) for c in trusted.curves) and unchecked.interpolation_errors() is None
+    assert not any(unchecked.interpolates(c) for c in unchecked.curves)
+    for name, table in (("mixed", mixed), ("trusted", trusted), ("unchecked", unchecked)):
+        plan = allocate(scores, 0.9, budget_kind="latency", latency_table=table)
+        untimed = [c for c in table.curves if any(plan.widths[g] not in c.widths for g in c.groups)]
+        assert plan.latency["predicted_ms"] <= 0.9 * DENOISER_MS + 1e-9
+        assert plan.latency["interpolated_units"] == len(untimed)
+        if name == "unchecked":
+            assert not untimed and plan.latency["interpolation_error_fraction"] is None
+            continue
+        assert untimed and all(table.interpolates(c) for c in untimed)  # never an untimed width where checks fail
+        bound = sum(0.01 * c.ms[-1] for c in untimed)  # each priced unit's worst check
+        assert plan.latency["interpolation_error_fraction"] == pytest.approx(bound / DENOISER_MS)
+        assert "interpolated: checked within" in plan.table()
 
 
 def test_latency_budget_errors(tiny_scored):

@@ -320,7 +320,7 @@ def stage_gains(params: dict[str, Any]) -> None:
 def stage_latency(params: dict[str, Any]) -> None:
     """The latency table on ``model.device``, when ``allocate.budget_kind`` is ``latency``; otherwise a record that none
     was needed (timing every unit of a large model takes a while, and only a latency budget reads it)."""
-    from slimdiff.planning.latency import measure_pipeline_latency, write_not_measured
+    from slimdiff.planning.latency import INTERPOLATION_TOLERANCE, measure_pipeline_latency, write_not_measured
 
     config = config_from(params)
     if config.budget_kind != "latency":
@@ -335,6 +335,12 @@ def stage_latency(params: dict[str, Any]) -> None:
     for check in table.settings.get("additivity", []):
         print(f"latency: fused block {check['module']} at widths {check['widths']}: measured {check['measured_ms']:.4g} ms, "
               f"additive prediction {check['predicted_ms']:.4g} ms ({check['relative_error']:+.1%})")
+    checked = [c for c in table.curves if (c.measured_as or c.unit) in (table.interpolation_errors() or {})]
+    if checked:
+        trusted = [c for c in checked if table.interpolates(c)]
+        print(f"latency: interpolation between timed widths checked on {len(checked)} unit(s): within "
+              f"{INTERPOLATION_TOLERANCE:.0%} of the unit's time on {len(trusted)} (their untimed widths may be chosen), "
+              f"not on {len(checked) - len(trusted)} (timed widths only)")
 
 
 FACTORISATIONS_DIR = CHECKPOINT_DIR / "factorisations"

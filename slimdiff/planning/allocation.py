@@ -209,6 +209,10 @@ class WidthPlan:
                     + (f"; MACs kept {self.macs_after / self.macs_before:.1%}" if self.macs_before else "")
                     + (f"; predicted latency {'at most ' if self.latency['upper_bound'] else ''}"
                        f"{self.latency['predicted_fraction']:.1%} of {self.latency['denoiser_ms']:.4g} ms on {self.latency['device']}"
+                       + (f" ({self.latency['interpolated_units']} unit(s) at untimed widths, interpolated: "
+                          + ("not checked" if self.latency.get("interpolation_error_fraction") is None else
+                             f"checked within {self.latency['interpolation_error_fraction']:.1%}") + ")"
+                          if self.latency.get("interpolated_units") else "")
                        if self.latency else ""))
         return "\n".join(rows)
 
@@ -399,8 +403,12 @@ def _units(modules: Sequence[ModuleScore], sis: dict, min_keep: float, budget_ki
         # adaLN modulations run once per sample and call, not per token: no latency to save, so they stay whole
         units = [make([m], [m.full_width], [0.0]) for m in modules if m.kind == "adaln"]
         for group, curve in _latency_groups([m for m in modules if m.kind != "adaln"], latency_table):
-            # only timed widths, and only those faster than every wider one: each step is a measured saving
-            allowed = pareto_widths(curve, [w for w in _common_widths(group, min_keep) if w in curve.widths])
+            # timed widths (and untimed ones inside the timed range where the unit's checks trust interpolation),
+            # only those faster than every wider one: each step saves time
+            interpolates = latency_table.interpolates(curve)
+            widths = [w for w in _common_widths(group, min_keep)
+                      if (curve.widths[0] <= w if interpolates else w in curve.widths)]
+            allowed = pareto_widths(curve, widths)
             units.append(make(group, allowed, [curve.at(w) for w in allowed]))
         return units
     groups = _tied_groups(modules) if tie_qk_vo else [[m] for m in modules]
@@ -510,38 +518,84 @@ def allocate(scores: InfluenceScores, budget: Budget | float, allocator: str = "
 def predicted_latency(plan: WidthPlan, table: LatencyTable, target_fraction: float | None = None) -> dict[str, Any]:
     """The plan's latency predicted from ``table``; ``upper_bound`` when some attention has unequal QK and VO widths."""
     predicted, bound = table.predict_ms(plan.widths)
+    untimed = [curve for curve in table.curves
+               if any(plan.widths.get(g, curve.full_width) not in curve.widths for g in curve.groups)]
+    errors = table.interpolation_errors()
+    # what interpolation may add to the prediction: the worst check of each unit priced by it (unknown without checks)
+    checked = errors is not None and all((c.measured_as or c.unit) in errors for c in untimed)
+    error = sum(errors[c.measured_as or c.unit] for c in untimed) if checked else None
     return {"device": table.device, "dtype": table.dtype, "sample_shape": table.sample_shape, "denoiser_ms": table.denoiser_ms,
             "target_fraction": target_fraction, "predicted_ms": predicted, "predicted_fraction": predicted / table.denoiser_ms,
-            "upper_bound": bound}
+            "upper_bound": bound, "interpolated_units": len(untimed),
+            "interpolation_error_fraction": None if error is None else error / table.denoiser_ms}
+
+
+def _hull(unit: _Unit) -> list[int]:
+    """Indices of ``unit``'s allowed widths on the lower convex hull of (cost saved, SIS increase), from full width down.
+
+    A width above the hull is never worth stopping at: some mix of its neighbours on the hull saves as much for less
+    error. Walking the hull, every step costs more error per unit saved than the one before, so a greedy over all
+    units' hull steps is the exact solution of the budget's continuous relaxation (the multiple-choice knapsack).
+    """
+    full = len(unit.widths) - 1
+    hull = [full]
+    for index in range(full - 1, -1, -1):
+        if unit.saved(index) <= unit.saved(hull[-1]):
+            continue  # saves no more than a wider width already on the hull
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is dropped when it does not lie below the chord from a to index
+            if ((unit.sis[b] - unit.sis[a]) * (unit.saved(index) - unit.saved(a))
+                    >= (unit.sis[index] - unit.sis[a]) * (unit.saved(b) - unit.saved(a))):
+                hull.pop()
+            else:
+                break
+        hull.append(index)
+    return hull
 
 
 def _greedy(units: Sequence[_Unit], target: float) -> dict[str, int]:
-    """Remove the step with the least SIS increase per unit of cost until ``target`` cost is gone."""
-    position = {u.weight_key: len(u.widths) - 1 for u in units}  # index into allowed widths (last = full)
+    """Take the hull step with the least SIS increase per unit of cost until the next one would reach ``target``; then
+    the one move (any unit, any narrower allowed width) that reaches it with the least SIS increase, among those that
+    overshoot it by less than one width step.
+
+    Stepping along each unit's convex hull rather than width by width lets the greedy pass a width whose own step buys
+    little (a latency curve's flat stretch, where the next width is much faster) to reach the cheap ones beyond it.
+    """
     by_key = {u.weight_key: u for u in units}
+    hulls = {u.weight_key: _hull(u) for u in units}
+    along = {key: 0 for key in by_key}  # position on the unit's hull (0 = full width)
+    max_step = max((u.cost[i + 1] - u.cost[i] for u in units for i in range(len(u.widths) - 1)), default=0.0)
     heap: list[tuple[float, int, str]] = []
 
     def push(key: str, order: int) -> None:
-        pos = position[key]
-        if pos == 0:
-            return
-        unit = by_key[key]
-        increase = unit.sis[pos - 1] - unit.sis[pos]
-        heapq.heappush(heap, (increase / (unit.cost[pos] - unit.cost[pos - 1]), order, key))
+        hull, unit = hulls[key], by_key[key]
+        if along[key] + 1 < len(hull):
+            here, there = hull[along[key]], hull[along[key] + 1]
+            increase = unit.sis[there] - unit.sis[here]
+            heapq.heappush(heap, (increase / (unit.saved(there) - unit.saved(here)), order, key))
 
     for order, u in enumerate(units):
         push(u.weight_key, order)
     removed = 0.0
-    while removed < target:
-        if not heap:  # only float rounding of a latency target equal to the most that can go gets here
-            break
+    position = {key: hulls[key][0] for key in by_key}  # index into the unit's allowed widths (last = full)
+    while removed < target and heap:  # an empty heap: only float rounding of a target equal to the most that can go
         _, order, key = heapq.heappop(heap)
         unit = by_key[key]
-        pos = position[key]
-        removed += unit.cost[pos] - unit.cost[pos - 1]
-        position[key] = pos - 1
+        there = hulls[key][along[key] + 1]
+        step = unit.saved(there) - unit.saved(position[key])
+        if removed + step >= target:
+            moves = [(by_key[k].sis[i] - by_key[k].sis[p], removed + by_key[k].saved(i) - by_key[k].saved(p), k, i)
+                     for k, p in position.items() for i in range(p)]
+            finishing = [m for m in moves if target <= m[1] < target + max_step]
+            _, removed, key, index = min(finishing, key=lambda m: (m[0], m[1]))
+            position[key] = index
+            break
+        removed += step
+        along[key] += 1
+        position[key] = there
         push(key, order)
-    return {key: by_key[key].widths[pos] for key, pos in position.items()}
+    return {key: by_key[key].widths[p] for key, p in position.items()}
 
 
 def _proportional(units: Sequence[_Unit], weight: dict[str, float], target: float) -> dict[str, int]:

@@ -35,6 +35,11 @@ from slimdiff.scoring.influence import Granularity, candidate_widths
 LATENCY_FORMAT = "slimdiff-latency/1"
 
 DEFAULT_POINTS = 16
+# a unit's untimed widths are priced by interpolation only when its checks are within this fraction of its full-width
+# time (an attention kernel whose time jumps between head widths, as the CPU's at SD 1.5's 4096 tokens, fails it)
+INTERPOLATION_TOLERANCE = 0.05
+# where, along a curve's timed widths, an untimed width is timed to check the interpolation
+INTERPOLATION_POINTS = (0.25, 0.5, 0.75)
 
 
 class LatencyTableError(ValueError):
@@ -100,6 +105,23 @@ class LatencyTable:
             bound = bound or len(unit_widths) > 1
             saved += curve.ms[-1] - curve.at(max(unit_widths))
         return self.denoiser_ms - saved, bound
+
+    def interpolation_errors(self) -> dict[str, float] | None:
+        """Each timed curve's worst |measured - interpolated| over its interpolation checks, in ms (curves without
+        untimed widths have none); None when the table holds no checks (measured before they were made)."""
+        checks = self.settings.get("interpolation")
+        if checks is None:
+            return None
+        worst: dict[str, float] = {}
+        for check in checks:
+            worst[check["unit"]] = max(worst.get(check["unit"], 0.0), abs(check["measured_ms"] - check["interpolated_ms"]))
+        return worst
+
+    def interpolates(self, curve: LatencyCurve, tolerance: float = INTERPOLATION_TOLERANCE) -> bool:
+        """Whether ``curve``'s untimed widths may be priced by interpolation: its checks (those of the curve it was
+        measured as) are all within ``tolerance`` of its full-width time. A curve without checks: no."""
+        worst = (self.interpolation_errors() or {}).get(curve.measured_as or curve.unit)
+        return worst is not None and worst <= tolerance * curve.ms[-1]
 
     def check_matches(self, device: str | None = None, dtype: str | None = None, sample_shape: Sequence[int] | None = None,
                       model_hash: str | None = None, granularity: Mapping[str, int] | None = None, source: str = "latency table") -> None:
@@ -202,10 +224,25 @@ def latency_units(denoiser: nn.Module) -> list[Unit]:
     return units
 
 
+def interpolation_checks(grid: Sequence[int], timed: Sequence[int]) -> list[int]:
+    """Untimed grid widths to time as checks of the interpolation: the middle of the gap between timed widths at
+    ``INTERPOLATION_POINTS`` along the curve (none when every grid width is timed)."""
+    gaps = [(a, b) for a, b in zip(timed, timed[1:]) if any(a < w < b for w in grid)]
+    if not gaps:
+        return []
+    picked = dict.fromkeys(gaps[min(len(gaps) - 1, int(f * len(gaps)))] for f in INTERPOLATION_POINTS)
+    checks = []
+    for a, b in picked:
+        inside = [w for w in grid if a < w < b]
+        checks.append(inside[len(inside) // 2])
+    return checks
+
+
 def timed_widths(unit: Unit, granularity: Granularity, points: int = DEFAULT_POINTS) -> list[int]:
     """The grid widths a unit is timed at: all of them, or ``points`` spread evenly (ends included).
 
-    Under a latency budget the allocator only chooses timed widths, so every prediction is a measurement.
+    Under a latency budget the allocator chooses a unit's untimed widths only where its interpolation checks hold
+    (``LatencyTable.interpolates``); otherwise every width it picks for the unit was timed.
     """
     if points < 2:
         raise ValueError(f"latency points must be >= 2, got {points}")
@@ -274,6 +311,7 @@ def measure_latency_table(denoiser: nn.Module, call: DenoiserCall, granularity: 
         denoiser_ms = statistics.median(_time(lambda: denoiser(*args, **kwargs), device) for _ in range(repeats))
         timed: dict[tuple, LatencyCurve] = {}
         curves = []
+        interpolation: list[dict[str, Any]] = []
         for unit in tqdm(units, desc="latency table", unit="unit", disable=not progress):
             signature = _signature(unit, inputs[unit.path])
             names = [g.name for g in unit.groups]
@@ -282,15 +320,19 @@ def measure_latency_table(denoiser: nn.Module, call: DenoiserCall, granularity: 
                 curves.append(LatencyCurve(unit.label, names, list(first.widths), list(first.ms), measured_as=first.unit))
                 continue
             widths = timed_widths(unit, granularity, points)
+            checks = interpolation_checks(candidate_widths(unit.full_width, granularity.step(unit.groups[0].kind)), widths)
             module = denoiser.get_submodule(unit.path)
-            ms = _time_variants([_unit_at(module, [unit], [w], generator) for w in widths], inputs[unit.path], device,
-                                repeats, warmup)
-            curve = LatencyCurve(unit.label, names, widths, ms)
+            # the checks are timed with the curve, round-robin, so a load change touches both alike
+            ms = _time_variants([_unit_at(module, [unit], [w], generator) for w in widths + checks], inputs[unit.path],
+                                device, repeats, warmup)
+            curve = LatencyCurve(unit.label, names, widths, ms[: len(widths)])
+            interpolation += [{"unit": unit.label, "width": w, "measured_ms": m, "interpolated_ms": curve.at(w)}
+                              for w, m in zip(checks, ms[len(widths):])]
             timed[signature] = curve
             curves.append(curve)
         additivity = _additivity_check(denoiser, units, curves, inputs, generator, device, repeats, warmup)
     settings = {"points": points, "repeats": repeats, "warmup": warmup, "torch": torch.__version__,
-                "threads": torch.get_num_threads() if device.type == "cpu" else None}
+                "threads": torch.get_num_threads() if device.type == "cpu" else None, "interpolation": interpolation}
     if additivity:
         settings["additivity"] = additivity
     return LatencyTable(describe_device(device), str(dtype).removeprefix("torch."), list(sample.shape), model_hash, denoiser_ms,
