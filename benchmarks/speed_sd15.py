@@ -397,6 +397,16 @@ def _where_time_goes(r: dict, best: dict) -> str:
     return text + f" and the FFNs to {_percent(ffns)}."
 
 
+def _at_matched_params(r: dict) -> str:
+    rows = [p for p in r["plans"] if p["matched"] == "params" and not p.get("unpadded")]
+    fastest = min(rows, key=lambda p: p["measured_latency_fraction"])
+    least = min(rows, key=lambda p: p["predicted_error"])
+    most = max(rows, key=lambda p: p["predicted_error"])
+    return (f"`{fastest['label']}` measured fastest (x{fastest['denoiser_speedup']:.2f}), `{least['label']}` predicts the "
+            f"least error ({least['predicted_error']:.4g}) and `{most['label']}` the most ({most['predicted_error']:.4g}): "
+            "a parameter count says nothing about speed; a team that wants speed states it in latency.")
+
+
 def _untimed_text(plans) -> str:
     latency = [p for p in plans if p["budget_kind"] == "latency" and p.get("interpolated_units") is not None]
     if not latency:
@@ -459,10 +469,10 @@ def render(r: dict) -> list[tuple[Path, str, str]]:
     above = [p["measured_latency_fraction"] / p["predicted_latency_fraction"] - 1 for p in bounded]
     if above:
         lo, hi = min(above) * 100, max(above) * 100
-        span = f"{lo:.1f} %" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}-{hi:.1f} %"
-        bound_text = (f"The untied row{'s' if len(above) > 1 else ''} here measured {span} "
-                      f"{'above' if lo >= 0 else 'against'} it, within this run's timing noise; the unpadded row is the "
-                      "previous engine, which no table predicts.")
+        span = f"{lo:+.1f} %" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:+.1f} % to {hi:+.1f} %"
+        bound_text = (f"The untied row{'s' if len(above) > 1 else ''} here measured {span} against it (negative: faster "
+                      "than the bound), within this run's timing noise; the unpadded row is the previous engine, which no "
+                      "table predicts.")
     else:
         bound_text = "The unpadded row is the previous engine, which no table predicts."
     lines += [
@@ -476,8 +486,7 @@ def render(r: dict) -> list[tuple[Path, str, str]]:
         + ", ".join(f"`{p['label']}` {p['predicted_error']:.4g}" for p in at_target.values() if p is not best)
         + f") and removes {best['params_removed_fraction']:.0%} of the compressible parameters. It spends the budget where "
         "time is spent: " + _where_time_goes(r, best) + _untimed_text(at_target.values()),
-        f"- **At matched parameter removal** ({a['params_budget'] * 100:g} %), the latency plan is the fastest and predicts the most "
-        "error: the two budgets ask different questions; a team that wants speed states it in latency.",
+        f"- **At matched parameter removal** ({a['params_budget'] * 100:g} %): " + _at_matched_params(r),
         "- **Padding**: the untied parameter plan barely narrows the 4096-token attentions, so zero-padding its unequal "
         "head widths changes little here (within noise); per attention at those shapes it is x4 "
         "([method.md](method.md#budgets-in-measured-latency-issue-11)).",
