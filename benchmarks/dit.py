@@ -71,6 +71,20 @@ def held_out(pipe, params: dict):
     return [(name, sampler, with_scheduler(pipe, scheduler)) for name, sampler, scheduler in held_out_samplers(params)]
 
 
+def capture_and_score(pipe, calibration: list[str], sampler, batch_size: int, extra_sites=None):
+    """The capture (seeded) and the influence scores every method of this benchmark (and kind_calibration.py) shares."""
+    from slimdiff.scoring.gains import measure_gains
+    from slimdiff.scoring.influence import Granularity, score
+    from slimdiff.statistics.recording import capture
+
+    torch.manual_seed(0)
+    stats = capture(pipe, calibration, sampler, num_buckets=4, batch_size=batch_size, extra_sites=extra_sites,
+                    model_id="reference-flux")
+    scores = score(pipe.transformer, stats, measure_gains(pipe, calibration[:8], sampler, num_calls=4),
+                   Granularity(rank_step=1))
+    return stats, scores
+
+
 def compress_one(method: str, kind: str, point: float, denoiser, stats, scores, table) -> dict:
     """Compress ``denoiser`` in place; the report ``row_of`` reads (removed fraction, totals, settings)."""
     from slimdiff.baselines import compress_with
@@ -105,9 +119,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     from slimdiff.planning.latency import measure_pipeline_latency
     from slimdiff.reference import load_reference_flux_pipeline
     from slimdiff.reference.evaluator import load_evaluator
-    from slimdiff.scoring.gains import measure_gains
-    from slimdiff.scoring.influence import Granularity, score
-    from slimdiff.statistics.recording import capture
+    from slimdiff.scoring.influence import Granularity
 
     apply_threads(args.threads)
     params = job_params()
@@ -121,11 +133,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
                "settings": {k: v for k, v in vars(args).items() if k != "render_only"}, "sampler": sampler.to_dict(),
                "rows": [], "held_out": []}
     started = time.perf_counter()
-    torch.manual_seed(0)
-    stats = capture(pipe, calibration, sampler, num_buckets=4, batch_size=args.batch_size,
-                    extra_sites=baseline_sites(pipe.transformer), model_id="reference-flux")
-    scores = score(pipe.transformer, stats, measure_gains(pipe, calibration[:8], sampler, num_calls=4),
-                   Granularity(rank_step=1))
+    stats, scores = capture_and_score(pipe, calibration, sampler, args.batch_size, baseline_sites(pipe.transformer))
     latency_prompts = eval_prompts[: args.latency_batch]  # one call of this batch: the table and every measurement
     table = measure_pipeline_latency(pipe, latency_prompts, sampler, Granularity(rank_step=1), points=16,
                                      repeats=args.latency_repeats)

@@ -31,7 +31,7 @@ PLANS = (("uniform", "params", 0.35), ("slimdiff", "macs", 0.65))
 
 
 def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
-    from benchmarks.dit import JOB, job_params
+    from benchmarks.dit import JOB, capture_and_score, job_params
     from benchmarks.quality import with_denoiser
     from slimdiff.compress import read_prompts
     from slimdiff.decomposition.apply import decompose
@@ -40,9 +40,6 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     from slimdiff.pipeline.stages import sampler_settings
     from slimdiff.planning.allocation import Budget, allocate
     from slimdiff.reference import load_reference_flux_pipeline
-    from slimdiff.scoring.gains import measure_gains
-    from slimdiff.scoring.influence import Granularity, score
-    from slimdiff.statistics.recording import capture
 
     apply_threads(args.threads)
     sampler = sampler_settings(job_params())
@@ -50,10 +47,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     prompts = read_prompts(ROOT / "data" / "reference" / "eval_prompts.jsonl")[: args.eval_prompts]
     pipe = load_reference_flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)
-    stats = capture(pipe, calibration, sampler, num_buckets=4, batch_size=8, model_id="reference-flux")
-    scores = score(pipe.transformer, stats, measure_gains(pipe, calibration[:8], sampler, num_calls=4),
-                   Granularity(rank_step=1))
+    stats, scores = capture_and_score(pipe, calibration, sampler, batch_size=8)
     rows = []
     for allocator, kind, budget in PLANS:
         plan = allocate(scores, Budget(budget), allocator, budget_kind=kind)
@@ -64,7 +58,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
             denoiser = copy.deepcopy(pipe.transformer)
             decompose(denoiser, stats, {m.name: m.width for m in cut})
             sqnr = fidelity(pipe, with_denoiser(pipe, denoiser), prompts, sampler, batch_size=8)["noise_sqnr_db"]
-            measured = 10 ** (-sqnr / 10)
+            measured = 0.0 if sqnr is None else 10 ** (-sqnr / 10)
             predicted = sum(m.predicted_sis for m in cut)
             rows.append({"plan": f"{allocator} {kind} {budget:g}", "kind": only, "groups": len(cut),
                          "predicted_error": predicted, "measured_noise_to_signal": measured, "sqnr_db": sqnr,

@@ -425,13 +425,12 @@ def write_page(r: dict) -> None:
     draw(r)
 
 
-
 def interpolation_summary(table) -> dict | None:
     """The table's interpolation checks: units checked, units whose untimed widths a plan may use, the worst check."""
     checks = table.settings.get("interpolation")
     if checks is None:
         return None
-    timed = [c for c in table.curves if not c.measured_as and c.unit in (table.interpolation_errors() or {})]
+    timed = [c for c in table.checked_curves() if not c.measured_as]  # one per distinct shape
     worst = max(checks, key=lambda c: abs(c["measured_ms"] / c["interpolated_ms"] - 1), default=None)
     return {"checked_units": len(timed), "trusted_units": sum(1 for c in timed if table.interpolates(c)),
             "checks": len(checks), "worst": worst}

@@ -335,7 +335,7 @@ def stage_latency(params: dict[str, Any]) -> None:
     for check in table.settings.get("additivity", []):
         print(f"latency: fused block {check['module']} at widths {check['widths']}: measured {check['measured_ms']:.4g} ms, "
               f"additive prediction {check['predicted_ms']:.4g} ms ({check['relative_error']:+.1%})")
-    checked = [c for c in table.curves if (c.measured_as or c.unit) in (table.interpolation_errors() or {})]
+    checked = table.checked_curves()
     if checked:
         trusted = [c for c in checked if table.interpolates(c)]
         print(f"latency: interpolation between timed widths checked on {len(checked)} unit(s): within "

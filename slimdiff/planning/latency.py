@@ -117,6 +117,11 @@ class LatencyTable:
             worst[check["unit"]] = max(worst.get(check["unit"], 0.0), abs(check["measured_ms"] - check["interpolated_ms"]))
         return worst
 
+    def checked_curves(self) -> list[LatencyCurve]:
+        """The curves whose interpolation was checked (their own checks, or those of the curve they were measured as)."""
+        errors = self.interpolation_errors() or {}
+        return [c for c in self.curves if (c.measured_as or c.unit) in errors]
+
     def interpolates(self, curve: LatencyCurve, tolerance: float = INTERPOLATION_TOLERANCE) -> bool:
         """Whether ``curve``'s untimed widths may be priced by interpolation: its checks (those of the curve it was
         measured as) are all within ``tolerance`` of its full-width time. A curve without checks: no."""
