@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("threads", "calibration_prompts", "eval_prompts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from benchmarks.dit import JOB
+
+    calibration = args.calibration or JOB / "outputs" / "slimset" / "slimset.jsonl"
+    if not Path(calibration).is_file():
+        raise SystemExit(f"{calibration}: no calibration prompts; run the Flux job first (README: Another model) "
+                         "or pass --calibration FILE")
     results = measure(args, argv)
     if args.out:
         write_results(args.out, results)
