@@ -71,8 +71,9 @@ def held_out(pipe, params: dict):
     return [(name, sampler, with_scheduler(pipe, scheduler)) for name, sampler, scheduler in held_out_samplers(params)]
 
 
-def capture_and_score(pipe, calibration: list[str], sampler, batch_size: int, extra_sites=None):
+def capture_and_score(pipe, calibration: list[str], sampler, batch_size: int, extra_sites: tuple[str, ...] = ()):
     """The capture (seeded) and the influence scores every method of this benchmark (and kind_calibration.py) shares."""
+    from slimdiff.compress import SlimDiffConfig
     from slimdiff.scoring.gains import measure_gains
     from slimdiff.scoring.influence import Granularity, score
     from slimdiff.statistics.recording import capture
@@ -80,8 +81,9 @@ def capture_and_score(pipe, calibration: list[str], sampler, batch_size: int, ex
     torch.manual_seed(0)
     stats = capture(pipe, calibration, sampler, num_buckets=4, batch_size=batch_size, extra_sites=extra_sites,
                     model_id="reference-flux")
-    scores = score(pipe.transformer, stats, measure_gains(pipe, calibration[:8], sampler, num_calls=4),
-                   Granularity(rank_step=1))
+    # the job's default gains (truncation at half width), at the job's reg
+    gains = measure_gains(pipe, calibration[:8], sampler, num_calls=4, reference=SlimDiffConfig().gain_reference(stats))
+    scores = score(pipe.transformer, stats, gains, Granularity(rank_step=1))
     return stats, scores
 
 

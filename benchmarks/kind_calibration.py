@@ -4,10 +4,11 @@ The allocator adds each group's predicted error (its spectral influence score, m
 kinds (VO of joint and single attention, double and single FFN, adaLN). For a plan, this script cuts one kind at a
 time to the plan's widths and measures the noise-to-signal energy of the denoiser's output, teacher-forced on a few
 evaluation captions, beside the kind's summed predicted error; then all kinds together. If the score is on one scale,
-measured / predicted is about the same for every kind; the sum of the kinds against "all" checks additivity. Same
-capture and scores as benchmarks/dit.py (the first 128 prompts of the Flux job's SlimSet). Prints a table; a
-benchmark reports, it does not gate. No docs page: ``--out`` writes the figures with the command, the machine and the
-code version.
+measured / predicted is about the same for every kind; the sum of the kinds against "all" checks additivity. Both
+gain methods side by side on one capture: ``truncation`` (the job's default) and ``noise`` (isotropic noise at each
+group's output); the plans are allocated with each method's scores. Same capture and truncation scores as
+benchmarks/dit.py (the first 128 prompts of the Flux job's SlimSet). Prints a table; a benchmark reports, it does not
+gate. No docs page: ``--out`` writes the figures with the command, the machine and the code version.
 
     .venv/bin/python benchmarks/kind_calibration.py [--threads 2] [--eval-prompts 8] [--out kind_calibration.json]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import sys
 from pathlib import Path
 
@@ -26,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.pages import run_record, write_results  # noqa: E402
 
-# (allocator, budget kind, budget): uniform and slimdiff at about the same MACs (0.64 and 0.65 kept)
-PLANS = (("uniform", "params", 0.35), ("slimdiff", "macs", 0.65))
+# (allocator, budget kind, budget): uniform and slimdiff at about the same MACs (0.64 and 0.65 kept), and slimdiff at
+# half the MACs and at 40 % of the parameters removed
+PLANS = (("uniform", "params", 0.35), ("slimdiff", "macs", 0.65), ("slimdiff", "macs", 0.5), ("slimdiff", "params", 0.4))
 
 
 def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
@@ -40,6 +43,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     from slimdiff.pipeline.stages import sampler_settings
     from slimdiff.planning.allocation import Budget, allocate
     from slimdiff.reference import load_reference_flux_pipeline
+    from slimdiff.scoring.gains import measure_gains
 
     apply_threads(args.threads)
     sampler = sampler_settings(job_params())
@@ -48,9 +52,17 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     pipe = load_reference_flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
     stats, scores = capture_and_score(pipe, calibration, sampler, batch_size=8)
+    noise = measure_gains(pipe, calibration[:8], sampler, num_calls=4)  # the same prompts and calls, noise injected
+    noise_scores = copy.deepcopy(scores)
+    for module in noise_scores.modules:
+        module.gain = noise.gains[module.name]
+    gains = [{"module": m.name, "kind": m.kind, "truncation": m.gain, "noise": noise.gains[m.name]} for m in scores.modules]
     rows = []
-    for allocator, kind, budget in PLANS:
-        plan = allocate(scores, Budget(budget), allocator, budget_kind=kind)
+    for (allocator, kind, budget), (method, method_scores) in itertools.product(
+            PLANS, (("truncation", scores), ("noise", noise_scores))):
+        if allocator == "uniform" and method == "noise":
+            continue  # uniform reads no gains: one row
+        plan = allocate(method_scores, Budget(budget), allocator, budget_kind=kind)
         for only in sorted({m.kind for m in plan.modules}) + ["all"]:
             cut = [m for m in plan.modules if (only == "all" or m.kind == only) and m.width < m.full_width]
             if not cut:
@@ -60,13 +72,15 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
             sqnr = fidelity(pipe, with_denoiser(pipe, denoiser), prompts, sampler, batch_size=8)["noise_sqnr_db"]
             measured = 0.0 if sqnr is None else 10 ** (-sqnr / 10)
             predicted = sum(m.predicted_sis for m in cut)
-            rows.append({"plan": f"{allocator} {kind} {budget:g}", "kind": only, "groups": len(cut),
+            rows.append({"plan": f"{allocator} {kind} {budget:g}", "gains": method, "kind": only, "groups": len(cut),
+                         "macs_kept": plan.macs_after / plan.macs_before, "removed_fraction": plan.removed / plan.params_before,
                          "predicted_error": predicted, "measured_noise_to_signal": measured, "sqnr_db": sqnr,
                          "measured_per_predicted": measured / predicted if predicted > 0 else None})
-            print(f"{rows[-1]['plan']:<22} {only:<11} {len(cut):>3} groups  predicted {predicted:10.4g}  "
+            print(f"{rows[-1]['plan']:<22} {method:<10} {only:<11} {len(cut):>3} groups  predicted {predicted:10.4g}  "
                   f"measured {measured:10.4g}  ratio {rows[-1]['measured_per_predicted'] or float('nan'):.3g}", flush=True)
     return {**run_record(__file__, argv), "threads": torch.get_num_threads(),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows,
+            "gains": gains}
 
 
 def main(argv: list[str] | None = None) -> int:

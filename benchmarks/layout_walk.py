@@ -4,9 +4,9 @@ climbs from a lower room of the house back into a higher one (issue 22).
 A profiler hook follows ``slimdiff.compress.compress_pipeline`` on the tiny seeded SD pipeline of the tests (budget
 0.4, 8 prompts, 2 steps): each call into a slimdiff module from another slimdiff module (the nearest slimdiff frame
 up the stack) is a step; a step is a *climb* when the callee's room is above the caller's (the rooms of
-``tests/test_layout.py``: base < family adapters < runtime < measurement < statistics < decomposition math < scoring <
-planning < applying a plan < compressor < pipeline < command line; "above" means later in that list). Imports only go
-down (``tests/test_layout.py``), so a climb can only be a callback handed down. Writes
+``tests/test_layout.py``: base < family adapters < runtime < measurement < statistics < decomposition math <
+applying decompositions < scoring < planning < compressor < pipeline < command line; "above" means later in that
+list). Imports only go down (``tests/test_layout.py``), so a climb can only be a callback handed down. Writes
 benchmarks/results/layout_walk.json and renders its section of docs/layout.md.
 
     .venv/bin/python benchmarks/layout_walk.py

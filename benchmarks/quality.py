@@ -38,6 +38,7 @@ from slimdiff.runtime.sampling import SamplerSettings
 from slimdiff.statistics.recording import capture
 from slimdiff.compress import read_prompts  # noqa: E402
 from slimdiff.pipeline.evaluation import evaluate
+from slimdiff.compress import SlimDiffConfig
 from slimdiff.scoring.gains import measure_gains
 from slimdiff.scoring.influence import score
 
@@ -72,7 +73,8 @@ def with_denoiser(pipe, denoiser):
 def calibrate(pipe, prompts, sampler, args):
     stats = capture(pipe, prompts, sampler, num_buckets=4, batch_size=args.batch_size, extra_sites=baseline_sites(pipe.unet),
                     model_id="reference")
-    return stats, score(pipe.unet, stats, measure_gains(pipe, prompts[:8], sampler, num_calls=4))
+    gains = measure_gains(pipe, prompts[:8], sampler, num_calls=4, reference=SlimDiffConfig().gain_reference(stats))
+    return stats, score(pipe.unet, stats, gains)
 
 
 def method_options(method: str, given: dict) -> dict:

@@ -130,7 +130,7 @@ def _worker_state(workspace: str, threads: int | None) -> dict[str, Any]:
         _WORKER.clear()
         pipe = _pipeline(params)
         # hashed once per loaded model: the plans and every shard on this worker check against it
-        _WORKER[key] = {"params": params, "pipe": pipe, "slimset": slimset,
+        _WORKER[key] = {"params": params, "pipe": pipe, "slimset": slimset, "root": root,
                         "model_hash": model_content_hash(denoiser_of(pipe)[1])}
     return _WORKER[key]
 
@@ -157,22 +157,32 @@ def _capture_plan(state: dict[str, Any]):
 
 
 def _gain_plan(state: dict[str, Any]):
-    """(plan, prompts, sampler) of the gains shards (cached in ``state``), as ``slimdiff.pipeline.stages.stage_gains`` plans."""
-    if "gain_plan" not in state:
-        from slimdiff.pipeline.stages import (
-            config_from,
-            gain_shards,
-            read_slimset,
-            sampler_settings,
-        )
-        from slimdiff.scoring.gain_shards import plan_gain_shards
+    """(plan, prompts, sampler, truncation reference) of the gains shards (cached in ``state`` for this capture file:
+    truncation gains read it), as ``slimdiff.pipeline.stages.stage_gains`` plans."""
+    from slimdiff.pipeline.stages import (
+        CAPTURE_FILE,
+        config_from,
+        gain_reference,
+        gain_shards,
+        read_slimset,
+        sampler_settings,
+    )
+    from slimdiff.scoring.gain_shards import plan_gain_shards
 
+    capture = state["root"] / CAPTURE_FILE
+    stamp = capture.stat().st_mtime_ns if capture.is_file() else None
+    if state.get("gain_plan_capture", "unplanned") != stamp:
+        state.pop("gain_plan", None)
+        state["gain_plan_capture"] = stamp
+    if "gain_plan" not in state:
         params = state["params"]
         config, sampler = config_from(params), sampler_settings(params)
         prompts = read_slimset(state["slimset"])[: config.gain_prompts]
+        reference = gain_reference(config, capture)
         plan = plan_gain_shards(state["pipe"], prompts, sampler, shards=gain_shards(params), num_calls=config.gain_calls,
-                                rel_noise=config.rel_noise, seed=sampler.seed, model_hash=state["model_hash"])
-        state["gain_plan"] = (plan, prompts, sampler)
+                                rel_noise=config.rel_noise, seed=sampler.seed, model_hash=state["model_hash"],
+                                reference=reference)
+        state["gain_plan"] = (plan, prompts, sampler, reference)
     return state["gain_plan"]
 
 
@@ -309,7 +319,7 @@ def gain_shard_task(workspace: str, index: int, threads: int | None) -> dict[str
 
     started, start = time.time(), time.perf_counter()
     state = _worker_state(workspace, threads)
-    plan, prompts, sampler = _gain_plan(state)
+    plan, prompts, sampler, reference = _gain_plan(state)
     manifest = plan.manifest()
     out = {"index": index, "plan_digest": plan_digest(manifest), "shards": manifest, "pid": os.getpid(),
            "host": socket.gethostname(), "started": started}
@@ -318,7 +328,8 @@ def gain_shard_task(workspace: str, index: int, threads: int | None) -> dict[str
     shard = plan.shards[index]
     folder = Path(workspace) / GAIN_SHARD_DIR
     computed = not plan.path(folder, shard).is_file()
-    measure_gain_shard(state["pipe"], plan, shard, prompts, sampler, folder, model_hash=state["model_hash"])
+    measure_gain_shard(state["pipe"], plan, shard, prompts, sampler, folder, model_hash=state["model_hash"],
+                       reference=reference)
     return {**out, "digest": shard.digest, "computed": computed, "seconds": time.perf_counter() - start,
             "ended": time.time()}
 

@@ -3,7 +3,7 @@
 One entry point per step:
 
     stats = slimdiff.capture(pipe, prompts, slimdiff.SamplerSettings(num_inference_steps=25))
-    gains = slimdiff.measure_gains(pipe, prompts[:4], sampler)
+    gains = slimdiff.measure_gains(pipe, prompts[:4], sampler, reference=slimdiff.TruncationReference(stats, reg=1e-3))
     scores = slimdiff.score(pipe.unet, stats, gains)
     plan = slimdiff.allocate(scores, budget=0.4)
     groups = slimdiff.decompose(pipe.unet, stats, plan.widths)
@@ -36,6 +36,7 @@ _EXPORTS = {
     "DeviceError": "slimdiff.device",
     "ModuleGroup": "slimdiff.arch", "UnsupportedModelError": "slimdiff.arch", "find_groups": "slimdiff.arch",
     "Gains": "slimdiff.scoring.gains", "measure_gains": "slimdiff.scoring.gains",
+    "TruncationReference": "slimdiff.scoring.gains",
     "Granularity": "slimdiff.scoring.influence", "InfluenceScores": "slimdiff.scoring.influence",
     "score": "slimdiff.scoring.influence",
     "CompressedModelError": "slimdiff.runtime.folder", "describe": "slimdiff.runtime.folder",

@@ -25,7 +25,7 @@ from slimdiff.decomposition.closed_form import DEFAULT_REG
 from slimdiff.device import DTYPE_CHOICES, DeviceError, resolve_dtype
 from slimdiff.decomposition.factorisations import store_for
 from slimdiff.arch import compressible_groups
-from slimdiff.scoring.gains import Gains, measure_gains
+from slimdiff.scoring.gains import DEFAULT_REFERENCE_KEEP, GAIN_METHODS, Gains, TruncationReference, measure_gains
 from slimdiff.scoring.influence import Granularity, InfluenceScores, score, skeleton_scores
 from slimdiff.planning.latency import LatencyTable, measure_pipeline_latency
 from slimdiff.decomposition.apply import GroupResult, decompose
@@ -54,6 +54,10 @@ class SlimDiffConfig:
     temperature: float = DEFAULT_TEMPERATURE
     gain_prompts: int = 4
     gain_calls: int = 4
+    # truncation: each group cut to gain_keep of its width, the measured output change over the predicted error;
+    # noise: isotropic noise of known energy at its output (rel_noise x its RMS). docs/method.md §4
+    gain_method: str = "truncation"
+    gain_keep: float = DEFAULT_REFERENCE_KEEP
     rel_noise: float = 0.05
     max_ffn_points: int = 64
     batch_size: int = 8
@@ -72,6 +76,11 @@ class SlimDiffConfig:
             raise BudgetError(TIED_BUDGETS[self.budget_kind])
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"unknown allocator {self.allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+        if self.gain_method not in GAIN_METHODS:
+            raise ValueError(f"unknown gain method {self.gain_method!r}; choose one of {', '.join(GAIN_METHODS)}")
+        if not (isinstance(self.gain_keep, (int, float)) and 0 < self.gain_keep < 1):
+            raise ValueError(f"gain_keep is the fraction of each group's width kept to measure its truncation gain, "
+                             f"0 < gain_keep < 1; got {self.gain_keep!r}")
         if not 0 <= self.min_keep < 1:
             raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
         Granularity(self.ffn_step, self.rank_step)
@@ -98,6 +107,10 @@ class SlimDiffConfig:
     @property
     def granularity(self) -> Granularity:
         return Granularity(self.ffn_step, self.rank_step)
+
+    def gain_reference(self, capture: Capture) -> TruncationReference | None:
+        """What truncation gains truncate with (this model's ``capture``), or None for noise gains."""
+        return TruncationReference(capture, self.reg, self.gain_keep) if self.gain_method == "truncation" else None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -166,7 +179,7 @@ def compress_pipeline(pipe, prompts: Sequence[str], config: SlimDiffConfig = Sli
     stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
                     groups=groups, model_id=model_id, progress=progress, timestep_grid_points=config.timestep_grid)
     gains = measure_gains(pipe, list(prompts)[: config.gain_prompts], sampler, config.gain_calls, config.rel_noise,
-                          seed=sampler.seed, progress=progress)
+                          seed=sampler.seed, progress=progress, reference=config.gain_reference(stats))
     with tempfile.TemporaryDirectory(prefix="slimdiff-factorisations-") as folder:  # one factorisation per group
         store = store_for(folder, stats, config.reg, denoiser)
         scores = score(denoiser, stats, gains, config.granularity, config.reg, config.max_ffn_points, progress=progress,

@@ -135,3 +135,22 @@ def test_bad_shard_count_and_unknown_module_are_refused(pipe):
 
     with pytest.raises(ValueError, match=r"score.gain_shards must be a whole number >= 1, got 'two'"):
         gain_shards({"score": {"gain_shards": "two"}})
+
+
+def test_sharded_truncation_gains_equal_the_one_process_gains_and_are_their_own_shards(pipe, tmp_path):
+    from slimdiff.decomposition.closed_form import DEFAULT_REG
+    from slimdiff.scoring.gains import TruncationReference
+    from slimdiff.statistics.recording import capture
+
+    stats = capture(pipe, PROMPTS, SAMPLER, num_buckets=2, batch_size=3, progress=False)
+    reference = TruncationReference(stats, DEFAULT_REG)
+    one = measure_gains(pipe, PROMPTS, SAMPLER, num_calls=CALLS, rel_noise=NOISE, seed=SEED, reference=reference)
+    gains, plan, measured = G.measure_gains_sharded(pipe, PROMPTS, SAMPLER, tmp_path, shards=3, num_calls=CALLS,
+                                                    rel_noise=NOISE, seed=SEED, reference=reference)
+    assert measured == [0, 1, 2] and gains.gains == one.gains
+    assert gains.metadata["method"] == one.metadata["method"] == "truncation"
+    noise = G.plan_gain_shards(pipe, PROMPTS, SAMPLER, shards=3, num_calls=CALLS, rel_noise=NOISE, seed=SEED)
+    assert noise.fingerprint["method"] == "noise" and not {s.digest for s in noise.shards} & {s.digest for s in plan.shards}
+    other_keep = G.plan_gain_shards(pipe, PROMPTS, SAMPLER, shards=3, num_calls=CALLS, rel_noise=NOISE, seed=SEED,
+                                    reference=TruncationReference(stats, DEFAULT_REG, keep=0.25))
+    assert other_keep.missing(tmp_path) == other_keep.shards  # another reference width: nothing reused

@@ -22,9 +22,10 @@ ROOMS = [
     ("statistics", ("slimdiff.statistics",)),
     ("decomposition math", ("slimdiff.decomposition.closed_form", "slimdiff.decomposition.groups",
                             "slimdiff.decomposition.factorisations", "slimdiff.decomposition.lora_maps")),
+    # a decomposition applied to a model: what a plan's widths become, and what a truncation gain measures
+    ("applying decompositions", ("slimdiff.decomposition.apply",)),
     ("scoring", ("slimdiff.scoring",)),
     ("planning", ("slimdiff.planning",)),
-    ("applying a plan", ("slimdiff.decomposition.apply",)),
     ("compressor", ("slimdiff.compress", "slimdiff.baselines")),
     ("pipeline", ("slimdiff.pipeline", "slimdiff.reference")),
     ("command line", ("slimdiff.cli",)),

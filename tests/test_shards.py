@@ -225,18 +225,21 @@ def test_flow_on_two_local_workers_with_a_killed_worker(prefect_api_url, tmp_pat
     assert version.tags["lineage.capture.shards"] == "4"
     assert [version.tags[f"lineage.capture.shard.{i}"] for i in range(4)] == [s.digest for s in plan.shards]
 
-    from slimdiff.pipeline.stages import GAIN_SHARD_DIR, load_params, sampler_settings
+    from slimdiff.pipeline.stages import CAPTURE_FILE, GAIN_SHARD_DIR, config_from, gain_reference, load_params, sampler_settings
     from slimdiff.scoring.gain_shards import plan_gain_shards
     from slimdiff.scoring.gains import Gains, measure_gains
 
     params = load_params(workspace / "params.yaml")
     score, sampler = params["score"], sampler_settings(params)
+    reference = gain_reference(config_from(params), workspace / CAPTURE_FILE)  # truncation gains read the capture
+    assert reference is not None
     gain_prompts = prompts[: score["gain_prompts"]]
     gains = Gains.load(workspace / "outputs" / "gains.json")
-    one_process = measure_gains(pipe, gain_prompts, sampler, score["gain_calls"], score["rel_noise"], seed=sampler.seed)
+    one_process = measure_gains(pipe, gain_prompts, sampler, score["gain_calls"], score["rel_noise"], seed=sampler.seed,
+                                reference=reference)
     assert gains.gains == one_process.gains and gains.block_influence == one_process.block_influence
     gain_plan = plan_gain_shards(pipe, gain_prompts, sampler, shards=3, num_calls=score["gain_calls"],
-                                 rel_noise=score["rel_noise"], seed=sampler.seed)
+                                 rel_noise=score["rel_noise"], seed=sampler.seed, reference=reference)
     assert [e["digest"] for e in gains.metadata["shards"]] == [s.digest for s in gain_plan.shards]
     assert not list((workspace / GAIN_SHARD_DIR).glob("*.json"))  # merged shards are removed
     assert version.tags["lineage.gains.shards"] == "3"

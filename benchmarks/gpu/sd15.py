@@ -45,6 +45,7 @@ from slimdiff.arch.sites import sites_for
 from slimdiff.device import describe_device, linalg_device, resolve_device, resolve_dtype  # noqa: E402
 from slimdiff.arch import compressible_groups
 from slimdiff.scoring.influence import Granularity, score
+from slimdiff.compress import SlimDiffConfig
 from slimdiff.scoring.gains import measure_gains
 from slimdiff.runtime.folder import load as load_folder, save
 from slimdiff.planning.latency import measure_latency_table
@@ -304,7 +305,7 @@ def run(args: argparse.Namespace) -> dict:
 
         with Step(results, "gains", device):
             gains = measure_gains(pipe, prompts[: args.gain_prompts], sampler, args.gain_calls, 0.05, seed=0, progress=True,
-                                  checkpoint=work / "gains.ckpt.json")
+                                  checkpoint=work / "gains.ckpt.json", reference=SlimDiffConfig().gain_reference(stats))
         with Step(results, "score", device):
             scores = score(unet, stats, gains, max_ffn_points=args.ffn_points, progress=True)
         with Step(results, "allocate", device):

@@ -87,6 +87,7 @@ class Footprint:
     image_elements: int  # one generated image (3 x H x W)
     decode_elements: int  # the VAE decoder's largest activation for one image (its widest level at full size)
     unit_params: list[int] = field(default_factory=list)  # parameters of each latency unit's module
+    group_module_params: int = 0  # the largest module that holds a group (truncation gains copy one at a time)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -224,8 +225,10 @@ def footprint(model: str | Path, sampler, batch_size: int, stored_dtype: str | N
         units = [sum(p.numel() for p in denoiser.get_submodule(u.path).parameters()) for u in latency_units(denoiser)]
     except ValueError:
         units = []
+    holders = max((sum(p.numel() for p in denoiser.get_submodule(g.path).parameters()) for g in groups), default=0)
     return Footprint(components, key, sites, {s: seen.get(s, 0) for s in sites}, shapes, batch,
-                     sum(t.numel() for t in tensors), largest[0], 3 * height * width, vae_channels * height * width, units)
+                     sum(t.numel() for t in tensors), largest[0], 3 * height * width, vae_channels * height * width, units,
+                     holders)
 
 
 def _image_size(pipe, sampler) -> tuple[int, int]:
@@ -274,6 +277,7 @@ class MemorySettings:
     workers: int = 1  # capture shards running at once on this machine (a local cluster); 1 for a remote cluster
     gain_calls: int = 4
     gain_prompts: int = 8
+    gain_method: str = "truncation"  # truncation gains decompose one group at a time, as the decompose stage does
     latency_points: int = 0  # 0: no latency table (no latency budget)
     max_ffn_points: int = 64
     evaluate_prompts: int = 200
@@ -363,6 +367,7 @@ def settings_from_params(params: dict[str, Any], device: torch.device, dtype: to
         dtype=dtype, device=device.type, linalg_on_device=linalg_device(device).type == "cuda",
         num_buckets=int(capture["num_buckets"]), shards=shards, site_groups=site_groups, workers=workers,
         gain_calls=int(score["gain_calls"]), gain_prompts=int(score["gain_prompts"]),
+        gain_method=str(score.get("gain_method", "truncation")),
         latency_points=int(params["latency"]["points"]) if allocate.get("budget_kind") == "latency" else 0,
         max_ffn_points=int(score.get("max_ffn_points", 64)),
         evaluate_prompts=int(params["evaluate"]["n"]), report_samples=int((params.get("report") or {}).get("samples", 8)),
@@ -416,8 +421,6 @@ def predict(fp: Footprint, s: MemorySettings) -> dict[str, StageMemory]:
         stages["capture (one machine)"] = StageMemory(capture.host * s.workers + stages["capture (merge)"].host,
                                                       capture.device, {"workers": s.workers, "per worker": capture.host},
                                                       capture.device_terms)
-    calls = s.gain_calls * fp.call_input_elements * b * max(1, s.gain_prompts // max(fp.call_batch, 1))
-    stages["gains"] = model_stage({"recorded calls": calls, "activations": 2 * activations})
     if s.latency_points:
         unit = max(fp.unit_params, default=0) * b
         stages["latency"] = model_stage({"timed copies of one unit": (s.latency_points + 1) * unit, "activations": activations})
@@ -426,6 +429,21 @@ def predict(fp: Footprint, s: MemorySettings) -> dict[str, StageMemory]:
     read_pooled = max(sum(_site_bytes(fp.sites[n], 1, 8, pooled_only=True) for n in g.sites) for g in fp.groups)
     scoring = max(score_working_set(g, s.num_buckets) for g in fp.groups)
     applying = max(decompose_working_set(g) for g in fp.groups)
+    calls = s.gain_calls * fp.call_input_elements * b * max(1, s.gain_prompts // max(fp.call_batch, 1))
+    gains = model_stage({"recorded calls": calls, "activations": 2 * activations,
+                         **({"copy of the module holding one group": fp.group_module_params * b}
+                            if s.gain_method == "truncation" else {})})
+    if s.gain_method == "truncation":  # each group decomposed from its pooled statistics, as in the decompose stage
+        working = scoring  # no factorisation recorded yet: the whole decomposition, as the score stage computes it
+        gains.host_terms["one group's statistics (read)"] = read_pooled
+        gains.host += read_pooled
+        where = gains.device_terms if s.linalg_on_device else gains.host_terms
+        where["decomposition working set"] = working
+        if s.linalg_on_device:
+            gains.device += working
+        else:
+            gains.host += working
+    stages["gains"] = gains
     for name, site_bytes, working in (("score", read, scoring), ("decompose", read_pooled, applying)):
         extra = {"one group's statistics (read)": site_bytes}
         if s.linalg_on_device:

@@ -94,6 +94,7 @@ def config_from(params: dict[str, Any]):
         temperature=float(a.get("temperature", 0.1)), bucket_weights=tuple(a["bucket_weights"]) if a.get("bucket_weights") else None,
         reg=float(s["reg"]), ffn_step=int(s["ffn_step"]), rank_step=rank_step, max_ffn_points=int(s["max_ffn_points"]),
         gain_prompts=int(s["gain_prompts"]), gain_calls=int(s["gain_calls"]), rel_noise=float(s["rel_noise"]),
+        gain_method=str(s.get("gain_method", "truncation")), gain_keep=float(s.get("gain_keep", 0.5)),
         num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]), timestep_grid=timestep_grid_setting(c),
     )
 
@@ -291,6 +292,16 @@ def gain_shards(params: dict[str, Any]) -> int:
     return shard_count(params, "score", "gain_shards")
 
 
+def gain_reference(config, capture_file: Path = CAPTURE_FILE):
+    """What truncation gains truncate with (``score.gain_method: truncation``): the capture, opened lazily (one group's
+    sites read at a time; ``measure_gains`` checks it was taken on the same model); None for noise gains."""
+    if config.gain_method != "truncation":
+        return None
+    from slimdiff.statistics.sums import open_capture
+
+    return config.gain_reference(open_capture(capture_file, device="cpu"))
+
+
 def stage_gains(params: dict[str, Any]) -> None:
     """Propagation gains on the first ``score.gain_prompts`` SlimSet prompts, checkpointed after every module; with
     ``score.gain_shards`` > 1, merged from module-subset shards (those the flow's fan-out did not write are measured
@@ -302,17 +313,19 @@ def stage_gains(params: dict[str, Any]) -> None:
     sampler = sampler_settings(params)
     prompts = read_slimset()[: config.gain_prompts]
     shards = gain_shards(params)
+    pipe = _pipeline(params)
+    reference = gain_reference(config)
     if shards > 1:
-        gains, plan, measured = measure_gains_sharded(_pipeline(params), prompts, sampler, GAIN_SHARD_DIR, shards=shards,
+        gains, plan, measured = measure_gains_sharded(pipe, prompts, sampler, GAIN_SHARD_DIR, shards=shards,
                                                       num_calls=config.gain_calls, rel_noise=config.rel_noise,
-                                                      seed=sampler.seed, progress=True)
+                                                      seed=sampler.seed, progress=True, reference=reference)
         print(f"gains: merged {len(plan.shards)} shards ({len(measured)} measured in this process)")
         gains.save(GAINS_FILE)
         for shard in plan.shards:
             plan.path(GAIN_SHARD_DIR, shard).unlink(missing_ok=True)
         return
-    gains = measure_gains(_pipeline(params), prompts, sampler, config.gain_calls, config.rel_noise, seed=sampler.seed,
-                          progress=True, checkpoint=GAINS_CHECKPOINT)
+    gains = measure_gains(pipe, prompts, sampler, config.gain_calls, config.rel_noise, seed=sampler.seed,
+                          progress=True, checkpoint=GAINS_CHECKPOINT, reference=reference)
     gains.save(GAINS_FILE)
     GAINS_CHECKPOINT.unlink(missing_ok=True)
 

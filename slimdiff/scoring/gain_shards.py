@@ -27,6 +27,7 @@ from slimdiff.runtime.sampling import SamplerSettings
 from slimdiff.scoring.gains import (
     DEFAULT_NOISE_CHUNK,
     Gains,
+    TruncationReference,
     gains_fingerprint,
     measure_gains,
 )
@@ -79,9 +80,9 @@ def gain_shard_digest(fingerprint: dict, modules: Sequence[str]) -> str:
 
 def plan_gain_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, shards: int, num_calls: int,
                      rel_noise: float, seed: int, noise_chunk: int = DEFAULT_NOISE_CHUNK,
-                     model_hash: str | None = None) -> GainShardPlan:
+                     model_hash: str | None = None, reference: TruncationReference | None = None) -> GainShardPlan:
     """The shards of a gains measurement on ``pipe`` (hashes the model once, unless given ``model_hash``; runs no
-    denoiser call)."""
+    denoiser call); with ``reference``, of truncation gains."""
     from slimdiff.arch import compressible_groups
 
     if not prompts:
@@ -91,14 +92,15 @@ def plan_gain_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, 
     if not modules:
         raise ValueError(f"{type(denoiser).__name__} has no compressible groups to measure gains for")
     fingerprint = gains_fingerprint(denoiser, prompts, sampler, num_calls, rel_noise, seed, noise_chunk,
-                                    model_hash or model_content_hash(denoiser))
+                                    model_hash or model_content_hash(denoiser), reference)
     runs = split_modules(modules, shards)
     planned = [GainShard(i, tuple(run), gain_shard_digest(fingerprint, run)) for i, run in enumerate(runs)]
     return GainShardPlan(planned, fingerprint, modules)
 
 
 def measure_gain_shard(pipe, plan: GainShardPlan, shard: GainShard, prompts: Sequence[str], sampler: SamplerSettings,
-                       folder: str | Path, *, progress: bool = False, model_hash: str | None = None) -> Path:
+                       folder: str | Path, *, progress: bool = False, model_hash: str | None = None,
+                       reference: TruncationReference | None = None) -> Path:
     """Measure one shard's modules into ``<folder>/<digest>.json`` (atomically; kept when already there), resuming
     from the shard's checkpoint; refused before any denoiser call when this model or these settings are not the
     plan's."""
@@ -110,7 +112,7 @@ def measure_gain_shard(pipe, plan: GainShardPlan, shard: GainShard, prompts: Seq
     checkpoint = folder / f".{shard.digest}.ckpt"
     gains = measure_gains(pipe, prompts, sampler, num_calls=f["calls"], rel_noise=f["rel_noise"], seed=f["seed"],
                           progress=progress, noise_chunk=f["noise_chunk"], checkpoint=checkpoint, only=shard.modules,
-                          expect=plan.fingerprint, model_hash=model_hash)
+                          expect=plan.fingerprint, model_hash=model_hash, reference=reference)
     write_json(target, {"format": GAIN_SHARD_FORMAT, "digest": shard.digest, "index": shard.index,
                         "fingerprint": plan.fingerprint, "modules": list(shard.modules), "gains": gains.gains,
                         "block_influence": gains.block_influence, "metadata": gains.metadata})
@@ -162,16 +164,18 @@ def _check_influence(found: dict[str, float], first: dict[str, float], path: Pat
 
 def measure_gains_sharded(pipe, prompts: Sequence[str], sampler: SamplerSettings, folder: str | Path, *, shards: int,
                           num_calls: int, rel_noise: float, seed: int, noise_chunk: int = DEFAULT_NOISE_CHUNK,
-                          progress: bool = False) -> tuple[Gains, GainShardPlan, list[int]]:
+                          progress: bool = False,
+                          reference: TruncationReference | None = None) -> tuple[Gains, GainShardPlan, list[int]]:
     """Plan, measure the missing shards here (one after another), verify and merge. Returns the gains, the plan and
     the indices this call measured (none when a distributed run, ``flows.distributed``, wrote them all)."""
     _, denoiser = denoiser_of(pipe)
     model_hash = model_content_hash(denoiser)  # once, for the plan and every shard measured here
     plan = plan_gain_shards(pipe, prompts, sampler, shards=shards, num_calls=num_calls, rel_noise=rel_noise, seed=seed,
-                            noise_chunk=noise_chunk, model_hash=model_hash)
+                            noise_chunk=noise_chunk, model_hash=model_hash, reference=reference)
     missing = plan.missing(folder)
     for shard in missing:
-        measure_gain_shard(pipe, plan, shard, prompts, sampler, folder, progress=progress, model_hash=model_hash)
+        measure_gain_shard(pipe, plan, shard, prompts, sampler, folder, progress=progress, model_hash=model_hash,
+                           reference=reference)
     return merge_gain_shards(plan, folder), plan, [s.index for s in missing]
 
 

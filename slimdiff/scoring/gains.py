@@ -1,5 +1,10 @@
-"""Propagation gains (method.md §4): noise of known energy at a module's output, the change of the denoiser's output
-measured, no gradients.
+"""Propagation gains (method.md §4): how much error of the denoiser's output one unit of a module's predicted error
+causes, measured without gradients.
+
+Two ways, one per call: with a ``TruncationReference`` (the default of the pipeline) each module is truncated to a
+reference width by its own closed-form decomposition, and the gain is the measured change of the denoiser's output
+divided by the predicted error at that width; without one, noise of known energy is added at the module's output
+(isotropic, so it misses where the truncation error lies and what attention's mixing does to it: docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch import Tensor, nn
 
 from slimdiff.arch import ModuleGroup, compressible_groups
 from slimdiff.arch.pipelines import denoiser_of
+from slimdiff.arch.sites import group_sites
 from slimdiff.calls import DenoiserCall, record_calls
 from slimdiff.device import module_device
 from slimdiff.files import complete_artifact, read_json_artifact, write_json
@@ -25,6 +31,8 @@ from slimdiff.statistics.recording import model_content_hash
 from slimdiff.statistics.sums import Capture
 
 GAINS_FORMAT = "slimdiff-gains/1"
+GAIN_METHODS = ("truncation", "noise")
+DEFAULT_REFERENCE_KEEP = 0.5
 
 # Largest logit-noise block drawn at once (elements): attention with injected logit noise runs in
 # query chunks of at most this many (batch x heads x queries x keys) logits, whatever the resolution.
@@ -59,6 +67,31 @@ class Gains:
         with complete_artifact(path, "propagation gains file"):
             return cls({k: float(v) for k, v in data["gains"].items()}, {k: float(v) for k, v in data["block_influence"].items()},
                        data.get("metadata", {}))
+
+
+@dataclass(frozen=True)
+class TruncationReference:
+    """What a truncation gain truncates with: the capture of the uncompressed model, the decompositions' ridge ``reg``
+    and ``keep``, the fraction of each group's width kept at the reference width."""
+
+    capture: Capture
+    reg: float
+    keep: float = DEFAULT_REFERENCE_KEEP
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.keep, (int, float)) and 0 < self.keep < 1):
+            raise ValueError(f"the reference width keeps a fraction of each group's width, 0 < keep < 1; got {self.keep!r}")
+        if not self.reg >= 0:
+            raise ValueError(f"reg must be >= 0, got {self.reg!r}")
+
+    def width(self, group: ModuleGroup) -> int:
+        """The reference width of ``group``: ``keep`` of its width, at least 1 and below the full width."""
+        return min(max(1, round(self.keep * group.width)), group.width - 1)
+
+    def fingerprint(self) -> dict[str, Any]:
+        from slimdiff.decomposition.factorisations import capture_identity
+
+        return {"capture": capture_identity(self.capture), "reg": float(self.reg), "keep": float(self.keep)}
 
 
 def _output(denoiser: nn.Module, call: DenoiserCall) -> Tensor:
@@ -107,10 +140,14 @@ class LogitNoise:
 def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups: Sequence[ModuleGroup] | None = None,
                       rel_noise: float = 0.05, seed: int = 0, progress: bool = False, noise_chunk: int = DEFAULT_NOISE_CHUNK,
                       known: dict[str, float] | None = None, after_each=None,
-                      only: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+                      only: Sequence[str] | None = None,
+                      reference: TruncationReference | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Gradient-free propagation gains and block influence.
 
-    For each module, noise of known energy per token (per query-key pair and head for QK logits)
+    With ``reference``, each module is decomposed from the capture and truncated to its reference width (the rest
+    of the model untouched, restored afterwards); the gain is the energy of the change in the denoiser output per
+    sample and call divided by the decomposition's predicted error at that width, so gain x predicted error is the
+    measured error there. Without, noise of known energy per token (per query-key pair and head for QK logits)
     is added at its output; the gain is the energy of the change in the denoiser output per sample
     divided by that injected energy, summed over ``calls``. Block influence (for the MoDeGPT
     allocator) is mean(1 - cos(x_in, x_out)) of each transformer block on the clean passes. Noise is
@@ -165,17 +202,22 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
         for index, group in tqdm(measured, desc="gains", unit="module", disable=not progress):
             if group.name in gains:
                 continue
+            if reference is not None:
+                gains[group.name] = _truncation_gain(denoiser, group, calls, clean, reference)
+                if after_each is not None:
+                    after_each(dict(gains))
+                continue
             generator = torch.Generator(device=device).manual_seed(seed * 100003 + index)
             injected = 0.0
             change = 0.0
-            for call, reference in zip(calls, clean):
+            for call, before in zip(calls, clean):
                 energy: list[float] = []
                 with _perturbed(denoiser, group, rel_noise, generator, energy, noise_chunk):
                     out = _output(denoiser, call)
                 if not energy:
                     raise RuntimeError(f"no noise reached {group.name} during a denoiser call; its gain cannot be measured")
                 batch = out.shape[0]
-                change += float((out - reference).pow(2).sum()) / batch
+                change += float((out - before).pow(2).sum()) / batch
                 injected += sum(energy) / len(energy)
             if not injected > 0:
                 raise RuntimeError(f"{group.name}: the module's output is zero on the gain prompts, so no noise of known "
@@ -185,6 +227,55 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
                 after_each(dict(gains))
     block_influence = {n: influence_sum[n] / influence_count[n] for n in influence_sum}
     return gains, block_influence
+
+
+def _truncation_gain(denoiser: nn.Module, group: ModuleGroup, calls: Sequence[DenoiserCall], clean: Sequence[Tensor],
+                     reference: TruncationReference) -> float:
+    """Measured output change per sample and call over predicted error, ``group`` truncated to its reference width.
+
+    Where the decomposition is exact there (a rank-deficient input: predicted error 0), the width is halved until it
+    is not; a group exact down to width 1 has no error to scale at any width, and gain 0."""
+    width = reference.width(group)
+    while True:
+        with _truncated(denoiser, group, width, reference) as predicted:
+            if predicted > 0:
+                change = 0.0
+                for call, before in zip(calls, clean):
+                    out = _output(denoiser, call)
+                    change += float((out - before).pow(2).sum()) / out.shape[0]
+                return change / len(calls) / predicted
+        if width == 1:
+            return 0.0
+        width //= 2
+
+
+class _truncated:
+    """Context: ``group`` replaced by its decomposition at ``width`` on a copy of the module that holds it; the
+    original module is put back on exit. Yields the decomposition's predicted error at that width."""
+
+    def __init__(self, denoiser: nn.Module, group: ModuleGroup, width: int, reference: TruncationReference):
+        self.denoiser, self.group, self.width, self.reference = denoiser, group, width, reference
+        self.original: nn.Module | None = None
+
+    def __enter__(self) -> float:
+        import copy
+
+        from slimdiff.decomposition.apply import decompose
+
+        self.original = self.denoiser.get_submodule(self.group.path)
+        self.denoiser.set_submodule(self.group.path, copy.deepcopy(self.original))
+        try:
+            capture = self.reference.capture.subset(group_sites(self.group))
+            (result,) = decompose(self.denoiser, capture, {self.group.name: self.width}, self.reference.reg)
+        except BaseException:
+            self.__exit__()
+            raise
+        return result.predicted_error
+
+    def __exit__(self, *exc) -> None:
+        if self.original is not None:
+            self.denoiser.set_submodule(self.group.path, self.original)
+            self.original = None
 
 
 class _perturbed:
@@ -231,10 +322,13 @@ class _perturbed:
 
 
 def gains_fingerprint(denoiser: nn.Module, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int, rel_noise: float,
-                      seed: int, noise_chunk: int, model_hash: str) -> dict[str, Any]:
+                      seed: int, noise_chunk: int, model_hash: str,
+                      reference: TruncationReference | None = None) -> dict[str, Any]:
     """Everything that decides the gains (what resumed gains must match)."""
     parameter = next(denoiser.parameters())
     return {
+        "method": "noise" if reference is None else "truncation",
+        "reference": None if reference is None else reference.fingerprint(),
         "model_hash": model_hash,
         "prompts_in_order": [prompt_hash(p) for p in prompts],
         "sampler": sampler.to_dict(),
@@ -250,8 +344,11 @@ def gains_fingerprint(denoiser: nn.Module, prompts: Sequence[str], sampler: Samp
 def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int = 4, rel_noise: float = 0.05,
                   seed: int = 0, progress: bool = False, noise_chunk: int = DEFAULT_NOISE_CHUNK,
                   checkpoint: str | Path | None = None, only: Sequence[str] | None = None,
-                  expect: dict[str, Any] | None = None, model_hash: str | None = None) -> Gains:
+                  expect: dict[str, Any] | None = None, model_hash: str | None = None,
+                  reference: TruncationReference | None = None) -> Gains:
     """Measure propagation gains (and block influence) on a few prompts and timesteps, on the model's device.
+
+    With ``reference`` (the capture of this model), truncation gains; without, noise gains (``propagation_gains``).
 
     With ``checkpoint``, the gains measured so far are written there after every module, and a
     checkpoint with the same model and settings is resumed (modules already measured are skipped).
@@ -261,7 +358,12 @@ def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_ca
     """
     _, denoiser = denoiser_of(pipe)
     model_hash = model_hash or model_content_hash(denoiser)
-    fingerprint = gains_fingerprint(denoiser, prompts, sampler, num_calls, rel_noise, seed, noise_chunk, model_hash)
+    if reference is not None:
+        captured_on = reference.capture.metadata.get("model_hash")
+        if captured_on and captured_on != model_hash:
+            raise ValueError(f"truncation gains: the capture was made on model {captured_on[:12]}, this model is "
+                             f"{model_hash[:12]}; capture this model first")
+    fingerprint = gains_fingerprint(denoiser, prompts, sampler, num_calls, rel_noise, seed, noise_chunk, model_hash, reference)
     if expect is not None and expect != fingerprint:
         differ = sorted(k for k in set(expect) | set(fingerprint) if expect.get(k) != fingerprint.get(k))
         raise ValueError(f"gains were planned for another {', '.join(differ)} than this model and these settings; "
@@ -286,8 +388,10 @@ def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_ca
 
     calls = record_calls(pipe, prompts, sampler, num_calls)
     gains, block_influence = propagation_gains(denoiser, calls, rel_noise=rel_noise, seed=seed, progress=progress,
-                                               noise_chunk=noise_chunk, known=known, after_each=save_partial, only=only)
-    metadata = {"model_hash": model_hash, "prompts": len(prompts), "prompts_digest": prompts_digest(prompts),
+                                               noise_chunk=noise_chunk, known=known, after_each=save_partial, only=only,
+                                               reference=reference)
+    metadata = {"method": fingerprint["method"], "reference": fingerprint["reference"],
+                "model_hash": model_hash, "prompts": len(prompts), "prompts_digest": prompts_digest(prompts),
                 "calls": len(calls), "rel_noise": rel_noise, "seed": seed, "noise_chunk": noise_chunk,
                 "sampler": sampler.to_dict(), "dtype": fingerprint["dtype"], "device_type": fingerprint["device_type"]}
     return Gains(gains, block_influence, metadata)
