@@ -24,13 +24,12 @@ from slimdiff.planning.allocation import (
     check_budget,
 )
 from slimdiff.scoring.gains import Gains, propagation_gains, spearman
+from slimdiff.decomposition.errors import ffn_error_under, vo_error_under
 from slimdiff.scoring.influence import (
     Granularity,
     InfluenceScores,
-    ffn_error_under,
     score,
     skeleton_scores,
-    vo_error_under,
 )
 from slimdiff.statistics.recorder import ActivationRecorder
 from slimdiff.statistics.sums import Capture

@@ -30,12 +30,8 @@ from slimdiff.device import DeviceError, check_dtype_runs, resolve_device, resol
 from slimdiff.runtime.attention import SlimAttnProcessor
 from slimdiff.runtime.sampling import SamplerSettings
 from slimdiff.scoring.gains import LogitNoise, _noise_like, propagation_gains
-from slimdiff.scoring.influence import (
-    ffn_error_under,
-    qk_error_under,
-    score,
-    vo_error_under,
-)
+from slimdiff.decomposition.errors import ffn_error_under, qk_error_under, vo_error_under
+from slimdiff.scoring.influence import score
 from slimdiff.statistics.kernels import gram
 from slimdiff.statistics.recorder import ActivationRecorder
 from slimdiff.statistics.sums import Capture, SiteStats

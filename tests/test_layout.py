@@ -21,7 +21,8 @@ ROOMS = [
     ("measurement", ("slimdiff.calls", "slimdiff.cost")),
     ("statistics", ("slimdiff.statistics",)),
     ("decomposition math", ("slimdiff.decomposition.closed_form", "slimdiff.decomposition.groups",
-                            "slimdiff.decomposition.factorisations", "slimdiff.decomposition.lora_maps")),
+                            "slimdiff.decomposition.factorisations", "slimdiff.decomposition.lora_maps",
+                            "slimdiff.decomposition.errors")),
     # a decomposition applied to a model: what a plan's widths become, and what a truncation gain measures
     ("applying decompositions", ("slimdiff.decomposition.apply",)),
     ("scoring", ("slimdiff.scoring",)),

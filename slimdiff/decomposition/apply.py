@@ -276,15 +276,22 @@ def decompose(denoiser: nn.Module, capture: Capture, widths: Mapping[str, int], 
     features = linear_features(denoiser)
     for name in tqdm(list(widths), desc="decompose", unit="group", disable=not progress):
         group = groups[name]
-        width = int(widths[name])
-        if not 1 <= width <= group.width:
-            raise ValueError(f"width for {name} must be in 1..{group.width}, got {width}")
         decomposition = recorded_decomposition(store, denoiser, group, capture) if store is not None else None
-        if decomposition is None:
-            decomposition = decompose_group(denoiser, group, capture, reg)
-        cov_input = None
-        if group.kind == "adaln" and width < group.full_rank < group.in_features:  # see lora_maps.lowrank_input
-            where = linalg_device(module_device(denoiser))
-            cov_input = regularize(group_statistics(denoiser, group, capture, device=where)[0], reg)
-        results.append(apply_decomposition(denoiser, group, decomposition, width, features, cov_input))
+        results.append(apply_group(denoiser, group, capture, int(widths[name]), reg, decomposition, features))
     return results
+
+
+def apply_group(denoiser: nn.Module, group: ModuleGroup, capture: Capture, width: int, reg: float = DEFAULT_REG,
+                decomposition: Decomposition | None = None,
+                features: Mapping[str, tuple[int, int]] | None = None) -> GroupResult:
+    """Compress one ``group`` of ``denoiser`` in place to ``width``: with ``decomposition`` (of the capture of the
+    uncompressed model) when the caller has it, else decomposed here."""
+    if not 1 <= width <= group.width:
+        raise ValueError(f"width for {group.name} must be in 1..{group.width}, got {width}")
+    if decomposition is None:
+        decomposition = decompose_group(denoiser, group, capture, reg)
+    cov_input = None
+    if group.kind == "adaln" and width < group.full_rank < group.in_features:  # see lora_maps.lowrank_input
+        where = linalg_device(module_device(denoiser))
+        cov_input = regularize(group_statistics(denoiser, group, capture, device=where)[0], reg)
+    return apply_decomposition(denoiser, group, decomposition, width, features, cov_input)

@@ -9,6 +9,7 @@ divided by the predicted error at that width; without one, noise of known energy
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -23,7 +24,10 @@ from slimdiff.arch import ModuleGroup, compressible_groups
 from slimdiff.arch.pipelines import denoiser_of
 from slimdiff.arch.sites import group_sites
 from slimdiff.calls import DenoiserCall, record_calls
-from slimdiff.device import module_device
+from slimdiff.decomposition.apply import apply_group
+from slimdiff.decomposition.errors import bucket_errors, mean_bucket_error
+from slimdiff.decomposition.groups import decompose_group
+from slimdiff.device import linalg_device, module_device
 from slimdiff.files import complete_artifact, read_json_artifact, write_json
 from slimdiff.runtime.attention import original_attention_scale, slim_processor_for
 from slimdiff.runtime.sampling import SamplerSettings, prompt_hash, prompts_digest
@@ -233,49 +237,32 @@ def _truncation_gain(denoiser: nn.Module, group: ModuleGroup, calls: Sequence[De
                      reference: TruncationReference) -> float:
     """Measured output change per sample and call over predicted error, ``group`` truncated to its reference width.
 
-    Where the decomposition is exact there (a rank-deficient input: predicted error 0), the width is halved until it
+    The predicted error is the score's own (the equal-weight mean over timestep buckets of the error under each
+    bucket's covariance, ``slimdiff.decomposition.errors``), so gain x score is the measured error there. Where the
+    decomposition is exact at that width (a rank-deficient input: predicted error 0), the width is halved until it
     is not; a group exact down to width 1 has no error to scale at any width, and gain 0."""
+    capture = reference.capture.subset(group_sites(group))
+    decomposition = decompose_group(denoiser, group, capture, reference.reg)
+    where = linalg_device(module_device(denoiser))
     width = reference.width(group)
     while True:
-        with _truncated(denoiser, group, width, reference) as predicted:
-            if predicted > 0:
-                change = 0.0
-                for call, before in zip(calls, clean):
-                    out = _output(denoiser, call)
-                    change += float((out - before).pow(2).sum()) / out.shape[0]
-                return change / len(calls) / predicted
+        predicted = mean_bucket_error(bucket_errors(denoiser, group, capture, decomposition, [width], where))
+        if predicted > 0:
+            break
         if width == 1:
             return 0.0
         width //= 2
-
-
-class _truncated:
-    """Context: ``group`` replaced by its decomposition at ``width`` on a copy of the module that holds it; the
-    original module is put back on exit. Yields the decomposition's predicted error at that width."""
-
-    def __init__(self, denoiser: nn.Module, group: ModuleGroup, width: int, reference: TruncationReference):
-        self.denoiser, self.group, self.width, self.reference = denoiser, group, width, reference
-        self.original: nn.Module | None = None
-
-    def __enter__(self) -> float:
-        import copy
-
-        from slimdiff.decomposition.apply import decompose
-
-        self.original = self.denoiser.get_submodule(self.group.path)
-        self.denoiser.set_submodule(self.group.path, copy.deepcopy(self.original))
-        try:
-            capture = self.reference.capture.subset(group_sites(self.group))
-            (result,) = decompose(self.denoiser, capture, {self.group.name: self.width}, self.reference.reg)
-        except BaseException:
-            self.__exit__()
-            raise
-        return result.predicted_error
-
-    def __exit__(self, *exc) -> None:
-        if self.original is not None:
-            self.denoiser.set_submodule(self.group.path, self.original)
-            self.original = None
+    original = denoiser.get_submodule(group.path)
+    denoiser.set_submodule(group.path, copy.deepcopy(original))  # truncated on a copy; the original goes back
+    try:
+        apply_group(denoiser, group, capture, width, reference.reg, decomposition)
+        change = 0.0
+        for call, before in zip(calls, clean):
+            out = _output(denoiser, call)
+            change += float((out - before).pow(2).sum()) / out.shape[0]
+    finally:
+        denoiser.set_submodule(group.path, original)
+    return change / len(calls) / predicted
 
 
 class _perturbed:

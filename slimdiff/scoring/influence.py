@@ -16,13 +16,9 @@ from torch import Tensor, nn
 
 from slimdiff.arch import ModuleGroup, compressible_groups, find_groups, left_intact
 from slimdiff.arch.sites import group_input_sites, group_sites
-from slimdiff.decomposition.closed_form import (
-    DEFAULT_REG,
-    FFNDecomposition,
-    QKDecomposition,
-    VODecomposition,
-)
-from slimdiff.decomposition.groups import decompose_group, group_statistics
+from slimdiff.decomposition.closed_form import DEFAULT_REG, FFNDecomposition
+from slimdiff.decomposition.errors import bucket_errors
+from slimdiff.decomposition.groups import decompose_group
 from slimdiff.device import linalg_device, module_device
 from slimdiff.files import complete_artifact, read_json_artifact, write_json
 from slimdiff.scoring.gains import Gains
@@ -157,53 +153,6 @@ def skeleton_scores(groups: Sequence[ModuleGroup], granularity: Granularity = Gr
     return InfluenceScores(modules, granularity)
 
 
-def _diag_tail(pair_energy: Tensor) -> Tensor:
-    """R[k] = sum_{i>=k, j>=k} M[i, j] for a (heads, d, d) array summed over heads; R has d+1 entries."""
-    m = pair_energy.sum(0)
-    suffix = torch.flip(torch.cumsum(torch.cumsum(torch.flip(m, [0, 1]), 0), 1), [0, 1])
-    return torch.cat([torch.diagonal(suffix), m.new_zeros(1)])
-
-
-def qk_error_under(decomposition: QKDecomposition, cov_x: Tensor, cov_y: Tensor) -> Tensor:
-    """Whitened logit error of the pooled QK truncation at every rank 0..d, measured under other covariances."""
-    gram_q = decomposition.q_factors.transpose(1, 2) @ cov_x @ decomposition.q_factors
-    gram_k = decomposition.k_factors.transpose(1, 2) @ cov_y @ decomposition.k_factors
-    return _diag_tail(gram_q * gram_k).clamp_min(0)
-
-
-def vo_error_under(decomposition: VODecomposition, cov_y: Tensor) -> Tensor:
-    """Output error of the pooled VO truncation at every rank 0..d, measured under another covariance."""
-    gram_v = decomposition.v_factors.transpose(1, 2) @ cov_y @ decomposition.v_factors
-    gram_o = decomposition.o_factors @ decomposition.o_factors.transpose(1, 2)
-    return _diag_tail(gram_v * gram_o).clamp_min(0)
-
-
-def ffn_error_under(w_down: Tensor, keep: Tensor, w_new: Tensor, cov: Tensor, total: Tensor | None = None) -> Tensor:
-    """Output error of a Nyström selection (``keep``, corrected down projection ``w_new``) under covariance ``cov``.
-
-    ``total`` = tr(W_d^T C W_d) may be passed in when one covariance is evaluated at many widths.
-    """
-    if total is None:
-        total = torch.einsum("ic,ij,jc->", w_down, cov, w_down)
-    cross = torch.einsum("ic,ik,kc->", w_down, cov[:, keep], w_new)
-    kept = torch.einsum("kc,kl,lc->", w_new, cov[keep][:, keep], w_new)
-    return (total - 2 * cross + kept).clamp_min(0)
-
-
-def _interpolate(widths: list[int], known: dict[int, float]) -> list[float]:
-    xs = sorted(known)
-    out = []
-    for w in widths:
-        if w in known:
-            out.append(known[w])
-            continue
-        hi = next(x for x in xs if x > w)
-        lo = max(x for x in xs if x < w)
-        t = (w - lo) / (hi - lo)
-        out.append((1 - t) * known[lo] + t * known[hi])
-    return out
-
-
 def _full_params(group: ModuleGroup) -> int:
     """The group's full-width parameters where they are not unit x width (adaLN), else 0."""
     return group.params_at(group.width) if group.kind == "adaln" else 0
@@ -230,34 +179,7 @@ def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, gran
         decomposition = replace(decomposition, chosen=decomposition.channel_sets(widths))
     if store is not None:
         store.put(group, decomposition, widths)
-    seen = [b for b in range(capture.num_buckets) if all(int(capture.sites[site].count[b]) > 0 for site in sites)]
-    errors: list[list[float] | None] = [None] * capture.num_buckets
-    if isinstance(decomposition, FFNDecomposition):
-        if len(widths) > max_ffn_points:
-            index = torch.linspace(0, len(widths) - 1, max_ffn_points, device="cpu").round().long().unique().tolist()
-            exact = [widths[i] for i in index]
-        else:
-            exact = widths
-        w_down = decomposition.w_down
-        covs = {b: group_statistics(denoiser, group, capture, [b], where)[0] for b in seen}
-        totals = {b: torch.einsum("ic,ij,jc->", w_down, cov, w_down) for b, cov in covs.items()}
-        known: dict[int, dict[int, float]] = {b: {} for b in seen}
-        for width in exact:
-            keep, w_new = decomposition.weights(width)
-            for b, cov in covs.items():
-                known[b][width] = float(ffn_error_under(w_down, keep, w_new, cov, totals[b]))
-        for b in seen:
-            errors[b] = _interpolate(widths, known[b])
-    elif isinstance(decomposition, QKDecomposition):
-        for b in seen:
-            cov_x, cov_y = group_statistics(denoiser, group, capture, [b], where)
-            curve = qk_error_under(decomposition, cov_x, cov_y).cpu()
-            errors[b] = [float(curve[w]) for w in widths]
-    else:
-        for b in seen:
-            _, cov_y = group_statistics(denoiser, group, capture, [b], where)
-            curve = vo_error_under(decomposition, cov_y).cpu()
-            errors[b] = [float(curve[min(w, decomposition.head_dim)]) for w in widths]
+    errors = bucket_errors(denoiser, group, capture, decomposition, widths, where, max_ffn_points)
     # gain None only when score() was told require_gains=False: the unit-gain ablation, recorded in the scores'
     # metadata as gains_measured: false (score() refuses a gains file that lacks a module)
     site_tokens = capture.metadata.get("site_tokens", {})
