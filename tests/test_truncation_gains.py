@@ -19,7 +19,10 @@ from slimdiff.scoring.influence import Granularity, score
 from tests import helpers as testing
 from tests.helpers import TINY_DENOISERS, TINY_DIT_DENOISERS, record_capture
 
-FAMILIES = {**TINY_DENOISERS, **{k: v for k, v in TINY_DIT_DENOISERS.items() if k in ("sd3", "flux")}}
+# every group kind once: UNet self/cross QK and VO and GEGLU FFN (SD 2: a cross-attention QK exact at half width),
+# PixArt's GELU FFN, SD3's joint attention, Flux's joint and single blocks and adaLN modulations
+FAMILIES = {"unet_sd2": TINY_DENOISERS["unet_sd2"], "pixart": TINY_DENOISERS["pixart"],
+            "sd3": TINY_DIT_DENOISERS["sd3"], "flux": TINY_DIT_DENOISERS["flux"]}
 CAPTURE_TIMESTEPS = (5, 180, 420, 610, 820, 990) * 2
 GAIN_TIMESTEPS = (100, 500, 900)
 
