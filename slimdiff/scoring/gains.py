@@ -26,6 +26,7 @@ from slimdiff.arch.sites import group_sites
 from slimdiff.calls import DenoiserCall, record_calls
 from slimdiff.decomposition.apply import apply_group
 from slimdiff.decomposition.errors import bucket_errors, mean_bucket_error
+from slimdiff.decomposition.factorisations import capture_identity
 from slimdiff.decomposition.groups import decompose_group
 from slimdiff.device import linalg_device, module_device
 from slimdiff.files import complete_artifact, read_json_artifact, write_json
@@ -93,8 +94,6 @@ class TruncationReference:
         return min(max(1, round(self.keep * group.width)), group.width - 1)
 
     def fingerprint(self) -> dict[str, Any]:
-        from slimdiff.decomposition.factorisations import capture_identity
-
         return {"capture": capture_identity(self.capture), "reg": float(self.reg), "keep": float(self.keep)}
 
 
