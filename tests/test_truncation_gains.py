@@ -5,6 +5,7 @@ family; the model is left exactly as it was."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,19 @@ def test_a_capture_of_another_model_is_refused_before_any_call():
     with pytest.raises(ValueError, match=r"truncation gains: the capture was made on model \w{12}, this model is \w{12}"):
         measure_gains(pipe, list(testing.TINY_PROMPTS[:2]), sampler, num_calls=2,
                       reference=TruncationReference(stats, DEFAULT_REG))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("gain_keep", "half", r"0 < gain_keep < 1; got 'half'"),
+    ("gain_keep", 1, r"0 < gain_keep < 1; got 1"),
+    ("gain_method", "gradients", r"unknown gain method 'gradients'; choose one of truncation, noise"),
+])
+def test_bad_gain_settings_in_params_yaml_fail_naming_the_setting(key, value, message):
+    import yaml
+
+    from slimdiff.pipeline.stages import config_from
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["score"][key] = value
+    with pytest.raises(ValueError, match=message):
+        config_from(params)
