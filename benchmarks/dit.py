@@ -147,6 +147,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     out = Path(args.out)
     partial = out.with_suffix(".partial.json")
     for label, method, kind, points in [run for run in RUNS if not args.only or run[0] in args.only]:
+        points = tuple(args.points) if args.points else points
         results.setdefault("methods", {})[label] = {"method": method, "budget_kind": kind,
                                                     "options": method_options(method, {})}
         for point in points:
@@ -345,10 +346,19 @@ def main(argv: list[str] | None = None) -> int:
                         "(the latency budget's table and every model's measurement)")
     parser.add_argument("--only", nargs="+", choices=[run[0] for run in RUNS], default=None,
                         help="measure only these methods (a partial page; default: all)")
+    parser.add_argument("--points", nargs="+", type=float, default=None,
+                        help="operating points for the methods measured instead of their defaults (with --only and "
+                             "--out: a supplementary file, not the page's)")
     parser.add_argument("--out", default=str(RESULTS), help="results file (default: benchmarks/results/dit.json)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: SLIMDIFF_THREADS, else auto)")
     parser.add_argument("--render-only", action="store_true", help="only re-render the page and plot from the results file")
     args = parser.parse_args(argv)
+    if args.points is not None:
+        if not args.only or Path(args.out).resolve() == RESULTS.resolve():
+            parser.error("--points needs --only and an --out other than the page's results file")
+        bad = [p for p in args.points if not 0 < p < 1]
+        if bad:
+            parser.error(f"--points are fractions in (0, 1), got {bad}")
     if not args.render_only:
         if not Path(args.calibration).is_file():
             raise SystemExit(f"{args.calibration}: no calibration prompts; run the Flux job first (README: Another model) "

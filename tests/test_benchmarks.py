@@ -321,3 +321,14 @@ def test_speed_caches_are_keyed_by_code_and_model_and_replan_is_gone(pages):
     with pytest.raises(SystemExit):
         speed.parse_args(["--replan-only"])
     assert not hasattr(speed.parse_args([]), "scores_cache")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--points", "0.7"], "--points needs --only and an --out other than the page's results file"),
+    (["--only", "slimdiff (latency)", "--points", "1.5", "--out", "x.json"], "--points are fractions in (0, 1), got [1.5]"),
+])
+def test_dit_supplementary_points_are_refused_for_the_page_and_outside_the_range(pages, argv, message, capsys):
+    dit = pages.BENCHMARKS["dit"].module()
+    with pytest.raises(SystemExit) as exit_info:
+        dit.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
