@@ -429,31 +429,28 @@ def predict(fp: Footprint, s: MemorySettings) -> dict[str, StageMemory]:
     read_pooled = max(sum(_site_bytes(fp.sites[n], 1, 8, pooled_only=True) for n in g.sites) for g in fp.groups)
     scoring = max(score_working_set(g, s.num_buckets) for g in fp.groups)
     applying = max(decompose_working_set(g) for g in fp.groups)
+
+    def group_math_stage(extra: dict[str, int], site_bytes: int, working: int) -> StageMemory:
+        """A model stage that reads one group's statistics onto the host and decomposes it on the linalg device."""
+        if s.linalg_on_device:
+            memory = model_stage({**extra, "decomposition working set": working})
+        else:
+            memory = model_stage(extra)
+            memory.host_terms["decomposition working set"] = working
+            memory.host += working
+        memory.host_terms["one group's statistics (read)"] = site_bytes
+        memory.host += site_bytes
+        return memory
+
     calls = s.gain_calls * fp.call_input_elements * b * max(1, s.gain_prompts // max(fp.call_batch, 1))
-    gains = model_stage({"recorded calls": calls, "activations": 2 * activations,
-                         **({"copy of the module holding one group": fp.group_module_params * b}
-                            if s.gain_method == "truncation" else {})})
-    if s.gain_method == "truncation":  # each group decomposed from its pooled statistics, as in the decompose stage
-        working = scoring  # no factorisation recorded yet: the whole decomposition, as the score stage computes it
-        gains.host_terms["one group's statistics (read)"] = read_pooled
-        gains.host += read_pooled
-        where = gains.device_terms if s.linalg_on_device else gains.host_terms
-        where["decomposition working set"] = working
-        if s.linalg_on_device:
-            gains.device += working
-        else:
-            gains.host += working
-    stages["gains"] = gains
+    gains_extra = {"recorded calls": calls, "activations": 2 * activations}
+    if s.gain_method == "truncation":  # each group decomposed whole (nothing recorded yet, as in the score stage)
+        stages["gains"] = group_math_stage(
+            {**gains_extra, "copy of the module holding one group": fp.group_module_params * b}, read_pooled, scoring)
+    else:
+        stages["gains"] = model_stage(gains_extra)
     for name, site_bytes, working in (("score", read, scoring), ("decompose", read_pooled, applying)):
-        extra = {"one group's statistics (read)": site_bytes}
-        if s.linalg_on_device:
-            memory = model_stage({"decomposition working set": working})
-            memory.host_terms.update(extra)
-            memory.host += site_bytes
-        else:
-            memory = model_stage({})
-            memory.host_terms.update({**extra, "decomposition working set": working})
-            memory.host += site_bytes + working
+        memory = group_math_stage({}, site_bytes, working)
         if name == "decompose":
             maps = b * sum(lora_maps_elements(g) for g in fp.groups)  # every group's, until the folder is written
             if on_gpu:

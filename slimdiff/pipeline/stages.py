@@ -94,7 +94,8 @@ def config_from(params: dict[str, Any]):
         temperature=float(a.get("temperature", 0.1)), bucket_weights=tuple(a["bucket_weights"]) if a.get("bucket_weights") else None,
         reg=float(s["reg"]), ffn_step=int(s["ffn_step"]), rank_step=rank_step, max_ffn_points=int(s["max_ffn_points"]),
         gain_prompts=int(s["gain_prompts"]), gain_calls=int(s["gain_calls"]), rel_noise=float(s["rel_noise"]),
-        gain_method=str(s.get("gain_method", "truncation")), gain_keep=s.get("gain_keep", 0.5),
+        gain_method=str(s.get("gain_method", SlimDiffConfig.gain_method)),
+        gain_keep=s.get("gain_keep", SlimDiffConfig.gain_keep),
         num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]), timestep_grid=timestep_grid_setting(c),
     )
 
