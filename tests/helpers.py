@@ -492,3 +492,26 @@ def xw(linear: nn.Linear) -> torch.Tensor:
     """A linear's weight in X W layout (float64), its bias as an extra last row."""
     w = linear.weight.detach().double().T
     return w if linear.bias is None else torch.cat([w, linear.bias.detach().double()[None]])
+
+
+def assert_same_statistics(merged, single) -> None:
+    """``merged`` (a sharded capture, merged) holds the statistics of ``single`` (the single-process capture of the same
+    prompts, sampler and batch size), site by site, and its metadata.
+
+    Each shard forms exactly the batches the single-process capture forms, so every per-call Gram matrix is the same
+    and the pooled float64 sums differ only by the order of float64 additions (asserted to 1e-10 relative, observed
+    0). Per-bucket sums are float32 (slimdiff/statistics/sums.py) and float32 addition is not associative: asserted to
+    1e-6 relative (observed 0 on this machine; rounding of the shard additions could show ~1e-7)."""
+    assert set(merged.sites) == set(single.sites)
+    for site, ref in single.sites.items():
+        got = merged.sites[site]
+        assert torch.equal(got.count, ref.count), site
+        for part in ("sum_outer", "sum"):
+            a, b = getattr(got, part), getattr(ref, part)
+            assert a.dtype == torch.float64
+            assert float((a - b).abs().max()) <= 1e-10 * float(b.abs().max()), (site, part)
+        for part in ("bucket_sum_outer", "bucket_sum"):
+            a, b = getattr(got, part), getattr(ref, part)
+            assert float((a.double() - b.double()).abs().max()) <= 1e-6 * float(b.abs().max()), (site, part)
+    for key, value in single.metadata.items():
+        assert merged.metadata[key] == value, key

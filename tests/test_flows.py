@@ -21,8 +21,24 @@ def make_workspace(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    return make_workspace(tmp_path_factory.mktemp("flows") / "ws")
+def pristine(tmp_path_factory) -> Path:
+    """A fresh workspace that no job has run in (and an empty prompt file), copied by the end-to-end test and by each
+    bad-input case: one workspace built for the module."""
+    workspace = make_workspace(tmp_path_factory.mktemp("pristine") / "ws")
+    (workspace / "data" / "empty.txt").write_text("")
+    return workspace
+
+
+def copy_pristine(pristine: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(pristine, target, symlinks=True)
+    return target
+
+
+@pytest.fixture(scope="module")
+def workspace(pristine, tmp_path_factory):
+    return copy_pristine(pristine, tmp_path_factory.mktemp("flows") / "ws")
 
 
 def mlflow_client(workspace: Path):
@@ -34,13 +50,16 @@ def mlflow_client(workspace: Path):
 
 
 @pytest.mark.slow
-def test_flows_end_to_end(prefect_api_url, workspace, monkeypatch):
-    """recompress -> compress (unchanged) -> new budget -> new checkpoint, in one workspace."""
+def test_flows_end_to_end(prefect_api_url, workspace, tmp_path, monkeypatch):
+    """recompress -> compress (unchanged) -> new budget -> new checkpoint, in one workspace. The new checkpoint's run
+    is the sharded one of issue 13 (``check_sharded_run``; POSIX only): capture and gains fanned out to a local Dask
+    cluster of 2 worker processes, one of them SIGKILLed mid-shard."""
     import mlflow
     import torch
     from diffusers import StableDiffusionPipeline
 
     from flows.compress import compress_flow
+    from flows.distributed import KILL_AFTER_CHECKPOINT
     from flows.recompress import recompress_flow
     from flows.tracking import stage_hashes
 
@@ -103,10 +122,29 @@ def test_flows_end_to_end(prefect_api_url, workspace, monkeypatch):
     with torch.no_grad():
         pipe.unet.conv_in.weight.mul_(1.01)
     pipe.save_pretrained(workspace / "data" / "model")
+    # the changed checkpoint alone makes the capture stale (checked before the sharding settings below, which are
+    # capture params too and would re-run it anyway)
+    assert "capture" in dvc_status(workspace)
+    # this run is also the sharded one (issue 13; one full run for both instead of one each): 24 prompts in 4 shards
+    # of 2 batches of 3, a checkpoint after each batch, on a local Dask cluster of 2 worker processes whose first shard
+    # try to start a denoiser call after its checkpoint SIGKILLs its own worker (flows.distributed.kill_after_checkpoint:
+    # a known point, no race); the gains in 3 module shards on the same kind of cluster
+    sharded = sys.platform != "win32"  # the kill is a POSIX signal
+    fault = tmp_path / "fault"
+    if sharded:
+        params = yaml.safe_load((workspace / "params.yaml").read_text())
+        params["curate"]["n"] = 24
+        params["capture"].update({"batch_size": 3, "checkpoint_every": 3, "shards": 4, "cluster": "local", "workers": 2})
+        params["score"]["gain_shards"] = 3
+        (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        monkeypatch.setenv(KILL_AFTER_CHECKPOINT, str(fault))  # inherited by the cluster's worker processes
     fourth = recompress_flow(str(workspace))
+    monkeypatch.delenv(KILL_AFTER_CHECKPOINT, raising=False)
     assert fourth["compressed"] is True and fourth["stages_run"]["capture"]
     versions = client.search_model_versions(f"name='{name}'")
     assert len(versions) == 3 and len({v.tags["checkpoint_hash"] for v in versions}) == 2
+    if sharded:
+        check_sharded_run(workspace, fourth, fault, client, name)
 
     # the registered model is a pyfunc that turns prompts into images; its params are honoured, not ignored
     model = mlflow.pyfunc.load_model(f"models:/{name}/{fourth['version']}")
@@ -122,6 +160,93 @@ def test_flows_end_to_end(prefect_api_url, workspace, monkeypatch):
     assert (same == images).all() and not (reseeded == images).all()
     with pytest.raises(Exception, match=r"param seed must be a whole number in 0\.\.9223372036854775807, got -1"):
         model.predict(prompts, params={"steps": 2, "seed": -1})
+
+
+def dvc_status(workspace: Path) -> dict:
+    """``dvc status --json`` of ``workspace``: the stages DVC would run, with what changed."""
+    import json
+
+    dvc = Path(sys.executable).with_name("dvc")
+    result = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json"], cwd=workspace, capture_output=True,
+                            text=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout or "{}")
+
+
+def check_sharded_run(workspace: Path, result: dict, fault: Path, client, name: str) -> None:
+    """The sharded run (issue 13): 4 capture shards on a local Dask cluster of 2 worker processes; the first shard try
+    to start a denoiser call after writing its checkpoint SIGKILLed its own worker. The shard was retried in another
+    process and resumed from its checkpoint, no other shard was computed twice, the statistics equal the
+    single-process capture, and the MLflow lineage names the shard digests. The gains ran as 3 module shards on the
+    same kind of cluster and equal the one-process gains."""
+    import json
+
+    import torch
+
+    from slimdiff.compress import load_pipeline, read_prompts
+    from slimdiff.pipeline.stages import (
+        CAPTURE_FILE,
+        GAIN_SHARD_DIR,
+        SHARD_DIR,
+        config_from,
+        gain_reference,
+        load_params,
+        sampler_settings,
+    )
+    from slimdiff.runtime.sampling import SamplerSettings
+    from slimdiff.scoring.gain_shards import plan_gain_shards
+    from slimdiff.scoring.gains import Gains, measure_gains
+    from slimdiff.statistics import shards as S
+    from slimdiff.statistics.recording import capture
+    from slimdiff.statistics.sums import Capture
+
+    assert (fault / "killed.json").is_file(), "no shard try reached the kill point (after its first checkpoint)"
+    killed = json.loads((fault / "killed.json").read_text())
+    tries: dict[int, list[dict]] = {}
+    for line in (fault / "tries.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        tries.setdefault(entry["index"], []).append(entry)
+    # each shard: 6 prompts in 2 batches of 3, a checkpoint after the first. The killed try died after it; the retry
+    # ran in another process from that checkpoint (3 prompts done); every other shard ran once, from the start
+    assert sorted(tries) == [0, 1, 2, 3], tries
+    again = tries[killed["index"]]
+    assert [t["resumed_from"] for t in again] == [0, 3] and again[0]["pid"] == killed["pid"] != again[1]["pid"], again
+    assert all([t["resumed_from"] for t in tries[i]] == [0] for i in tries if i != killed["index"]), tries
+    assert result["stages_run"]["capture"]
+    # every shard computed on the cluster exactly by its last try (none found its file written by an earlier one)
+    assert result["fanned_out"]["capture"] == {"finished": [0, 1, 2, 3], "computed": [0, 1, 2, 3]}, result["fanned_out"]
+    assert result["fanned_out"]["gains"] == {"finished": [0, 1, 2], "computed": [0, 1, 2]}, result["fanned_out"]
+    assert not list((workspace / SHARD_DIR).glob("*.safetensors"))  # merged shards are removed
+
+    merged = Capture.load(workspace / "outputs" / "capture.safetensors")
+    pipe = load_pipeline(str(workspace / "data" / "model"), "cpu", torch.float32)
+    prompts = read_prompts(workspace / "outputs" / "slimset" / "slimset.jsonl")
+    sampler = SamplerSettings(2, 4.0)  # the workspace's sampler (tests.helpers.make_workspace)
+    single = capture(pipe, prompts, sampler, num_buckets=4, batch_size=3, model_id="tiny-sd", progress=False)
+    testing.assert_same_statistics(merged, single)
+    plan = S.plan_shards(pipe, prompts, sampler, shards=4, num_buckets=4, batch_size=3, model_id="tiny-sd")
+    assert killed["digest"] == plan.shards[killed["index"]].digest
+
+    version = client.get_model_version_by_alias(name, "candidate")
+    assert str(version.version) == str(result["version"]), (version.version, result["version"])  # this run's version
+    assert version.tags["lineage.capture.shards"] == "4"
+    assert [version.tags[f"lineage.capture.shard.{i}"] for i in range(4)] == [s.digest for s in plan.shards]
+
+    params = load_params(workspace / "params.yaml")
+    score, sampler = params["score"], sampler_settings(params)
+    reference = gain_reference(config_from(params), workspace / CAPTURE_FILE)  # truncation gains read the capture
+    assert reference is not None
+    gain_prompts = prompts[: score["gain_prompts"]]
+    gains = Gains.load(workspace / "outputs" / "gains.json")
+    one_process = measure_gains(pipe, gain_prompts, sampler, score["gain_calls"], score["rel_noise"], seed=sampler.seed,
+                                reference=reference)
+    assert gains.gains == one_process.gains and gains.block_influence == one_process.block_influence
+    gain_plan = plan_gain_shards(pipe, gain_prompts, sampler, shards=3, num_calls=score["gain_calls"],
+                                 rel_noise=score["rel_noise"], seed=sampler.seed, reference=reference)
+    assert [e["digest"] for e in gains.metadata["shards"]] == [s.digest for s in gain_plan.shards]
+    assert not list((workspace / GAIN_SHARD_DIR).glob("*.json"))  # merged shards are removed
+    assert version.tags["lineage.gains.shards"] == "3"
+    assert [version.tags[f"lineage.gains.shard.{i}"] for i in range(3)] == [s.digest for s in gain_plan.shards]
 
 
 def check_tracking_ux(client, run, version, name: str) -> None:
@@ -202,14 +327,6 @@ def check_prefect_ux(name: str, version: str, workspace: Path) -> None:
     assert "- MLflow run: [" in markdown and "/#/experiments/" in markdown and "| fidelity.image_psnr_db |" in markdown
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    """A fresh workspace that no job has run in, copied by each bad-input case."""
-    workspace = make_workspace(tmp_path_factory.mktemp("pristine") / "ws")
-    (workspace / "data" / "empty.txt").write_text("")
-    return workspace
-
-
 @pytest.mark.parametrize("change,message", [
     (lambda p: p["model"].update(path="data/missing"), "not a diffusers pipeline folder"),
     (lambda p: p["allocate"].update(budget=1.5), "budget 1.5"),
@@ -265,8 +382,8 @@ def test_a_pipeline_no_adapter_supports_fails_in_preflight_naming_its_class(pris
     assert not (workspace / "outputs").exists()
 
 
-def test_unreachable_tracking_uri_fails_before_any_stage(tmp_path):
-    workspace = make_workspace(tmp_path / "ws")
+def test_unreachable_tracking_uri_fails_before_any_stage(pristine, tmp_path):
+    workspace = copy_pristine(pristine, tmp_path / "ws")
     result = subprocess.run([sys.executable, "-m", "flows.compress", "--workspace", str(workspace)], cwd=REPO,
                             capture_output=True, text=True, env=dict(os.environ, MLFLOW_TRACKING_URI="http://127.0.0.1:9"))
     assert result.returncode == 2

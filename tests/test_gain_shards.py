@@ -1,6 +1,6 @@
 """Sharded propagation gains (issue 13): module subsets measured apart equal the one-process gains, only missing
 shards are measured again, a killed shard resumes from its checkpoint, and a foreign shard is rejected. CPU only;
-the flow on a local Dask cluster is covered in tests/test_shards.py.
+the flow on a local Dask cluster is covered in tests/test_flows.py (test_flows_end_to_end's sharded run).
 
 Equality is exact (``==``): every shard records the same clean calls and seeds each module's noise by its index in
 the whole model, so each gain is computed by the same operations on the same numbers.

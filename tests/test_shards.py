@@ -1,17 +1,17 @@
-"""Sharded capture (issue 13): content-addressed shards, exact streaming merge, digest checks, and the compress flow
-on a local Dask cluster of 2 worker processes with one worker SIGKILLed mid-shard (at a fixed point: after its
-shard's first checkpoint, ``flows.distributed.kill_after_checkpoint``). CPU only.
+"""Sharded capture (issue 13): content-addressed shards, exact streaming merge, digest checks, preflight of the
+cluster setting, streamed decomposition. CPU only.
 
-Equality: each shard forms exactly the batches the single-process capture forms, so every per-call Gram matrix is
-the same and the pooled float64 sums differ only by the order of float64 additions (asserted to 1e-10 relative,
-observed 0). Per-bucket sums are float32 (slimdiff/statistics/sums.py) and float32 addition is not associative: asserted to 1e-6
-relative (observed 0 on this machine; rounding of the shard additions could show ~1e-7).
+Equality with the single-process capture: ``tests.helpers.assert_same_statistics`` (float64 sums to 1e-10 relative,
+float32 per-bucket sums to 1e-6; observed 0). The compress flow on a local Dask cluster of 2 worker processes with one
+worker SIGKILLed mid-shard (at a fixed point: after its shard's first checkpoint,
+``flows.distributed.kill_after_checkpoint``), the gains in 3 module shards on the same kind of cluster, and the MLflow
+lineage of the shards are asserted in ``tests/test_flows.py::test_flows_end_to_end``: its changed-checkpoint run is
+that sharded run (``check_sharded_run``), instead of a full flow run of its own here.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 import torch
@@ -40,22 +40,6 @@ def reference(pipe) -> Capture:
     return capture(pipe, PROMPTS, SAMPLER, num_buckets=4, batch_size=6, progress=False)
 
 
-def assert_same_statistics(merged: Capture, single: Capture) -> None:
-    assert set(merged.sites) == set(single.sites)
-    for site, ref in single.sites.items():
-        got = merged.sites[site]
-        assert torch.equal(got.count, ref.count), site
-        for part in ("sum_outer", "sum"):
-            a, b = getattr(got, part), getattr(ref, part)
-            assert a.dtype == torch.float64
-            assert float((a - b).abs().max()) <= 1e-10 * float(b.abs().max()), (site, part)
-        for part in ("bucket_sum_outer", "bucket_sum"):
-            a, b = getattr(got, part), getattr(ref, part)
-            assert float((a.double() - b.double()).abs().max()) <= 1e-6 * float(b.abs().max()), (site, part)
-    for key, value in single.metadata.items():
-        assert merged.metadata[key] == value, key
-
-
 def test_split_prompts_whole_batches():
     runs = S.split_prompts(PROMPTS, 6, 3)
     assert [len(r) for r in runs] == [12, 6, 6] and sum(runs, []) == PROMPTS
@@ -78,7 +62,7 @@ def test_merged_shards_equal_the_single_process_capture(pipe, reference, tmp_pat
         sets = [set(s.sites) for s in plan.shards if s.prompt_index == 0]
         assert sum(len(x) for x in sets) == len(set().union(*sets)) == len(reference.sites)
     merged = Capture.load(out)
-    assert_same_statistics(merged, reference)
+    testing.assert_same_statistics(merged, reference)
     check_calibration(merged, PROMPTS, SAMPLER)
     assert [e["digest"] for e in merged.metadata["shards"]] == [s.digest for s in plan.shards]
     assert S.shard_tags(out)["lineage.capture.shards"] == str(len(plan.shards))
@@ -115,7 +99,7 @@ def test_rerun_computes_only_missing_shards_and_resumes_a_killed_one(pipe, refer
     assert plan.path(folder, plan.shards[0]).stat().st_mtime_ns == first
     assert S.run_shards(pipe, plan, folder) == []  # nothing left to compute
     S.merge_shards(plan, folder, tmp_path / "capture.safetensors")
-    assert_same_statistics(Capture.load(tmp_path / "capture.safetensors"), reference)
+    testing.assert_same_statistics(Capture.load(tmp_path / "capture.safetensors"), reference)
 
 
 def test_a_shard_of_another_model_or_sampler_is_rejected(pipe, tmp_path):
@@ -148,102 +132,34 @@ def test_a_shard_of_another_model_or_sampler_is_rejected(pipe, tmp_path):
     S.merge_shards(plan, folder, tmp_path / "capture.safetensors")  # the right shard merges
 
 
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A fresh workspace that no job has run in, copied by each bad-cluster case (which sets its capture section)."""
+    return testing.make_workspace(tmp_path_factory.mktemp("pristine") / "ws")
+
+
 @pytest.mark.parametrize("cluster,message", [
     ("tcp://127.0.0.1:9", "capture.cluster tcp://127.0.0.1:9 is unreachable"),
     ("banana", "capture.cluster 'banana' is neither 'local' nor a Dask scheduler address"),
 ])
-def test_bad_cluster_fails_in_preflight_with_one_line(tmp_path, capsys, monkeypatch, cluster, message):
+def test_bad_cluster_fails_in_preflight_with_one_line(pristine, tmp_path, capsys, monkeypatch, cluster, message):
+    import shutil
+
+    import yaml
+
     from flows.compress import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    workspace = testing.make_workspace(tmp_path / "ws", {"capture": {"shards": 2, "cluster": cluster}})
-    capsys.readouterr()  # building the workspace is noisy
+    workspace = tmp_path / "ws"
+    shutil.copytree(pristine, workspace, symlinks=True)
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["capture"].update({"shards": 2, "cluster": cluster})
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    capsys.readouterr()  # only what main prints
     assert main(["--workspace", str(workspace)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (workspace / "outputs").exists()
-
-
-# ------------------------------------------------------------------------------------------------ the flow
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
-def test_flow_on_two_local_workers_with_a_killed_worker(prefect_api_url, tmp_path, monkeypatch):
-    """4 shards on a local Dask cluster of 2 worker processes; the first shard try to start a denoiser call after
-    writing its checkpoint SIGKILLs its own worker (``flows.distributed.kill_after_checkpoint``: a known point, no
-    race). The shard is retried in another process and resumes from its checkpoint, no other shard is computed twice,
-    the statistics equal the single-process capture, and the MLflow lineage names the shard digests. The gains run as
-    3 module shards on the same kind of cluster and equal the one-process gains."""
-    import json
-
-    import mlflow
-    from mlflow import MlflowClient
-
-    from flows.compress import compress_flow
-    from flows.distributed import KILL_AFTER_CHECKPOINT
-    from slimdiff.compress import load_pipeline, read_prompts
-    from slimdiff.pipeline.stages import SHARD_DIR
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    fault = tmp_path / "fault"
-    monkeypatch.setenv(KILL_AFTER_CHECKPOINT, str(fault))  # inherited by the cluster's worker processes
-    workspace = testing.make_workspace(tmp_path / "ws", {
-        "curate": {"n": 24}, "sampler": {"steps": 4},
-        "capture": {"batch_size": 3, "checkpoint_every": 3, "shards": 4, "cluster": "local", "workers": 2},
-        "score": {"gain_shards": 3}})
-    result = compress_flow(str(workspace))
-    assert (fault / "killed.json").is_file(), "no shard try reached the kill point (after its first checkpoint)"
-    killed = json.loads((fault / "killed.json").read_text())
-    tries: dict[int, list[dict]] = {}
-    for line in (fault / "tries.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        tries.setdefault(entry["index"], []).append(entry)
-    # each shard: 6 prompts in 2 batches of 3, a checkpoint after the first. The killed try died after it; the retry
-    # ran in another process from that checkpoint (3 prompts done); every other shard ran once, from the start
-    assert sorted(tries) == [0, 1, 2, 3], tries
-    again = tries[killed["index"]]
-    assert [t["resumed_from"] for t in again] == [0, 3] and again[0]["pid"] == killed["pid"] != again[1]["pid"], again
-    assert all([t["resumed_from"] for t in tries[i]] == [0] for i in tries if i != killed["index"]), tries
-    assert result["stages_run"]["capture"]
-    # every shard computed on the cluster exactly by its last try (none found its file written by an earlier one)
-    assert result["fanned_out"]["capture"] == {"finished": [0, 1, 2, 3], "computed": [0, 1, 2, 3]}, result["fanned_out"]
-    assert result["fanned_out"]["gains"] == {"finished": [0, 1, 2], "computed": [0, 1, 2]}, result["fanned_out"]
-    assert not list((workspace / SHARD_DIR).glob("*.safetensors"))  # merged shards are removed
-
-    merged = Capture.load(workspace / "outputs" / "capture.safetensors")
-    pipe = load_pipeline(str(workspace / "data" / "model"), "cpu", torch.float32)
-    prompts = read_prompts(workspace / "outputs" / "slimset" / "slimset.jsonl")
-    sampler = SamplerSettings(4, 4.0)
-    single = capture(pipe, prompts, sampler, num_buckets=4, batch_size=3, model_id="tiny-sd", progress=False)
-    assert_same_statistics(merged, single)
-    plan = S.plan_shards(pipe, prompts, sampler, shards=4, num_buckets=4, batch_size=3, model_id="tiny-sd")
-    assert killed["digest"] == plan.shards[killed["index"]].digest
-
-    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
-    version = MlflowClient().get_model_version_by_alias("slimdiff-tiny-sd", "candidate")
-    assert version.tags["lineage.capture.shards"] == "4"
-    assert [version.tags[f"lineage.capture.shard.{i}"] for i in range(4)] == [s.digest for s in plan.shards]
-
-    from slimdiff.pipeline.stages import CAPTURE_FILE, GAIN_SHARD_DIR, config_from, gain_reference, load_params, sampler_settings
-    from slimdiff.scoring.gain_shards import plan_gain_shards
-    from slimdiff.scoring.gains import Gains, measure_gains
-
-    params = load_params(workspace / "params.yaml")
-    score, sampler = params["score"], sampler_settings(params)
-    reference = gain_reference(config_from(params), workspace / CAPTURE_FILE)  # truncation gains read the capture
-    assert reference is not None
-    gain_prompts = prompts[: score["gain_prompts"]]
-    gains = Gains.load(workspace / "outputs" / "gains.json")
-    one_process = measure_gains(pipe, gain_prompts, sampler, score["gain_calls"], score["rel_noise"], seed=sampler.seed,
-                                reference=reference)
-    assert gains.gains == one_process.gains and gains.block_influence == one_process.block_influence
-    gain_plan = plan_gain_shards(pipe, gain_prompts, sampler, shards=3, num_calls=score["gain_calls"],
-                                 rel_noise=score["rel_noise"], seed=sampler.seed, reference=reference)
-    assert [e["digest"] for e in gains.metadata["shards"]] == [s.digest for s in gain_plan.shards]
-    assert not list((workspace / GAIN_SHARD_DIR).glob("*.json"))  # merged shards are removed
-    assert version.tags["lineage.gains.shards"] == "3"
-    assert [version.tags[f"lineage.gains.shard.{i}"] for i in range(3)] == [s.digest for s in gain_plan.shards]
 
 
 # ------------------------------------------------------------------------------------------------ streamed decompose
