@@ -26,7 +26,7 @@ from slimdiff.reference.flux_model import (
     flow_matching_pair,
     pack_latents,
 )
-from slimdiff.reference.flux_train import FluxTrainConfig, train_flux
+from slimdiff.reference.flux_train import FluxTrainConfig, train_flux, weights_fingerprint
 from slimdiff.runtime.sampling import guidance_kwargs
 
 TINY = {
@@ -154,6 +154,43 @@ def test_tiny_training_bit_reproducible_and_resumable(tmp_path):
     *_, resumed, _, _, _ = train_flux(config, part, latents, captions, seed=3, device="cpu", checkpoint_dir=ckpt)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    assert log and all(torch.isfinite(torch.tensor(loss)) for _, loss in log)
+
+
+def test_tiny_refinement_starts_from_its_base_and_resumes_exactly(tmp_path):
+    config = FluxReferenceConfig.from_dict(TINY)
+    _, captions = make_split("train", seed=0, size=16)
+    latents = torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    phase1 = FluxTrainConfig(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=2)
+    clip, t5, base, *_ = train_flux(config, phase1, latents, captions, seed=3, device="cpu")
+    before = weights_fingerprint((clip, t5, base))
+    refine = FluxTrainConfig(steps=4, batch_size=4, warmup_steps=1, lr=1e-4, text_lr=1e-4, checkpoint_every=2)
+    # no step at all: the EMA is the base, so the refinement really starts from it
+    unchanged = train_flux(config, FluxTrainConfig(**dict(vars(refine), steps=0)), latents, captions, seed=3,
+                           device="cpu", init=(clip, t5, base), step_offset=2)
+    assert weights_fingerprint(unchanged[:3]) == before
+    *_, straight, _, _, log = train_flux(config, refine, latents, captions, seed=3, device="cpu",
+                                         init=(clip, t5, base), step_offset=2)
+    assert weights_fingerprint((clip, t5, base)) == before  # the base modules are not trained in place
+    assert not torch.equal(straight.proj_out.weight, base.proj_out.weight)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(IndexError):
+        train_flux(config, refine, _Stop(latents, calls=2), captions, seed=3, device="cpu", checkpoint_dir=ckpt,
+                   init=(clip, t5, base), step_offset=2)
+    *_, resumed, _, _, _ = train_flux(config, refine, latents, captions, seed=3, device="cpu", checkpoint_dir=ckpt,
+                                      init=(clip, t5, base), step_offset=2)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # another base, or the same base at another step offset, does not resume this refinement's checkpoint
+    with pytest.raises(ValueError, match="other settings"):
+        train_flux(config, refine, latents, captions, seed=3, device="cpu", checkpoint_dir=ckpt,
+                   init=(clip, t5, straight), step_offset=2)
+    with pytest.raises(ValueError, match="other settings"):
+        train_flux(config, refine, latents, captions, seed=3, device="cpu", checkpoint_dir=ckpt,
+                   init=(clip, t5, base), step_offset=0)
+    # its draws are not phase 1's: the same steps from offset 0 end elsewhere
+    *_, offset0, _, _, _ = train_flux(config, refine, latents, captions, seed=3, device="cpu", init=(clip, t5, base))
+    assert not torch.equal(offset0.proj_out.weight, straight.proj_out.weight)
     assert log and all(torch.isfinite(torch.tensor(loss)) for _, loss in log)
 
 

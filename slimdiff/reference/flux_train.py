@@ -3,7 +3,8 @@ rectified flow on frozen VAE latents (issue 26). Same data, seeding, checkpointi
 reference (`slimdiff.reference.train`, whose helpers this module reuses).
 
     python -m slimdiff.reference.flux_train vae         --params data/reference-flux/params.yaml --dataset DIR --out VAE_DIR
-    python -m slimdiff.reference.flux_train transformer --params ... --dataset DIR --vae VAE_DIR --out MODEL_DIR
+    python -m slimdiff.reference.flux_train transformer --params ... --dataset DIR --vae VAE_DIR --out BASE_DIR
+    python -m slimdiff.reference.flux_train refine      --params ... --dataset DIR --base BASE_DIR --out MODEL_DIR
     python -m slimdiff.reference.flux_train bench       --params ... --out FILE.json   # step time, latency share
     python -m slimdiff.reference.flux_train latency     --params ... --model MODEL_DIR --out FILE.json
     python -m slimdiff.reference.flux_train sweep       --params ... --dataset DIR --model MODEL_DIR --out FILE.json
@@ -15,6 +16,7 @@ continues exactly as an uninterrupted one would on the same device and thread co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -114,11 +116,15 @@ def train_flux(
     seed: int,
     device: str,
     checkpoint_dir: Path | None = None,
+    init: tuple | None = None,
+    step_offset: int = 0,
 ):
     """Train the transformer, the CLIP and the T5 encoder jointly by rectified flow (velocity target noise - x_0,
     logit-normal noise levels), with caption dropout to the empty prompt (for true CFG) and an EMA of all three.
 
-    Returns (EMA CLIP, EMA T5, EMA transformer, CLIP tokenizer, T5 tokenizer, log of (step, loss))."""
+    `init` = (CLIP, T5, transformer) to start from instead of fresh weights (the refinement phase, with a fresh
+    optimizer and EMA); its step k draws from the generator of step `step_offset` + k, so no draw repeats one of
+    the phase before. Returns (EMA CLIP, EMA T5, EMA transformer, CLIP tokenizer, T5 tokenizer, log of (step, loss))."""
     torch.manual_seed(seed)
     clip_tokenizer = build_clip_tokenizer(config.clip.model_max_length)
     t5_tokenizer = build_t5_tokenizer(config.t5.model_max_length)
@@ -127,6 +133,9 @@ def train_flux(
         return build_clip(config, clip_tokenizer), build_t5(config, t5_tokenizer), build_transformer(config)
 
     clip, t5, transformer = (m.to(device) for m in build_all())
+    if init is not None:
+        for target, source in zip((clip, t5, transformer), init):
+            target.load_state_dict(source.state_dict())
     ema = [m.to(device).requires_grad_(False) for m in build_all()]
     for target, source in zip(ema, (clip, t5, transformer)):
         target.load_state_dict(source.state_dict())
@@ -141,6 +150,8 @@ def train_flux(
                "ema_transformer": ema[2], "ema_clip": ema[0], "ema_t5": ema[1]}
     start, log = 0, []
     run_key = {"model": config.to_dict(), "train": asdict(train), "seed": seed, "n_latents": len(latents)}
+    if init is not None:
+        run_key.update(init=weights_fingerprint(init), step_offset=step_offset)
     if checkpoint_dir is not None:
         progress = _load_checkpoint(checkpoint_dir, modules, optimizer, device, run_key)
         if progress:
@@ -158,7 +169,7 @@ def train_flux(
     bar = tqdm(range(start, train.steps), desc="flux", initial=start, total=train.steps, mininterval=30)
     running = None
     for step in bar:
-        gen = step_generator(seed, step)
+        gen = step_generator(seed, step_offset + step)
         idx = torch.randint(len(latents), (train.batch_size,), generator=gen)
         drop = torch.rand(train.batch_size, generator=gen) < train.caption_dropout
         sigma = logit_normal_sigmas(train.batch_size, gen, train.logit_mean, train.logit_std)
@@ -197,6 +208,18 @@ def train_flux(
             _save_checkpoint(checkpoint_dir, step + 1, modules, optimizer, {"kind": "flux", "log": log, "run_key": run_key})
     ema_clip, ema_t5, ema_transformer = (m.eval() for m in ema)
     return ema_clip, ema_t5, ema_transformer, clip_tokenizer, t5_tokenizer, log
+
+
+def weights_fingerprint(modules) -> str:
+    """sha256 over the modules' parameters and buffers (names, dtypes, shapes, bytes): which weights a
+    refinement started from, for its checkpoints' run key."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def save_flux_pipeline(config: FluxReferenceConfig, vae, clip, clip_tokenizer, t5, t5_tokenizer, transformer,
@@ -275,9 +298,50 @@ def run_transformer(params: dict, dataset: str | None, vae_dir: Path, out: Path,
     print(json.dumps({k: v for k, v in stats.items() if k != "loss_log"}))
 
 
+def run_refine(params: dict, dataset: str | None, base_dir: Path, out: Path, device: str,
+               checkpoint_dir: Path | None):
+    """Phase 2: continue the trained pipeline at `base_dir` (phase 1's output) with `refine_transformer`'s
+    settings (a fresh optimizer, lr schedule and EMA, its own step draws) and write the refined pipeline."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    if "refine_transformer" not in params:
+        raise ValueError("refine needs a `refine_transformer` section in the params file (steps, batch_size, lr, ...)")
+    config = FluxReferenceConfig.from_dict(params["model"])
+    phase1 = FluxTrainConfig(**params["train_transformer"])
+    refine = FluxTrainConfig(**params["refine_transformer"])
+    load = {"local_files_only": True, "use_safetensors": True}
+    vae = AutoencoderKL.from_pretrained(base_dir, subfolder="vae", **load).to(device).eval()
+    base = (
+        CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder", **load),
+        T5EncoderModel.from_pretrained(base_dir, subfolder="text_encoder_2", **load),
+        FluxTransformer2DModel.from_pretrained(base_dir, subfolder="transformer", **load),
+    )
+    images, captions = _split(params, dataset, "train")
+    latents = encode_flux_latents(vae, images, device)
+    start, cpu_start = time.time(), time.process_time()
+    clip, t5, transformer, clip_tok, t5_tok, log = train_flux(
+        config, refine, latents, captions, params["seed"], device, checkpoint_dir, init=base, step_offset=phase1.steps
+    )
+    stats = json.loads((base_dir / "train_stats.json").read_text()) if (base_dir / "train_stats.json").exists() else {}
+    stats.update(
+        {
+            "refine_seconds": round(time.time() - start, 1),
+            "refine_cpu_seconds": round(time.process_time() - cpu_start, 1),
+            "refine_steps": refine.steps,
+            "refine_batch_size": refine.batch_size,
+            "refine_threads": torch.get_num_threads(),
+            "refine_load_average_1min_at_end": round(os.getloadavg()[0], 2),
+            "refine_loss_log": log,
+        }
+    )
+    save_flux_pipeline(config, vae, clip, clip_tok, t5, t5_tok, transformer, out, stats)
+    print(json.dumps({k: v for k, v in stats.items() if not k.endswith("loss_log")}))
+
+
 def run_benchmark(params: dict, device: str, steps: int) -> dict:
     """Seconds per VAE / transformer training step at the configured batch sizes (the difference of a 2-step and
-    a (2 + steps)-step run), the projected time of the configured step counts, and the compressible units' share
+    a (2 + steps)-step run), the projected time of the configured step counts (refinement included), and the compressible units' share
     of the transformer's forward latency at batch 1 and at the evaluation's batch (with CFG: 2x)."""
     config = FluxReferenceConfig.from_dict(params["model"])
     vae_cfg = VaeTrainConfig(**params["train_vae"])
@@ -299,8 +363,14 @@ def run_benchmark(params: dict, device: str, steps: int) -> dict:
                 )
             seconds.append(time.time() - start)
         result[f"{name}_seconds_per_step"] = round((seconds[1] - seconds[0]) / steps, 3)
+    refine_cfg = FluxTrainConfig(**params["refine_transformer"]) if "refine_transformer" in params else None
+    # a refinement step: the measured transformer step scaled by the batch ratio (its cost is linear in the batch)
+    refine_step_seconds = (
+        result["transformer_seconds_per_step"] * refine_cfg.batch_size / flux_cfg.batch_size if refine_cfg else 0.0
+    )
     result["projected_minutes"] = round(
-        (result["vae_seconds_per_step"] * vae_cfg.steps + result["transformer_seconds_per_step"] * flux_cfg.steps) / 60, 1
+        (result["vae_seconds_per_step"] * vae_cfg.steps + result["transformer_seconds_per_step"] * flux_cfg.steps
+         + refine_step_seconds * (refine_cfg.steps if refine_cfg else 0)) / 60, 1
     )
     evaluate_batch = 2 * params.get("evaluate", {}).get("batch_size", 50)
     result["latency"] = [compressible_latency(transformer, config, batch=b) for b in (1, evaluate_batch)]
@@ -354,11 +424,12 @@ def run_sampler_sweep(params: dict, dataset: str | None, model_dir: Path | None,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m slimdiff.reference.flux_train")
-    parser.add_argument("what", choices=["vae", "transformer", "bench", "latency", "sweep"])
+    parser.add_argument("what", choices=["vae", "transformer", "refine", "bench", "latency", "sweep"])
     parser.add_argument("--params", default="data/reference-flux/params.yaml")
     parser.add_argument("--dataset", default=None, help="datasets folder from data/reference's dataset stage; else generated")
     parser.add_argument("--vae", default=None, help="VAE folder (transformer)")
     parser.add_argument("--model", default=None, help="trained pipeline folder (latency; default: the committed one)")
+    parser.add_argument("--base", default=None, help="refine: phase 1's pipeline folder (the transformer stage's output)")
     parser.add_argument("--batches", default="1,100", help="latency: comma-separated batch sizes")
     parser.add_argument("--evaluator", default=None, help="sweep: evaluator folder (default: the committed one)")
     parser.add_argument("--scales", default="2,3,4,5", help="sweep: true_cfg_scale values")
@@ -394,6 +465,12 @@ def main(argv: list[str] | None = None) -> None:
             [float(x) for x in args.scales.split(",")], [int(x) for x in args.sample_steps.split(",")], args.n,
         )
         _atomic_json(result, out)
+    elif args.what == "refine":
+        if not args.base:
+            parser.error("refine needs --base (the transformer stage's pipeline folder)")
+        if args.steps is not None:
+            params.setdefault("refine_transformer", {})["steps"] = args.steps
+        run_refine(params, args.dataset, Path(args.base), out, args.device, ckpt / "refine" if ckpt else None)
     elif args.what == "vae":
         run_vae(params, args.dataset, out, args.device, ckpt / "vae" if ckpt else None)
     else:
