@@ -515,3 +515,20 @@ def assert_same_statistics(merged, single) -> None:
             assert float((a.double() - b.double()).abs().max()) <= 1e-6 * float(b.abs().max()), (site, part)
     for key, value in single.metadata.items():
         assert merged.metadata[key] == value, key
+
+
+def dvc_status(workspace, env: dict[str, str] | None = None) -> dict:
+    """``dvc status --json`` of ``workspace`` (the venv's dvc; ``env`` else this process's, analytics off): the stages
+    DVC would run, with what changed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dvc = Path(sys.executable).with_name("dvc")
+    env = env if env is not None else dict(os.environ, DVC_NO_ANALYTICS="1")
+    result = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json"], cwd=workspace, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout or "{}")

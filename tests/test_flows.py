@@ -124,7 +124,7 @@ def test_flows_end_to_end(prefect_api_url, workspace, tmp_path, monkeypatch):
     pipe.save_pretrained(workspace / "data" / "model")
     # the changed checkpoint alone makes the capture stale (checked before the sharding settings below, which are
     # capture params too and would re-run it anyway)
-    assert "capture" in dvc_status(workspace)
+    assert "capture" in testing.dvc_status(workspace)
     # this run is also the sharded one (issue 13; one full run for both instead of one each): 24 prompts in 4 shards
     # of 2 batches of 3, a checkpoint after each batch, on a local Dask cluster of 2 worker processes whose first shard
     # try to start a denoiser call after its checkpoint SIGKILLs its own worker (flows.distributed.kill_after_checkpoint:
@@ -160,17 +160,6 @@ def test_flows_end_to_end(prefect_api_url, workspace, tmp_path, monkeypatch):
     assert (same == images).all() and not (reseeded == images).all()
     with pytest.raises(Exception, match=r"param seed must be a whole number in 0\.\.9223372036854775807, got -1"):
         model.predict(prompts, params={"steps": 2, "seed": -1})
-
-
-def dvc_status(workspace: Path) -> dict:
-    """``dvc status --json`` of ``workspace``: the stages DVC would run, with what changed."""
-    import json
-
-    dvc = Path(sys.executable).with_name("dvc")
-    result = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json"], cwd=workspace, capture_output=True,
-                            text=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout or "{}")
 
 
 def check_sharded_run(workspace: Path, result: dict, fault: Path, client, name: str) -> None:

@@ -289,12 +289,6 @@ def comparable(outputs: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def dvc_status(workspace: Path, env: dict[str, str]) -> dict[str, Any]:
-    result = subprocess.run([DVC, "status", "--json"], cwd=workspace, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout or "{}")
-
-
 def registry(uri: str, name: str = NAME) -> dict[str, Any]:
     """Versions (number, aliases, tags), the run count and the registered weights' digests at ``uri``."""
     from mlflow import MlflowClient
@@ -381,7 +375,7 @@ def baseline(prepared, prefect, scratch) -> Baseline:
     warnings = [line for line in job.output().splitlines() if re.search(r"warn", line, re.IGNORECASE)]
     assert not warnings, warnings
     TIMINGS["baseline run (uninterrupted flow)"] = time.monotonic() - start
-    assert temporaries(workspace) == [] and dvc_status(workspace, job_env(prefect)) == {}
+    assert temporaries(workspace) == [] and testing.dvc_status(workspace, job_env(prefect)) == {}
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
     state = registry(uri)
     assert [v["version"] for v in state["versions"]] == ["1"], state
@@ -461,7 +455,7 @@ def test_kill_inside_stage(stage, chain, baseline):
     assert f"Running stage '{stage}'" in at_kill, f"killed before stage {stage}:\n{job.tail()}"
     section = at_kill.split(f"Running stage '{stage}'", 1)[1]
     assert "Running stage '" not in section and f"stage {stage}: done" not in section, f"killed after {stage}:\n{section[-2000:]}"
-    status = dvc_status(workspace, chain.env)
+    status = testing.dvc_status(workspace, chain.env)
     assert stage in status, f"dvc status does not report the killed stage {stage}: {status}"
     finished_before = [s for s in STAGES if s != stage and (f"Running stage '{s}'" in at_kill or f"Stage '{s}' didn't change" in at_kill)]
     assert not set(finished_before) & set(status), f"stages that finished before the kill are reported changed: {status}"
@@ -514,7 +508,7 @@ def test_rerun_after_every_kill_equals_the_uninterrupted_run(chain, baseline, sc
     recorded = sorted(p.name for p in (checkpoints / "factorisations").iterdir())
     assert recorded == sorted(p.name for p in (baseline.workspace / "outputs" / ".checkpoints" / "factorisations").iterdir())
     assert len(recorded) == 1, recorded
-    assert dvc_status(workspace, chain.env) == {}
+    assert testing.dvc_status(workspace, chain.env) == {}
 
     # the outputs equal the uninterrupted run's, and the library loads each of them
     outputs = check_outputs(workspace)

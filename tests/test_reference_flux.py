@@ -26,7 +26,8 @@ from slimdiff.reference.flux_model import (
     flow_matching_pair,
     pack_latents,
 )
-from slimdiff.reference.flux_train import FluxTrainConfig, train_flux, weights_fingerprint
+from slimdiff.reference.flux_train import FluxTrainConfig, train_flux
+from slimdiff.statistics.recording import model_content_hash
 from slimdiff.runtime.sampling import guidance_kwargs
 
 TINY = {
@@ -155,6 +156,10 @@ def test_tiny_training_bit_reproducible_and_resumable(tmp_path):
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert log and all(torch.isfinite(torch.tensor(loss)) for _, loss in log)
+
+
+def weights_fingerprint(modules) -> list[str]:
+    return [model_content_hash(m) for m in modules]
 
 
 def test_tiny_refinement_starts_from_its_base_and_resumes_exactly(tmp_path):

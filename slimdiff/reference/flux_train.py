@@ -16,7 +16,6 @@ continues exactly as an uninterrupted one would on the same device and thread co
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import tempfile
@@ -58,6 +57,7 @@ from slimdiff.reference.train import (
     step_generator,
     train_vae,
 )
+from slimdiff.statistics.recording import model_content_hash
 
 SAMPLING_FILE = "sampling.json"
 
@@ -151,7 +151,7 @@ def train_flux(
     start, log = 0, []
     run_key = {"model": config.to_dict(), "train": asdict(train), "seed": seed, "n_latents": len(latents)}
     if init is not None:
-        run_key.update(init=weights_fingerprint(init), step_offset=step_offset)
+        run_key.update(init=[model_content_hash(m) for m in init], step_offset=step_offset)
     if checkpoint_dir is not None:
         progress = _load_checkpoint(checkpoint_dir, modules, optimizer, device, run_key)
         if progress:
@@ -210,18 +210,6 @@ def train_flux(
     return ema_clip, ema_t5, ema_transformer, clip_tokenizer, t5_tokenizer, log
 
 
-def weights_fingerprint(modules) -> str:
-    """sha256 over the modules' parameters and buffers (names, dtypes, shapes, bytes): which weights a
-    refinement started from, for its checkpoints' run key."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for name, tensor in module.state_dict().items():
-            t = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def save_flux_pipeline(config: FluxReferenceConfig, vae, clip, clip_tokenizer, t5, t5_tokenizer, transformer,
                        out_dir: Path, stats: dict | None = None) -> None:
     """Write the diffusers folder (safetensors, fp32) atomically, with `sampling.json` (the call arguments the
@@ -266,6 +254,12 @@ def run_vae(params: dict, dataset: str | None, out: Path, device: str, checkpoin
     print(json.dumps(stats))
 
 
+def _read_stats(folder: Path) -> dict:
+    """The `train_stats.json` of an earlier stage's folder (empty if it has none), extended by the next stage."""
+    path = folder / "train_stats.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def run_transformer(params: dict, dataset: str | None, vae_dir: Path, out: Path, device: str,
                     checkpoint_dir: Path | None):
     from diffusers import AutoencoderKL
@@ -280,7 +274,7 @@ def run_transformer(params: dict, dataset: str | None, vae_dir: Path, out: Path,
         config, train, latents, captions, params["seed"], device, checkpoint_dir
     )
     seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
-    stats = json.loads((vae_dir / "train_stats.json").read_text()) if (vae_dir / "train_stats.json").exists() else {}
+    stats = _read_stats(vae_dir)
     stats.update(
         {
             "transformer_seconds": round(seconds, 1),
@@ -323,7 +317,7 @@ def run_refine(params: dict, dataset: str | None, base_dir: Path, out: Path, dev
     clip, t5, transformer, clip_tok, t5_tok, log = train_flux(
         config, refine, latents, captions, params["seed"], device, checkpoint_dir, init=base, step_offset=phase1.steps
     )
-    stats = json.loads((base_dir / "train_stats.json").read_text()) if (base_dir / "train_stats.json").exists() else {}
+    stats = _read_stats(base_dir)
     stats.update(
         {
             "refine_seconds": round(time.time() - start, 1),
