@@ -314,7 +314,7 @@ def gain_shard_task(workspace: str, index: int, threads: int | None) -> dict[str
     a shard whose file is there is not measured again."""
     import time
 
-    from slimdiff.pipeline.stages import GAIN_SHARD_DIR
+    from slimdiff.pipeline.stages import GAIN_SHARD_DIR, config_from, factorisation_recorder
     from slimdiff.scoring.gain_shards import measure_gain_shard
 
     started, start = time.time(), time.perf_counter()
@@ -328,8 +328,9 @@ def gain_shard_task(workspace: str, index: int, threads: int | None) -> dict[str
     shard = plan.shards[index]
     folder = Path(workspace) / GAIN_SHARD_DIR
     computed = not plan.path(folder, shard).is_file()
+    record = factorisation_recorder(config_from(state["params"]), reference, state["pipe"], Path(workspace))
     measure_gain_shard(state["pipe"], plan, shard, prompts, sampler, folder, model_hash=state["model_hash"],
-                       reference=reference)
+                       reference=reference, record=record)
     return {**out, "digest": shard.digest, "computed": computed, "seconds": time.perf_counter() - start,
             "ended": time.time()}
 

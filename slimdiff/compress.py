@@ -26,7 +26,7 @@ from slimdiff.device import DTYPE_CHOICES, DeviceError, resolve_dtype
 from slimdiff.decomposition.factorisations import store_for
 from slimdiff.arch import compressible_groups
 from slimdiff.scoring.gains import DEFAULT_REFERENCE_KEEP, GAIN_METHODS, Gains, TruncationReference, measure_gains
-from slimdiff.scoring.influence import Granularity, InfluenceScores, score, skeleton_scores
+from slimdiff.scoring.influence import Granularity, InfluenceScores, ffn_recorder, score, skeleton_scores
 from slimdiff.planning.latency import LatencyTable, measure_pipeline_latency
 from slimdiff.decomposition.apply import GroupResult, decompose
 
@@ -178,10 +178,11 @@ def compress_pipeline(pipe, prompts: Sequence[str], config: SlimDiffConfig = Sli
                      config.budget_kind, table)
     stats = capture(pipe, prompts, sampler, num_buckets=config.num_buckets, batch_size=config.batch_size,
                     groups=groups, model_id=model_id, progress=progress, timestep_grid_points=config.timestep_grid)
-    gains = measure_gains(pipe, list(prompts)[: config.gain_prompts], sampler, config.gain_calls, config.rel_noise,
-                          seed=sampler.seed, progress=progress, reference=config.gain_reference(stats))
     with tempfile.TemporaryDirectory(prefix="slimdiff-factorisations-") as folder:  # one factorisation per group
         store = store_for(folder, stats, config.reg, denoiser)
+        gains = measure_gains(pipe, list(prompts)[: config.gain_prompts], sampler, config.gain_calls, config.rel_noise,
+                              seed=sampler.seed, progress=progress, reference=config.gain_reference(stats),
+                              record=ffn_recorder(store, config.granularity))  # truncation gains decompose the FFNs first
         scores = score(denoiser, stats, gains, config.granularity, config.reg, config.max_ffn_points, progress=progress,
                        store=store)
         plan = allocate(scores, Budget.parse(config.budget), config.allocator, config.min_keep, config.bucket_weights,

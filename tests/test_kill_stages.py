@@ -30,7 +30,7 @@ finished before it; every file under a final name in ``outputs/`` reads whole (J
 a torn file can only exist under a temporary name. After the final re-run: it ran only what ``dvc status``
 reported; a killed capture and gains resumed from their checkpoints; every output equals the baseline's (bytes;
 JSON without measured times; ``latency.json`` is a measurement and only has to load); the library loads every
-artifact; no temporary or checkpoint is left (the score stage's recorded factorisations stay, one key, as after
+artifact; no temporary or checkpoint is left (the recorded factorisations stay, one key, as after
 the uninterrupted run); ``dvc status`` reports nothing; and the workspace's registry holds
 exactly one version, aliased ``candidate`` and ``champion``, whose tags and registered weights equal the
 baseline's.
@@ -500,8 +500,9 @@ def test_rerun_after_every_kill_equals_the_uninterrupted_run(chain, baseline, sc
 
     # no temporary or checkpoint left, DVC consistent
     assert temporaries(workspace) == [], f"temporaries left after the re-run: {temporaries(workspace)}"
-    # the capture and gains checkpoints are gone; what stays is the score stage's record of this capture's
-    # factorisations (one key, as after the uninterrupted run), which a later decompose at another budget reuses
+    # the capture and gains checkpoints are gone; what stays is the record of this capture's factorisations (the
+    # gains stage's FFNs, the score stage's others; one key, as after the uninterrupted run), which a later decompose
+    # at another budget reuses
     checkpoints = workspace / "outputs" / ".checkpoints"
     left = sorted(str(p.relative_to(checkpoints)) for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
     assert left == ["factorisations"], left

@@ -160,6 +160,44 @@ def test_decompose_applies_the_recorded_factorisation_and_computes_none(monkeypa
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), make.__name__
 
 
+def test_score_reads_back_the_ffn_factorisations_the_truncation_gains_recorded(monkeypatch, tmp_path):
+    """The truncation gains decompose every group first; the FFNs' factorisations they record are what the score
+    stage reads back (no second eigendecomposition), with scores equal to scoring from the capture alone. An entry
+    recorded at other widths is not used."""
+    import slimdiff.scoring.influence as influence
+    from slimdiff.arch import compressible_groups
+    from slimdiff.arch.pipelines import denoiser_of
+    from slimdiff.decomposition.factorisations import store_for
+    from slimdiff.scoring.gains import TruncationReference, measure_gains
+
+    real_decompose = influence.decompose_group
+    for make in (testing.tiny_sd_pipeline, testing.tiny_flux_pipeline):
+        pipe = make()
+        _, denoiser = denoiser_of(pipe)
+        sampler = SamplerSettings(2, height=32, width=32) if make is testing.tiny_flux_pipeline else SamplerSettings(2)
+        stats = capture(pipe, PROMPTS, sampler, batch_size=4, progress=False)
+        ffns = [g.name for g in compressible_groups(denoiser) if g.kind in ("ffn", "ffn_single")]
+        assert ffns, make.__name__
+        granularity = influence.Granularity(ffn_step=4)
+        expected = None
+        for recorded_at, reads_back in ((granularity, True), (influence.Granularity(ffn_step=3), False)):
+            store = store_for(tmp_path / make.__name__ / str(recorded_at.ffn_step), stats, 1e-3, denoiser)
+            gains = measure_gains(pipe, PROMPTS[:2], sampler, num_calls=2, reference=TruncationReference(stats, 1e-3),
+                                  record=influence.ffn_recorder(store, recorded_at))
+            assert all(g in store for g in compressible_groups(denoiser) if g.name in ffns), make.__name__
+            if expected is None:  # from the capture alone, no store
+                expected = influence.score(denoiser, stats, gains, granularity, 1e-3)
+            decomposed = []
+            with monkeypatch.context() as patch:
+                patch.setattr(influence, "decompose_group", lambda d, g, *a, **k: decomposed.append(g.name) or real_decompose(d, g, *a, **k))
+                scores = influence.score(denoiser, stats, gains, granularity, 1e-3, store=store)
+            again = sorted(set(decomposed) & set(ffns))
+            assert (again == []) if reads_back else (again == sorted(ffns)), (make.__name__, recorded_at, again)
+            assert store.reads == (len(ffns) if reads_back else 0), make.__name__
+            assert [(m.name, m.widths, m.errors, m.method) for m in scores.modules] == \
+                   [(m.name, m.widths, m.errors, m.method) for m in expected.modules], (make.__name__, recorded_at)
+
+
 def test_applying_an_ffn_width_solves_once(monkeypatch):
     import slimdiff.decomposition.closed_form as closed_form
     from slimdiff.arch import compressible_groups

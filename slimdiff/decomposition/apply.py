@@ -38,13 +38,14 @@ def _assign(linear: nn.Linear, w_aug: Tensor) -> None:
             linear.bias.copy_(w_aug[-1])
 
 
-def recorded_decomposition(store, denoiser: nn.Module, group: ModuleGroup, capture: Capture) -> Decomposition | None:
+def recorded_decomposition(store, denoiser: nn.Module, group: ModuleGroup, capture: Capture,
+                           widths: Sequence[int] = ()) -> Decomposition | None:
     """``group``'s decomposition as the score stage recorded it in ``store`` (a ``FactorisationStore``), on the
-    model's linear-algebra device, or None when it holds none."""
+    model's linear-algebra device, or None when it holds none (for an FFN: none with channels at all of ``widths``)."""
     where = linalg_device(module_device(denoiser))
     if group.kind in ("ffn", "ffn_single") and group in store:
         cov_hidden, _ = group_statistics(denoiser, group, capture, device=where)
-        return store.get(group, *reversed(ffn_operands(denoiser, group, cov_hidden, where)), device=where)
+        return store.get(group, *reversed(ffn_operands(denoiser, group, cov_hidden, where)), device=where, widths=widths)
     return store.get(group, device=where)
 
 

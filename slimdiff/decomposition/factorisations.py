@@ -71,6 +71,7 @@ class FactorisationStore:
         self.folder = self.root / self.capture_id[:32]
         self.reg, self.dtype = float(reg), dtype
         self._code = _code_digest()
+        self.reads = 0  # entries ``get`` returned (what was not recomputed)
 
     def clear_others(self) -> list[Path]:
         """Remove the folders of other captures (what an earlier job left); returns them."""
@@ -123,10 +124,11 @@ class FactorisationStore:
         return path
 
     def get(self, group: ModuleGroup, cov_hidden: Tensor | None = None, w_down: Tensor | None = None,
-            device: torch.device | str = "cpu") -> Decomposition | None:
-        """The recorded decomposition of ``group`` on ``device``, or None when there is none (or it is unreadable: said
-        in one line, then recomputed by the caller). An FFN needs its hidden covariance (unregularised) and down
-        projection (X W layout), which the capture and the model hold."""
+            device: torch.device | str = "cpu", widths: Sequence[int] = ()) -> Decomposition | None:
+        """The recorded decomposition of ``group`` on ``device``, or None when there is none (or it is unreadable, or
+        an FFN's lacks channel sets at some of ``widths``: said in one line, then recomputed by the caller). An FFN
+        needs its hidden covariance (unregularised) and down projection (X W layout), which the capture and the
+        model hold."""
         from safetensors import SafetensorError, safe_open
 
         path = self.path(group)
@@ -145,12 +147,19 @@ class FactorisationStore:
         if info["kind"] in ("ffn", "ffn_single"):
             if cov_hidden is None or w_down is None:
                 raise ValueError(f"{group.name}: applying recorded channel sets needs the hidden covariance and down projection")
+            missing = sorted(set(int(w) for w in widths) - set(tensors["widths"].tolist()))
+            if missing:
+                print(f"factorisations: {path} has no channel set at {len(missing)} of the widths needed (e.g. "
+                      f"{missing[0]}); recomputing {group.name}", file=sys.stderr)
+                return None
             masks = np.unpackbits(tensors["masks"].cpu().numpy(), axis=1, count=int(info["full_width"])).astype(bool)
             chosen = {int(w): torch.from_numpy(np.flatnonzero(row)).to(device)
                       for w, row in zip(tensors["widths"].tolist(), masks)}
+            self.reads += 1
             return FFNDecomposition(regularize(cov_hidden, self.reg), w_down.to(torch.float64), None, None, int(info["rank"]),
                                     chosen)
         cls = QKDecomposition if info["family"] == "qk" else VODecomposition
+        self.reads += 1
         return cls(tensors["first"], tensors["second"], tensors["singular_values"], info["method"], bool(info["exact"]))
 
 

@@ -303,10 +303,25 @@ def gain_reference(config, capture_file: Path = CAPTURE_FILE):
     return config.gain_reference(open_capture(capture_file, device="cpu"))
 
 
+def factorisation_recorder(config, reference, pipe, root: Path = Path(".")):
+    """What the truncation gains hand the score stage: each FFN's factorisation, recorded in the store of
+    ``root / FACTORISATIONS_DIR`` for this capture (``slimdiff.scoring.influence.ffn_recorder``); None for noise gains,
+    which decompose nothing."""
+    if reference is None:
+        return None
+    from slimdiff.arch.pipelines import denoiser_of
+    from slimdiff.decomposition.factorisations import store_for
+    from slimdiff.scoring.influence import ffn_recorder
+
+    store = store_for(root / FACTORISATIONS_DIR, reference.capture, reference.reg, denoiser_of(pipe)[1])
+    store.clear_others()
+    return ffn_recorder(store, config.granularity)
+
+
 def stage_gains(params: dict[str, Any]) -> None:
     """Propagation gains on the first ``score.gain_prompts`` SlimSet prompts, checkpointed after every module; with
     ``score.gain_shards`` > 1, merged from module-subset shards (those the flow's fan-out did not write are measured
-    here; docs/distributed.md)."""
+    here; docs/distributed.md). Truncation gains record each FFN's factorisation for the score stage."""
     from slimdiff.scoring.gain_shards import measure_gains_sharded
     from slimdiff.scoring.gains import measure_gains
 
@@ -316,17 +331,19 @@ def stage_gains(params: dict[str, Any]) -> None:
     shards = gain_shards(params)
     pipe = _pipeline(params)
     reference = gain_reference(config)
+    record = factorisation_recorder(config, reference, pipe)
     if shards > 1:
         gains, plan, measured = measure_gains_sharded(pipe, prompts, sampler, GAIN_SHARD_DIR, shards=shards,
                                                       num_calls=config.gain_calls, rel_noise=config.rel_noise,
-                                                      seed=sampler.seed, progress=True, reference=reference)
+                                                      seed=sampler.seed, progress=True, reference=reference,
+                                                      record=record)
         print(f"gains: merged {len(plan.shards)} shards ({len(measured)} measured in this process)")
         gains.save(GAINS_FILE)
         for shard in plan.shards:
             plan.path(GAIN_SHARD_DIR, shard).unlink(missing_ok=True)
         return
     gains = measure_gains(pipe, prompts, sampler, config.gain_calls, config.rel_noise, seed=sampler.seed,
-                          progress=True, checkpoint=GAINS_CHECKPOINT, reference=reference)
+                          progress=True, checkpoint=GAINS_CHECKPOINT, reference=reference, record=record)
     gains.save(GAINS_FILE)
     GAINS_CHECKPOINT.unlink(missing_ok=True)
 
@@ -362,7 +379,8 @@ FACTORISATIONS_DIR = CHECKPOINT_DIR / "factorisations"
 
 def stage_score(params: dict[str, Any]) -> None:
     """Scores of every group, streaming the capture one group's sites at a time (host memory does not grow with the
-    number of sites); each group's factorisation is recorded for the decompose stage (``FACTORISATIONS_DIR``)."""
+    number of sites); each group's factorisation is recorded for the decompose stage (``FACTORISATIONS_DIR``), and the
+    FFNs' the truncation gains recorded there are read back."""
     from slimdiff.arch.pipelines import denoiser_of
     from slimdiff.decomposition.factorisations import store_for
     from slimdiff.scoring.gains import Gains
@@ -380,6 +398,7 @@ def stage_score(params: dict[str, Any]) -> None:
     scores = score(denoiser, stats, Gains.load(GAINS_FILE), config.granularity, config.reg, config.max_ffn_points,
                    progress=True, store=store)
     scores.save(SCORES_FILE)
+    print(f"score: {store.reads} FFN factorisation(s) the gains stage recorded were read back, not recomputed")
     print(f"score: factorisations recorded for the decompose stage: {store.nbytes() / 2**20:,.1f} MiB in {store.folder}")
 
 

@@ -27,6 +27,7 @@ from slimdiff.runtime.sampling import SamplerSettings
 from slimdiff.scoring.gains import (
     DEFAULT_NOISE_CHUNK,
     Gains,
+    RecordDecomposition,
     TruncationReference,
     gains_fingerprint,
     measure_gains,
@@ -100,7 +101,7 @@ def plan_gain_shards(pipe, prompts: Sequence[str], sampler: SamplerSettings, *, 
 
 def measure_gain_shard(pipe, plan: GainShardPlan, shard: GainShard, prompts: Sequence[str], sampler: SamplerSettings,
                        folder: str | Path, *, progress: bool = False, model_hash: str | None = None,
-                       reference: TruncationReference | None = None) -> Path:
+                       reference: TruncationReference | None = None, record: RecordDecomposition | None = None) -> Path:
     """Measure one shard's modules into ``<folder>/<digest>.json`` (atomically; kept when already there), resuming
     from the shard's checkpoint; refused before any denoiser call when this model or these settings are not the
     plan's."""
@@ -112,7 +113,7 @@ def measure_gain_shard(pipe, plan: GainShardPlan, shard: GainShard, prompts: Seq
     checkpoint = folder / f".{shard.digest}.ckpt"
     gains = measure_gains(pipe, prompts, sampler, num_calls=f["calls"], rel_noise=f["rel_noise"], seed=f["seed"],
                           progress=progress, noise_chunk=f["noise_chunk"], checkpoint=checkpoint, only=shard.modules,
-                          expect=plan.fingerprint, model_hash=model_hash, reference=reference)
+                          expect=plan.fingerprint, model_hash=model_hash, reference=reference, record=record)
     write_json(target, {"format": GAIN_SHARD_FORMAT, "digest": shard.digest, "index": shard.index,
                         "fingerprint": plan.fingerprint, "modules": list(shard.modules), "gains": gains.gains,
                         "block_influence": gains.block_influence, "metadata": gains.metadata})
@@ -164,8 +165,8 @@ def _check_influence(found: dict[str, float], first: dict[str, float], path: Pat
 
 def measure_gains_sharded(pipe, prompts: Sequence[str], sampler: SamplerSettings, folder: str | Path, *, shards: int,
                           num_calls: int, rel_noise: float, seed: int, noise_chunk: int = DEFAULT_NOISE_CHUNK,
-                          progress: bool = False,
-                          reference: TruncationReference | None = None) -> tuple[Gains, GainShardPlan, list[int]]:
+                          progress: bool = False, reference: TruncationReference | None = None,
+                          record: RecordDecomposition | None = None) -> tuple[Gains, GainShardPlan, list[int]]:
     """Plan, measure the missing shards here (one after another), verify and merge. Returns the gains, the plan and
     the indices this call measured (none when a distributed run, ``flows.distributed``, wrote them all)."""
     _, denoiser = denoiser_of(pipe)
@@ -175,7 +176,7 @@ def measure_gains_sharded(pipe, prompts: Sequence[str], sampler: SamplerSettings
     missing = plan.missing(folder)
     for shard in missing:
         measure_gain_shard(pipe, plan, shard, prompts, sampler, folder, progress=progress, model_hash=model_hash,
-                           reference=reference)
+                           reference=reference, record=record)
     return merge_gain_shards(plan, folder), plan, [s.index for s in missing]
 
 

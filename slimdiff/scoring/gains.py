@@ -15,7 +15,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from slimdiff.calls import DenoiserCall, record_calls
 from slimdiff.decomposition.apply import apply_group
 from slimdiff.decomposition.errors import bucket_errors, mean_bucket_error
 from slimdiff.decomposition.factorisations import capture_identity
-from slimdiff.decomposition.groups import decompose_group
+from slimdiff.decomposition.groups import Decomposition, decompose_group
 from slimdiff.device import linalg_device, module_device
 from slimdiff.files import complete_artifact, read_json_artifact, write_json
 from slimdiff.runtime.attention import original_attention_scale, slim_processor_for
@@ -42,6 +42,9 @@ DEFAULT_REFERENCE_KEEP = 0.5
 # Largest logit-noise block drawn at once (elements): attention with injected logit noise runs in
 # query chunks of at most this many (batch x heads x queries x keys) logits, whatever the resolution.
 DEFAULT_NOISE_CHUNK = 2**26
+
+# told each group's decomposition as a truncation gain computes it (what a later stage would otherwise recompute)
+RecordDecomposition = Callable[[ModuleGroup, Decomposition], object]
 
 
 @dataclass
@@ -143,8 +146,8 @@ class LogitNoise:
 def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups: Sequence[ModuleGroup] | None = None,
                       rel_noise: float = 0.05, seed: int = 0, progress: bool = False, noise_chunk: int = DEFAULT_NOISE_CHUNK,
                       known: dict[str, float] | None = None, after_each=None,
-                      only: Sequence[str] | None = None,
-                      reference: TruncationReference | None = None) -> tuple[dict[str, float], dict[str, float]]:
+                      only: Sequence[str] | None = None, reference: TruncationReference | None = None,
+                      record: RecordDecomposition | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Gradient-free propagation gains and block influence.
 
     With ``reference``, each module is decomposed from the capture and truncated to its reference width (the rest
@@ -158,6 +161,8 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
     are skipped and the rest come out the same; ``after_each(gains)`` is called after every module.
     With ``only`` (module names), just those are measured, with the seeds they have in the whole run: the gains of
     disjoint module subsets, measured anywhere, together equal the one-process gains (``slimdiff.scoring.gain_shards``).
+    ``record(group, decomposition)`` is called with each truncated group's decomposition (the pipeline records the
+    FFNs' for the score stage, ``slimdiff.scoring.influence.ffn_recorder``, so it does not decompose them again).
     """
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import (
@@ -206,7 +211,7 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
             if group.name in gains:
                 continue
             if reference is not None:
-                gains[group.name] = _truncation_gain(denoiser, group, calls, clean, reference)
+                gains[group.name] = _truncation_gain(denoiser, group, calls, clean, reference, record)
                 if after_each is not None:
                     after_each(dict(gains))
                 continue
@@ -233,7 +238,7 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
 
 
 def _truncation_gain(denoiser: nn.Module, group: ModuleGroup, calls: Sequence[DenoiserCall], clean: Sequence[Tensor],
-                     reference: TruncationReference) -> float:
+                     reference: TruncationReference, record: RecordDecomposition | None = None) -> float:
     """Measured output change per sample and call over predicted error, ``group`` truncated to its reference width.
 
     The predicted error is the score's own (the equal-weight mean over timestep buckets of the error under each
@@ -242,6 +247,8 @@ def _truncation_gain(denoiser: nn.Module, group: ModuleGroup, calls: Sequence[De
     is not; a group exact down to width 1 has no error to scale at any width, and gain 0."""
     capture = reference.capture.subset(group_sites(group))
     decomposition = decompose_group(denoiser, group, capture, reference.reg)
+    if record is not None:
+        record(group, decomposition)
     where = linalg_device(module_device(denoiser))
     width = reference.width(group)
     while True:
@@ -331,7 +338,7 @@ def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_ca
                   seed: int = 0, progress: bool = False, noise_chunk: int = DEFAULT_NOISE_CHUNK,
                   checkpoint: str | Path | None = None, only: Sequence[str] | None = None,
                   expect: dict[str, Any] | None = None, model_hash: str | None = None,
-                  reference: TruncationReference | None = None) -> Gains:
+                  reference: TruncationReference | None = None, record: RecordDecomposition | None = None) -> Gains:
     """Measure propagation gains (and block influence) on a few prompts and timesteps, on the model's device.
 
     With ``reference`` (the capture of this model), truncation gains; without, noise gains (``propagation_gains``).
@@ -341,6 +348,7 @@ def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_ca
     With ``only``, just those modules are measured (one shard of the gains, see ``slimdiff.scoring.gain_shards``), and
     with ``expect`` (a fingerprint) nothing is measured unless this model and these settings have that fingerprint.
     ``model_hash``: the denoiser's ``model_content_hash`` when the caller computed it for this loaded model.
+    ``record``: called with each truncated group's decomposition (``propagation_gains``).
     """
     _, denoiser = denoiser_of(pipe)
     model_hash = model_hash or model_content_hash(denoiser)
@@ -375,7 +383,7 @@ def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_ca
     calls = record_calls(pipe, prompts, sampler, num_calls)
     gains, block_influence = propagation_gains(denoiser, calls, rel_noise=rel_noise, seed=seed, progress=progress,
                                                noise_chunk=noise_chunk, known=known, after_each=save_partial, only=only,
-                                               reference=reference)
+                                               reference=reference, record=record)
     metadata = {"method": fingerprint["method"], "reference": fingerprint["reference"],
                 "model_hash": model_hash, "prompts": len(prompts), "prompts_digest": prompts_digest(prompts),
                 "calls": len(calls), "rel_noise": rel_noise, "seed": seed, "noise_chunk": noise_chunk,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from slimdiff.arch import ModuleGroup, compressible_groups, find_groups, left_intact
 from slimdiff.arch.sites import group_input_sites, group_sites
 from slimdiff.decomposition.closed_form import DEFAULT_REG, FFNDecomposition
+from slimdiff.decomposition.apply import recorded_decomposition
 from slimdiff.decomposition.errors import bucket_errors
-from slimdiff.decomposition.groups import decompose_group
+from slimdiff.decomposition.groups import Decomposition, decompose_group
 from slimdiff.device import linalg_device, module_device
 from slimdiff.files import complete_artifact, read_json_artifact, write_json
 from slimdiff.scoring.gains import Gains
@@ -168,17 +169,20 @@ def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, gran
     are exact everywhere. The math runs in float64 on ``linalg_device`` of the model. The group's sites are read
     from the capture once (a lazily opened capture holds one group's statistics at a time). With ``store`` (a
     ``slimdiff.decomposition.factorisations.FactorisationStore``) the factorisation is recorded for the decompose stage; an FFN's
-    channels at every grid width are chosen once, here, and both the errors and the decomposition use them.
+    channels at every grid width are chosen once, here or by the truncation gains (``ffn_recorder``), and both the
+    errors and the decomposition use them.
     """
     widths = group_widths(group, granularity)
     where = linalg_device(module_device(denoiser))
     sites = group_sites(group)
     capture = capture.subset(sites)
-    decomposition = decompose_group(denoiser, group, capture, reg)
-    if isinstance(decomposition, FFNDecomposition):
-        decomposition = replace(decomposition, chosen=decomposition.channel_sets(widths))
-    if store is not None:
-        store.put(group, decomposition, widths)
+    decomposition = _recorded_ffn(store, denoiser, group, capture, widths) if store is not None else None
+    if decomposition is None:
+        decomposition = decompose_group(denoiser, group, capture, reg)
+        if isinstance(decomposition, FFNDecomposition):
+            decomposition = replace(decomposition, chosen=decomposition.channel_sets(widths))
+        if store is not None:
+            store.put(group, decomposition, widths)
     errors = bucket_errors(denoiser, group, capture, decomposition, widths, where, max_ffn_points)
     # gain None only when score() was told require_gains=False: the unit-gain ablation, recorded in the scores'
     # metadata as gains_measured: false (score() refuses a gains file that lacks a module)
@@ -188,6 +192,26 @@ def module_score(denoiser: nn.Module, group: ModuleGroup, capture: Capture, gran
                        full_params=_full_params(group),
                        full_macs=group.in_features * group.out_features if group.kind == "adaln" else 0,
                        attention_pairs=attention_pairs_of(group, site_tokens), attention_floor=attention_floor)
+
+
+def ffn_recorder(store, granularity: Granularity) -> Callable[[ModuleGroup, Decomposition], None]:
+    """``record`` for the truncation gains (``slimdiff.scoring.gains.measure_gains``): each FFN's decomposition goes
+    into ``store`` with its channels at every width of ``granularity``, which ``module_score`` reads back instead of
+    decomposing the FFN again (its eigendecomposition dominates both stages at real widths)."""
+    def record(group: ModuleGroup, decomposition: Decomposition) -> None:
+        if isinstance(decomposition, FFNDecomposition):
+            store.put(group, decomposition, group_widths(group, granularity))
+    return record
+
+
+def _recorded_ffn(store, denoiser: nn.Module, group: ModuleGroup, capture: Capture,
+                  widths: Sequence[int]) -> FFNDecomposition | None:
+    """The FFN decomposition ``store`` holds for ``group`` with channels at every one of ``widths``, else None. Only
+    FFNs: their errors come from the channel sets and the capture, the same numbers either way; a QK/VO entry holds
+    factors in the model's dtype, while the errors read the float64 ones (and cost little to recompute)."""
+    if group.kind not in ("ffn", "ffn_single") or group not in store:
+        return None
+    return recorded_decomposition(store, denoiser, group, capture, widths)
 
 
 def attention_of(group: ModuleGroup) -> str:
