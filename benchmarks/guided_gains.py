@@ -57,42 +57,19 @@ def guided_output(denoiser, pair, scale: float) -> torch.Tensor:
 
 
 def guided_gains(denoiser, groups, pairs, scale: float, reference) -> dict[str, float]:
-    """Per group: the energy of the change of the guided output per sample and pair, the group truncated to its
-    reference width, over the score's predicted error there (the pipeline's ``_truncation_gain``, guided)."""
+    """Per group: the pipeline's truncation gain (``_truncation_gain``) with the guided output of each call pair in
+    place of each call's output."""
     from tqdm.auto import tqdm
 
-    from slimdiff.arch.sites import group_sites
-    from slimdiff.decomposition.apply import apply_group
-    from slimdiff.decomposition.errors import bucket_errors, mean_bucket_error
-    from slimdiff.decomposition.groups import decompose_group
-    from slimdiff.device import linalg_device, module_device
+    from slimdiff.scoring.gains import _truncation_gain
 
-    where = linalg_device(module_device(denoiser))
-    gains = {}
+    def output(model, pair):
+        return guided_output(model, pair, scale)
+
     with torch.no_grad():
-        clean = [guided_output(denoiser, pair, scale) for pair in pairs]
-        for group in tqdm(groups, desc="guided gains", unit="module"):
-            capture = reference.capture.subset(group_sites(group))
-            decomposition = decompose_group(denoiser, group, capture, reference.reg)
-            width = reference.width(group)
-            while True:
-                predicted = mean_bucket_error(bucket_errors(denoiser, group, capture, decomposition, [width], where))
-                if predicted > 0 or width == 1:
-                    break
-                width //= 2
-            if not predicted > 0:
-                gains[group.name] = 0.0
-                continue
-            original = denoiser.get_submodule(group.path)
-            denoiser.set_submodule(group.path, copy.deepcopy(original))
-            try:
-                apply_group(denoiser, group, capture, width, reference.reg, decomposition)
-                change = sum(float((guided_output(denoiser, pair, scale) - before).pow(2).sum()) / before.shape[0]
-                             for pair, before in zip(pairs, clean))
-            finally:
-                denoiser.set_submodule(group.path, original)
-            gains[group.name] = change / len(pairs) / predicted
-    return gains
+        clean = [output(denoiser, pair) for pair in pairs]
+        return {group.name: _truncation_gain(denoiser, group, pairs, clean, reference, output=output)
+                for group in tqdm(groups, desc="guided gains", unit="module")}
 
 
 def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:

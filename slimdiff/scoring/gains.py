@@ -237,14 +237,17 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
     return gains, block_influence
 
 
-def _truncation_gain(denoiser: nn.Module, group: ModuleGroup, calls: Sequence[DenoiserCall], clean: Sequence[Tensor],
-                     reference: TruncationReference, record: RecordDecomposition | None = None) -> float:
+def _truncation_gain(denoiser: nn.Module, group: ModuleGroup, calls: Sequence, clean: Sequence[Tensor],
+                     reference: TruncationReference, record: RecordDecomposition | None = None,
+                     output: Callable[[nn.Module, Any], Tensor] = _output) -> float:
     """Measured output change per sample and call over predicted error, ``group`` truncated to its reference width.
 
     The predicted error is the score's own (the equal-weight mean over timestep buckets of the error under each
     bucket's covariance, ``slimdiff.decomposition.errors``), so gain x score is the measured error there. Where the
     decomposition is exact at that width (a rank-deficient input: predicted error 0), the width is halved until it
-    is not; a group exact down to width 1 has no error to scale at any width, and gain 0."""
+    is not; a group exact down to width 1 has no error to scale at any width, and gain 0. ``output(denoiser, call)``
+    is what is compared with ``clean`` (default: the denoiser's output of one call; benchmarks/guided_gains.py passes
+    the guided combination of a call pair)."""
     capture = reference.capture.subset(group_sites(group))
     decomposition = decompose_group(denoiser, group, capture, reference.reg)
     if record is not None:
@@ -264,7 +267,7 @@ def _truncation_gain(denoiser: nn.Module, group: ModuleGroup, calls: Sequence[De
         apply_group(denoiser, group, capture, width, reference.reg, decomposition)
         change = 0.0
         for call, before in zip(calls, clean):
-            out = _output(denoiser, call)
+            out = output(denoiser, call)
             change += float((out - before).pow(2).sum()) / out.shape[0]
     finally:
         denoiser.set_submodule(group.path, original)
