@@ -71,8 +71,15 @@ def held_out(pipe, params: dict):
     return [(name, sampler, with_scheduler(pipe, scheduler)) for name, sampler, scheduler in held_out_samplers(params)]
 
 
-def capture_and_score(pipe, calibration: list[str], sampler, batch_size: int, extra_sites: tuple[str, ...] = ()):
-    """The capture (seeded) and the influence scores every method of this benchmark (and kind_calibration.py) shares."""
+def job_gain_target() -> str:
+    """The Flux job's ``score.gain_target`` (params.yaml), what this benchmark's gains measure by default."""
+    return str(job_params()["score"].get("gain_target", "call"))
+
+
+def capture_and_score(pipe, calibration: list[str], sampler, batch_size: int, extra_sites: tuple[str, ...] = (),
+                      gain_target: str = "call"):
+    """The capture (seeded) and the influence scores every method of this benchmark (and kind_calibration.py) shares;
+    ``gain_target``: truncation gains on each call's output or on the guided prediction (``score.gain_target``)."""
     from slimdiff.compress import SlimDiffConfig
     from slimdiff.scoring.gains import measure_gains
     from slimdiff.scoring.influence import Granularity, score
@@ -81,8 +88,9 @@ def capture_and_score(pipe, calibration: list[str], sampler, batch_size: int, ex
     torch.manual_seed(0)
     stats = capture(pipe, calibration, sampler, num_buckets=4, batch_size=batch_size, extra_sites=extra_sites,
                     model_id="reference-flux")
-    # the job's default gains (truncation at half width), at the job's reg
-    gains = measure_gains(pipe, calibration[:8], sampler, num_calls=4, reference=SlimDiffConfig().gain_reference(stats))
+    # the job's gains (truncation at half width), at the job's reg
+    reference = SlimDiffConfig(gain_target=gain_target).gain_reference(stats)
+    gains = measure_gains(pipe, calibration[:8], sampler, num_calls=4, reference=reference)
     scores = score(pipe.transformer, stats, gains, Granularity(rank_step=1))
     return stats, scores
 
@@ -135,7 +143,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
                "settings": {k: v for k, v in vars(args).items() if k != "render_only"}, "sampler": sampler.to_dict(),
                "rows": [], "held_out": []}
     started = time.perf_counter()
-    stats, scores = capture_and_score(pipe, calibration, sampler, args.batch_size, baseline_sites(pipe.transformer))
+    stats, scores = capture_and_score(pipe, calibration, sampler, args.batch_size, baseline_sites(pipe.transformer),
+                                      args.gain_target)
     latency_prompts = eval_prompts[: args.latency_batch]  # one call of this batch: the table and every measurement
     table = measure_pipeline_latency(pipe, latency_prompts, sampler, Granularity(rank_step=1), points=16,
                                      repeats=args.latency_repeats)
@@ -265,6 +274,14 @@ def latency_plans_text(r: dict) -> list[str]:
     return [text, ""]
 
 
+def gains_text(settings: dict) -> str:
+    """What the scores' truncation gains measured (results written before ``--gain-target`` measured each call's)."""
+    if settings.get("gain_target", "call") == "guided":
+        return ("truncation gains on the guided prediction u + s(c - u) of 4 steps' call pairs "
+                "(`score.gain_target: guided`)")
+    return "truncation gains on each of 4 denoiser calls' output (`score.gain_target: call`)"
+
+
 def render(r: dict) -> list[tuple[Path, str, str]]:
     rows, s = r["rows"], r["settings"]
     title = "# Benchmark: transformers (the Flux-style reference)"
@@ -273,7 +290,7 @@ def render(r: dict) -> list[tuple[Path, str, str]]:
              f"{r['sampler']['num_inference_steps']} steps, true CFG {r['sampler']['guidance_scale']:g} "
              f"({r['sampler']['guidance_argument']}, empty negative prompt), {r['sampler']['max_sequence_length']} T5 "
              f"tokens, {r['sampler']['height']} px. Calibration: the first {s['calibration_prompts']} prompts of the Flux "
-             f"job's SlimSet, one capture and one set of scores for every method. Evaluation: {s['eval_prompts']} "
+             f"job's SlimSet, one capture and one set of scores for every method; {gains_text(s)}. Evaluation: {s['eval_prompts']} "
              f"held-out test captions, seed 0 per prompt; SQNR teacher-forced; latency: one denoiser call (batch "
              f"{s['latency_batch']}, one CFG branch), median of {s['latency_repeats']}, side by side with the original in "
              "one process (the latency budget's table timed at the same batch; the speed-up's brackets: the quartiles of "
@@ -338,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", default=str(JOB / "outputs" / "slimset" / "slimset.jsonl"))
     parser.add_argument("--calibration-prompts", type=int, default=128)
+    parser.add_argument("--gain-target", choices=("call", "guided"), default=None,
+                        help="what the truncation gains measure (default: the Flux job's score.gain_target)")
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--held-out-prompts", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -353,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: SLIMDIFF_THREADS, else auto)")
     parser.add_argument("--render-only", action="store_true", help="only re-render the page and plot from the results file")
     args = parser.parse_args(argv)
+    if args.gain_target is None:
+        args.gain_target = job_gain_target()
     if args.points is not None:
         if not args.only or Path(args.out).resolve() == RESULTS.resolve():
             parser.error("--points needs --only and an --out other than the page's results file")

@@ -3,9 +3,10 @@
 On the Flux-style reference, sampled with true classifier-free guidance 4 (``eps_u + 4 (eps_c - eps_u)``, two
 denoiser calls a step), slimdiff's ``--macs`` plans predict each call better than uniform widths but keep the
 conditional-minus-unconditional direction worse, and lose to them on FD at equal MACs (docs/reference-flux-model.md).
-The pipeline's truncation gains price a group by the change of each call's output. This script measures them on the
-guided combination of each (conditional, unconditional) call pair instead, so that a group whose error moves the
-guidance direction is priced by what the sampler makes of it, and compares, on one capture and one set of
+The pipeline's truncation gains price a group by the change of each call's output (``score.gain_target: call``). This
+script measures them on the guided combination of each step's (conditional, unconditional) call pair instead
+(``score.gain_target: guided``, the pipeline's ``measure_gains`` with a guided reference), so that a group whose error
+moves the guidance direction is priced by what the sampler makes of it, and compares, on one capture and one set of
 evaluation prompts (quality at equal MACs; no speed is timed):
 
 - slimdiff at ``--macs P`` with the pipeline's gains (single calls),
@@ -14,8 +15,7 @@ evaluation prompts (quality at equal MACs; no speed is timed):
 
 Same capture as benchmarks/dit.py (first 128 prompts of the Flux job's SlimSet, batch 64) and the same gain prompts
 and reference width; the evaluation is dit.py's (teacher-forced SQNR, guidance cosine, PSNR, FD to the original,
-alignment). Not the pipeline's code path: an experiment, reported, not a gate. Only true-CFG pipelines (two calls a
-step, conditional first: diffusers' FluxPipeline) are handled here.
+alignment). An experiment, reported, not a gate.
 
     SLIMDIFF_THREADS=auto .venv/bin/python benchmarks/guided_gains.py --threads 2 [--macs 0.6] [--uniform 0.4]
         [--eval-prompts 192] [--out benchmarks/results/guided_gains.json]
@@ -29,55 +29,19 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pages import run_record, write_results  # noqa: E402
 
 GAIN_PROMPTS = 8  # as capture_and_score's gains
-GAIN_PAIRS = 4  # call pairs spread over the schedule (the pipeline's gains use 4 calls)
-
-
-def guided_pairs(calls: list, pairs: int) -> list[tuple]:
-    """``pairs`` (conditional, unconditional) call pairs spread over a true-CFG generation's calls (c, u, c, u, ...)."""
-    if len(calls) % 2:
-        raise ValueError(f"{len(calls)} denoiser calls: not the two calls a step of true classifier-free guidance")
-    steps = len(calls) // 2
-    index = torch.linspace(0, steps - 1, min(pairs, steps)).round().long().unique().tolist()
-    return [(calls[2 * i], calls[2 * i + 1]) for i in index]
-
-
-def guided_output(denoiser, pair, scale: float) -> torch.Tensor:
-    from slimdiff.scoring.gains import _output
-
-    conditional, unconditional = (_output(denoiser, call) for call in pair)
-    return unconditional + scale * (conditional - unconditional)
-
-
-def guided_gains(denoiser, groups, pairs, scale: float, reference) -> dict[str, float]:
-    """Per group: the pipeline's truncation gain (``_truncation_gain``) with the guided output of each call pair in
-    place of each call's output."""
-    from tqdm.auto import tqdm
-
-    from slimdiff.scoring.gains import _truncation_gain
-
-    def output(model, pair):
-        return guided_output(model, pair, scale)
-
-    with torch.no_grad():
-        clean = [output(denoiser, pair) for pair in pairs]
-        return {group.name: _truncation_gain(denoiser, group, pairs, clean, reference, output=output)
-                for group in tqdm(groups, desc="guided gains", unit="module")}
+GAIN_PAIRS = 4  # steps' call pairs spread over the schedule (the pipeline's gains use 4 calls)
 
 
 def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     from benchmarks.dit import JOB, capture_and_score, job_params
     from benchmarks.quality import row_of, with_denoiser
-    from slimdiff.arch import compressible_groups
     from slimdiff.baselines import compress_with
-    from slimdiff.calls import record_calls
     from slimdiff.compress import SlimDiffConfig, read_prompts
     from slimdiff.cost import count_params
     from slimdiff.decomposition.apply import decompose
@@ -87,6 +51,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     from slimdiff.planning.allocation import Budget, allocate
     from slimdiff.reference import load_reference_flux_pipeline
     from slimdiff.reference.evaluator import load_evaluator
+    from slimdiff.scoring.gains import measure_gains
 
     apply_threads(args.threads)
     sampler = sampler_settings(job_params())
@@ -99,9 +64,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     evaluator = load_evaluator()
     started = time.perf_counter()
     stats, scores = capture_and_score(pipe, calibration, sampler, 64)
-    pairs = guided_pairs(record_calls(pipe, calibration[:GAIN_PROMPTS], sampler), GAIN_PAIRS)
-    groups = compressible_groups(pipe.transformer)
-    guided = guided_gains(pipe.transformer, groups, pairs, sampler.guidance_scale, SlimDiffConfig().gain_reference(stats))
+    guided = measure_gains(pipe, calibration[:GAIN_PROMPTS], sampler, num_calls=GAIN_PAIRS, progress=True,
+                           reference=SlimDiffConfig(gain_target="guided").gain_reference(stats)).gains
     guided_scores = copy.deepcopy(scores)
     for module in guided_scores.modules:
         module.gain = guided[module.name]

@@ -58,7 +58,7 @@ def preflight(workspace: Path, show_memory: bool = True) -> dict[str, Any]:
         raise FileNotFoundError(f"params.yaml code: {params['code']!r} does not hold slimdiff/ (dvc.yaml's code "
                                 "dependencies are read there; the path is relative to the workspace)")
     # the sampler settings, the denoiser class (an adapter for it) and the call arguments the sampler passes
-    check_model_supported(model, sampler_settings(params))
+    check_model_supported(model, sampler_settings(params), guided_gains=params["score"].get("gain_target") == "guided")
     for source in params["curate"]["sources"]:
         path = workspace / str(source)
         if "/" in str(source) and not str(source).startswith(("data/", "./", "/")) and not path.exists():

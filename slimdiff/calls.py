@@ -35,16 +35,34 @@ class _Enough(Exception):
     """Ends a generation once the calls wanted are recorded."""
 
 
+def spread(count: int, wanted: int) -> list[int]:
+    """``wanted`` indices spread evenly over ``range(count)``, the first and the last included (all when fewer)."""
+    return torch.linspace(0, count - 1, min(wanted, count), device="cpu").round().long().unique().tolist()
+
+
 def record_calls(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_calls: int | None = None,
-                 first_only: bool = False) -> list[DenoiserCall]:
+                 first_only: bool = False, whole_steps: bool = False) -> list[DenoiserCall]:
     """The denoiser's calls while ``pipe`` samples ``prompts``: the first one only (``first_only``: the rest of the
     generation does not run), or ``num_calls`` spread evenly over the schedule (all with None). Inputs are kept on
-    the model's device."""
+    the model's device, and only those asked for: which they are is decided at the first call from the calls the
+    scheduler's timesteps predict (``sampler.calls_per_step`` a timestep), and a generation that makes another
+    number of calls is refused. With ``whole_steps``, ``num_calls`` counts sampling steps, each with all its calls
+    in order (true classifier-free guidance: the conditional call, then the unconditional one)."""
     _, denoiser = denoiser_of(pipe)
+    per_step = sampler.calls_per_step if whole_steps else 1
     calls: list[DenoiserCall] = []
+    seen = 0
+    expected = 0
+    wanted: set[int] | None = None  # None: every call
 
     def keep(module, args, kwargs):
-        calls.append((detach_clone(args), detach_clone(kwargs)))
+        nonlocal seen, expected, wanted
+        if seen == 0 and num_calls is not None and not first_only:
+            expected = len(pipe.scheduler.timesteps) * sampler.calls_per_step
+            wanted = {step * per_step + j for step in spread(max(expected // per_step, 1), num_calls) for j in range(per_step)}
+        if wanted is None or seen in wanted:
+            calls.append((detach_clone(args), detach_clone(kwargs)))
+        seen += 1
         if first_only:
             raise _Enough
 
@@ -59,10 +77,11 @@ def record_calls(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_cal
         handle.remove()
     if not calls:
         raise RuntimeError("the pipeline never called its denoiser")
-    if first_only or num_calls is None:
-        return calls
-    index = torch.linspace(0, len(calls) - 1, min(num_calls, len(calls)), device="cpu").round().long().unique().tolist()
-    return [calls[i] for i in index]
+    if wanted is not None and seen != expected:
+        raise RuntimeError(f"{type(pipe).__name__} made {seen} denoiser calls where its scheduler's "
+                           f"{len(pipe.scheduler.timesteps)} timesteps x {sampler.calls_per_step} call(s) a step "
+                           f"predicted {expected}: the calls to keep could not be chosen over its schedule")
+    return calls
 
 
 def first_call(pipe, prompts: Sequence[str], sampler: SamplerSettings) -> DenoiserCall:

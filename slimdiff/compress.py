@@ -25,7 +25,7 @@ from slimdiff.decomposition.closed_form import DEFAULT_REG
 from slimdiff.device import DTYPE_CHOICES, DeviceError, resolve_dtype
 from slimdiff.decomposition.factorisations import store_for
 from slimdiff.arch import compressible_groups
-from slimdiff.scoring.gains import DEFAULT_REFERENCE_KEEP, GAIN_METHODS, Gains, TruncationReference, measure_gains
+from slimdiff.scoring.gains import DEFAULT_REFERENCE_KEEP, GAIN_METHODS, GAIN_TARGETS, Gains, TruncationReference, measure_gains
 from slimdiff.scoring.influence import Granularity, InfluenceScores, ffn_recorder, score, skeleton_scores
 from slimdiff.planning.latency import LatencyTable, measure_pipeline_latency
 from slimdiff.decomposition.apply import GroupResult, decompose
@@ -58,6 +58,9 @@ class SlimDiffConfig:
     # noise: isotropic noise of known energy at its output (rel_noise x its RMS). docs/method.md §4
     gain_method: str = "truncation"
     gain_keep: float = DEFAULT_REFERENCE_KEEP
+    # call: a truncation gain measures the change of each denoiser call's output; guided: of the classifier-free-guided
+    # prediction the sampler steps with (u + s (c - u)), where an error along the guidance direction is amplified s times
+    gain_target: str = "call"
     rel_noise: float = 0.05
     max_ffn_points: int = 64
     batch_size: int = 8
@@ -78,6 +81,11 @@ class SlimDiffConfig:
             raise ValueError(f"unknown allocator {self.allocator!r}; choose one of {', '.join(ALLOCATORS)}")
         if self.gain_method not in GAIN_METHODS:
             raise ValueError(f"unknown gain method {self.gain_method!r}; choose one of {', '.join(GAIN_METHODS)}")
+        if self.gain_target not in GAIN_TARGETS:
+            raise ValueError(f"unknown gain target {self.gain_target!r}; choose one of {', '.join(GAIN_TARGETS)}")
+        if self.gain_target == "guided" and self.gain_method != "truncation":
+            raise ValueError(f"gain target guided measures truncation gains on the guided prediction; it needs gain "
+                             f"method truncation, got {self.gain_method!r}")
         if not (isinstance(self.gain_keep, (int, float)) and 0 < self.gain_keep < 1):
             raise ValueError(f"gain_keep is the fraction of each group's width kept to measure its truncation gain, "
                              f"0 < gain_keep < 1; got {self.gain_keep!r}")
@@ -110,7 +118,9 @@ class SlimDiffConfig:
 
     def gain_reference(self, capture: Capture) -> TruncationReference | None:
         """What truncation gains truncate with (this model's ``capture``), or None for noise gains."""
-        return TruncationReference(capture, self.reg, self.gain_keep) if self.gain_method == "truncation" else None
+        if self.gain_method != "truncation":
+            return None
+        return TruncationReference(capture, self.reg, self.gain_keep, guided=self.gain_target == "guided")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -324,6 +324,10 @@ def check_prefect_ux(name: str, version: str, workspace: Path) -> None:
     (lambda p: p["sampler"].update(guidance_argument="true_cfg_scale"),
      "StableDiffusionPipeline takes no 'true_cfg_scale' argument"),
     (lambda p: p["sampler"].update(max_sequence_length=0), "params.yaml sampler: max_sequence_length must be a whole number"),
+    (lambda p: p["score"].update(gain_target="both"), "unknown gain target 'both'; choose one of call, guided"),
+    (lambda p: (p["score"].update(gain_target="guided"), p["sampler"].update(guidance=1.0)),
+     "score.gain_target: guided measures gains on the classifier-free-guided prediction, and this sampler makes no "
+     "unconditional prediction"),
     (lambda p: p.pop("code"), "params.yaml has no code:"),
     (lambda p: p.update(code="elsewhere"), "params.yaml code: 'elsewhere' does not hold slimdiff/"),
     pytest.param(lambda p: p["model"].update(device="cuda"), "CUDA is not available",

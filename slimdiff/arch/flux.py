@@ -19,6 +19,9 @@ from slimdiff.arch.base import ModuleGroup, ffn_group, intact, joint_attention_g
 DENOISERS = ("FluxTransformer2DModel",)
 FAMILY = "Flux (FluxTransformerBlock, FluxSingleTransformerBlock)"
 TIMESTEP_SCALE = 1000.0  # FluxPipeline passes timestep / 1000; the transformer scales it back
+# FluxPipeline's guidance_scale is FLUX.1-dev's embedded guidance (one call a step, no unconditional prediction);
+# its classifier-free guidance is true_cfg_scale (two calls a step)
+GUIDANCE_SCALE_DOUBLES_BATCH = False
 QK_NOTE = "q/k RMSNorm and rotary embedding between projection and dot product; QK left intact"
 
 

@@ -17,6 +17,7 @@ from slimdiff.arch.base import ModuleGroup, attention_groups, ffn_group, intact,
 DENOISERS = ("SD3Transformer2DModel",)
 FAMILY = "SD3 / SD3.5 (JointTransformerBlock)"
 TIMESTEP_SCALE = 1.0  # StableDiffusion3Pipeline passes the scheduler's timestep (0..1000)
+GUIDANCE_SCALE_DOUBLES_BATCH = True  # guidance_scale > 1: one call a step on the batch [unconditional; conditional]
 
 
 def _modulation_linears(denoiser: nn.Module) -> list[tuple[str, str, nn.Module, str]]:

@@ -15,6 +15,7 @@ from slimdiff.arch.base import ModuleGroup, attention_groups, ffn_group, modulat
 DENOISERS = ("UNet2DConditionModel", "Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel")
 FAMILY = "UNet / DiT (BasicTransformerBlock)"
 TIMESTEP_SCALE = 1.0  # the denoiser's timestep argument is the scheduler's timestep
+GUIDANCE_SCALE_DOUBLES_BATCH = True  # guidance_scale > 1: one call a step on the batch [unconditional; conditional]
 
 
 def find_groups(denoiser: nn.Module) -> list[ModuleGroup]:

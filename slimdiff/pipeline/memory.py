@@ -275,7 +275,7 @@ class MemorySettings:
     shards: int = 1
     site_groups: int = 1
     workers: int = 1  # capture shards running at once on this machine (a local cluster); 1 for a remote cluster
-    gain_calls: int = 4
+    gain_calls: int = 4  # denoiser calls the gains keep (guided gains with true CFG: two a step measured)
     gain_prompts: int = 8
     gain_method: str = "truncation"  # truncation gains decompose one group at a time, as the decompose stage does
     latency_points: int = 0  # 0: no latency table (no latency budget)
@@ -348,8 +348,10 @@ def lora_maps_elements(shape: GroupShape) -> int:
     return 2 * shape.heads * shape.head_dim * shape.head_dim
 
 
-def settings_from_params(params: dict[str, Any], device: torch.device, dtype: torch.dtype) -> MemorySettings:
-    """The memory settings of a params.yaml (after ``slimdiff.pipeline.stages.device_settings``)."""
+def settings_from_params(params: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                         calls_per_step: int = 1) -> MemorySettings:
+    """The memory settings of a params.yaml (after ``slimdiff.pipeline.stages.device_settings``); ``calls_per_step``:
+    the sampler's denoiser calls a step (guided gains keep them all for each step they measure)."""
     from slimdiff.device import linalg_device
 
     capture, score, allocate = params["capture"], params["score"], params["allocate"]
@@ -366,7 +368,8 @@ def settings_from_params(params: dict[str, Any], device: torch.device, dtype: to
     return MemorySettings(
         dtype=dtype, device=device.type, linalg_on_device=linalg_device(device).type == "cuda",
         num_buckets=int(capture["num_buckets"]), shards=shards, site_groups=site_groups, workers=workers,
-        gain_calls=int(score["gain_calls"]), gain_prompts=int(score["gain_prompts"]),
+        gain_calls=int(score["gain_calls"]) * (calls_per_step if score.get("gain_target") == "guided" else 1),
+        gain_prompts=int(score["gain_prompts"]),
         gain_method=str(score.get("gain_method", "truncation")),
         latency_points=int(params["latency"]["points"]) if allocate.get("budget_kind") == "latency" else 0,
         max_ffn_points=int(score.get("max_ffn_points", 64)),

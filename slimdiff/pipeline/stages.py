@@ -96,6 +96,7 @@ def config_from(params: dict[str, Any]):
         gain_prompts=int(s["gain_prompts"]), gain_calls=int(s["gain_calls"]), rel_noise=float(s["rel_noise"]),
         gain_method=str(s.get("gain_method", SlimDiffConfig.gain_method)),
         gain_keep=s.get("gain_keep", SlimDiffConfig.gain_keep),
+        gain_target=str(s.get("gain_target", SlimDiffConfig.gain_target)),
         num_buckets=int(c["num_buckets"]), batch_size=int(c["batch_size"]), timestep_grid=timestep_grid_setting(c),
     )
 
@@ -172,9 +173,10 @@ RESOURCES_DIR = OUT / ".resources"
 MEMORY_PREDICTION = OUT / "memory_prediction.json"
 
 
-def check_model_supported(model: str | Path, sampler) -> None:
-    """Fail in one line when no adapter handles the pipeline's denoiser (naming its class and the supported ones) or
-    its call does not take the sampler settings; built on the meta device from the configs, no weight is read."""
+def check_model_supported(model: str | Path, sampler, guided_gains: bool = False) -> None:
+    """Fail in one line when no adapter handles the pipeline's denoiser (naming its class and the supported ones), its
+    call does not take the sampler settings, or (``guided_gains``) the sampler makes no unconditional prediction to
+    measure guided gains on; built on the meta device from the configs, no weight is read."""
     import diffusers
 
     from slimdiff.arch import find_groups
@@ -190,6 +192,10 @@ def check_model_supported(model: str | Path, sampler) -> None:
     _, denoiser = denoiser_of(pipe)
     find_groups(denoiser)
     sampler.check_pipeline(type(pipe))
+    if guided_gains:
+        from slimdiff.scoring.gains import check_guided
+
+        check_guided(sampler, denoiser)
 
 
 def predict_memory(params: dict[str, Any]):
@@ -197,8 +203,9 @@ def predict_memory(params: dict[str, Any]):
     from slimdiff.pipeline.memory import footprint, predict, settings_from_params
 
     device, dtype = device_settings(params)
-    fp = footprint(params["model"]["path"], sampler_settings(params), int(params["capture"]["batch_size"]))
-    settings = settings_from_params(params, device, dtype)
+    sampler = sampler_settings(params)
+    fp = footprint(params["model"]["path"], sampler, int(params["capture"]["batch_size"]))
+    settings = settings_from_params(params, device, dtype, sampler.calls_per_step)
     return fp, settings, predict(fp, settings)
 
 

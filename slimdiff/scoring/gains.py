@@ -5,11 +5,14 @@ Two ways, one per call: with a ``TruncationReference`` (the default of the pipel
 reference width by its own closed-form decomposition, and the gain is the measured change of the denoiser's output
 divided by the predicted error at that width; without one, noise of known energy is added at the module's output
 (isotropic, so it misses where the truncation error lies and what attention's mixing does to it: docs/method.md §4).
+A guided reference (``score.gain_target: guided``) measures the change of what the sampler steps with, the
+classifier-free-guided prediction ``u + s (c - u)``, instead of each call's output (``GuidedOutput``).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import sys
@@ -20,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from slimdiff.arch import ModuleGroup, compressible_groups
+from slimdiff.arch import ModuleGroup, adapter_for, compressible_groups
 from slimdiff.arch.pipelines import denoiser_of
 from slimdiff.arch.sites import group_sites
 from slimdiff.calls import DenoiserCall, record_calls
@@ -37,6 +40,7 @@ from slimdiff.statistics.sums import Capture
 
 GAINS_FORMAT = "slimdiff-gains/1"
 GAIN_METHODS = ("truncation", "noise")
+GAIN_TARGETS = ("call", "guided")  # what a truncation gain compares: each call's output, or the guided prediction
 DEFAULT_REFERENCE_KEEP = 0.5
 
 # Largest logit-noise block drawn at once (elements): attention with injected logit noise runs in
@@ -80,11 +84,13 @@ class Gains:
 @dataclass(frozen=True)
 class TruncationReference:
     """What a truncation gain truncates with: the capture of the uncompressed model, the decompositions' ridge ``reg``
-    and ``keep``, the fraction of each group's width kept at the reference width."""
+    and ``keep``, the fraction of each group's width kept at the reference width; ``guided``: the change measured is
+    the sampler's classifier-free-guided prediction's (``GuidedOutput``), not each call's output."""
 
     capture: Capture
     reg: float
     keep: float = DEFAULT_REFERENCE_KEEP
+    guided: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.keep, (int, float)) and 0 < self.keep < 1):
@@ -97,13 +103,84 @@ class TruncationReference:
         return min(max(1, round(self.keep * group.width)), group.width - 1)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"capture": capture_identity(self.capture), "reg": float(self.reg), "keep": float(self.keep)}
+        fingerprint = {"capture": capture_identity(self.capture), "reg": float(self.reg), "keep": float(self.keep)}
+        return {**fingerprint, "guided": True} if self.guided else fingerprint  # call gains keep their fingerprint
 
 
 def _output(denoiser: nn.Module, call: DenoiserCall) -> Tensor:
     args, kwargs = call
     kwargs = {**kwargs, "return_dict": False}
     return denoiser(*args, **kwargs)[0].to(torch.float64)
+
+
+def guidance_layout(sampler: SamplerSettings, denoiser: nn.Module) -> str | None:
+    """Where the sampler's denoiser calls hold the unconditional prediction: ``"pairs"`` (true classifier-free
+    guidance: two calls a step, conditional first), ``"batch"`` (one call a step on [unconditional; conditional]),
+    or None (no classifier-free guidance: a scale <= 1, or FLUX.1-dev's embedded guidance)."""
+    if sampler.calls_per_step == 2:
+        return "pairs"
+    if (sampler.guidance_argument == "guidance_scale" and sampler.guidance_scale > 1
+            and adapter_for(denoiser).GUIDANCE_SCALE_DOUBLES_BATCH):
+        return "batch"
+    return None
+
+
+def check_guided(sampler: SamplerSettings, denoiser: nn.Module) -> str:
+    """The guidance layout guided gains read (``guidance_layout``); one line naming the sampler when it has none."""
+    layout = guidance_layout(sampler, denoiser)
+    if layout is None:
+        why = (f"{type(denoiser).__name__} takes guidance_scale as embedded guidance"
+               if sampler.guidance_argument == "guidance_scale" and not adapter_for(denoiser).GUIDANCE_SCALE_DOUBLES_BATCH
+               else f"{sampler.guidance_argument} = {sampler.guidance_scale:g} runs none (it needs a scale > 1)")
+        raise ValueError(f"score.gain_target: guided measures gains on the classifier-free-guided prediction, and this "
+                         f"sampler makes no unconditional prediction ({why}); use score.gain_target: call")
+    return layout
+
+
+@dataclass(frozen=True)
+class GuidedOutput:
+    """What the sampler steps with, ``u + scale (c - u)``, from one guided unit: a (conditional, unconditional) call
+    pair (``paired``: true classifier-free guidance) or one call on the batch [unconditional; conditional]."""
+
+    scale: float
+    paired: bool
+
+    def __call__(self, denoiser: nn.Module, unit) -> Tensor:
+        if self.paired:
+            conditional, unconditional = (_output(denoiser, call) for call in unit)
+        else:
+            unconditional, conditional = _output(denoiser, unit).chunk(2)
+        return unconditional + self.scale * (conditional - unconditional)
+
+
+def _sample_and_timestep(denoiser: nn.Module, call: DenoiserCall) -> tuple[Tensor, Tensor]:
+    args, kwargs = call
+    bound = inspect.signature(denoiser.forward).bind_partial(*args, **kwargs).arguments
+    return next(iter(bound.values())), torch.as_tensor(bound.get("timestep", torch.zeros(()))).reshape(-1)
+
+
+def guided_units(pipe, prompts: Sequence[str], sampler: SamplerSettings, count: int) -> tuple[list, GuidedOutput]:
+    """``count`` guided units spread over the sampling steps of ``prompts`` and the output that combines each: call
+    pairs (true classifier-free guidance) or single calls on a doubled batch (``guidance_layout``). Refused in one
+    line when the calls are not laid out as the sampler settings say."""
+    _, denoiser = denoiser_of(pipe)
+    layout = check_guided(sampler, denoiser)
+    if layout == "pairs":
+        calls = record_calls(pipe, prompts, sampler, count, whole_steps=True)
+        units = list(zip(calls[0::2], calls[1::2]))
+        for conditional, unconditional in units:
+            (sample_c, t_c), (sample_u, t_u) = (_sample_and_timestep(denoiser, c) for c in (conditional, unconditional))
+            if sample_c.shape != sample_u.shape or not torch.equal(t_c.cpu(), t_u.cpu()):
+                raise RuntimeError(f"true classifier-free guidance: a step's two denoiser calls disagree on the timestep "
+                                   f"or the batch; {type(pipe).__name__} does not make one conditional and one "
+                                   "unconditional call a step")
+        return units, GuidedOutput(sampler.guidance_scale, paired=True)
+    calls = record_calls(pipe, prompts, sampler, count)
+    batch = _sample_and_timestep(denoiser, calls[0])[0].shape[0]
+    if batch != 2 * len(prompts):
+        raise RuntimeError(f"classifier-free guidance: {type(pipe).__name__} called its denoiser on a batch of {batch} "
+                           f"for {len(prompts)} prompt(s), not the doubled batch [unconditional; conditional]")
+    return calls, GuidedOutput(sampler.guidance_scale, paired=False)
 
 
 def _noise_like(x: Tensor, rel_noise: float, generator: torch.Generator) -> tuple[Tensor, float]:
@@ -147,7 +224,8 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
                       rel_noise: float = 0.05, seed: int = 0, progress: bool = False, noise_chunk: int = DEFAULT_NOISE_CHUNK,
                       known: dict[str, float] | None = None, after_each=None,
                       only: Sequence[str] | None = None, reference: TruncationReference | None = None,
-                      record: RecordDecomposition | None = None) -> tuple[dict[str, float], dict[str, float]]:
+                      record: RecordDecomposition | None = None,
+                      output: Callable[[nn.Module, Any], Tensor] = _output) -> tuple[dict[str, float], dict[str, float]]:
     """Gradient-free propagation gains and block influence.
 
     With ``reference``, each module is decomposed from the capture and truncated to its reference width (the rest
@@ -163,6 +241,8 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
     disjoint module subsets, measured anywhere, together equal the one-process gains (``slimdiff.scoring.gain_shards``).
     ``record(group, decomposition)`` is called with each truncated group's decomposition (the pipeline records the
     FFNs' for the score stage, ``slimdiff.scoring.influence.ffn_recorder``, so it does not decompose them again).
+    ``output(denoiser, unit)`` is what truncation gains compare for each of ``calls``: a call's output (default), or
+    a ``GuidedOutput`` of guided units (``guided_units``).
     """
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import (
@@ -180,6 +260,8 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
         if unknown:
             raise ValueError(f"gains: {len(unknown)} module(s) to measure are not compressible groups of this denoiser, "
                              f"e.g. {unknown[0]!r}")
+    if output is not _output and reference is None:
+        raise ValueError("noise gains compare each call's output; a guided output needs truncation gains")
     wanted = set(only) if only is not None else None
     device = module_device(denoiser)
     influence_sum: dict[str, float] = {}
@@ -199,7 +281,7 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
                for n, m in denoiser.named_modules() if isinstance(m, block_types)]
     try:
         with torch.no_grad():
-            clean = [_output(denoiser, call) for call in calls]
+            clean = [output(denoiser, call) for call in calls]
     finally:
         for h in handles:
             h.remove()
@@ -211,7 +293,7 @@ def propagation_gains(denoiser: nn.Module, calls: Sequence[DenoiserCall], groups
             if group.name in gains:
                 continue
             if reference is not None:
-                gains[group.name] = _truncation_gain(denoiser, group, calls, clean, reference, record)
+                gains[group.name] = _truncation_gain(denoiser, group, calls, clean, reference, record, output)
                 if after_each is not None:
                     after_each(dict(gains))
                 continue
@@ -246,8 +328,8 @@ def _truncation_gain(denoiser: nn.Module, group: ModuleGroup, calls: Sequence, c
     bucket's covariance, ``slimdiff.decomposition.errors``), so gain x score is the measured error there. Where the
     decomposition is exact at that width (a rank-deficient input: predicted error 0), the width is halved until it
     is not; a group exact down to width 1 has no error to scale at any width, and gain 0. ``output(denoiser, call)``
-    is what is compared with ``clean`` (default: the denoiser's output of one call; benchmarks/guided_gains.py passes
-    the guided combination of a call pair)."""
+    is what is compared with ``clean`` (default: the denoiser's output of one call; ``GuidedOutput``: the guided
+    prediction of one guided unit)."""
     capture = reference.capture.subset(group_sites(group))
     decomposition = decompose_group(denoiser, group, capture, reference.reg)
     if record is not None:
@@ -355,6 +437,8 @@ def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_ca
     """
     _, denoiser = denoiser_of(pipe)
     model_hash = model_hash or model_content_hash(denoiser)
+    if reference is not None and reference.guided:
+        check_guided(sampler, denoiser)  # before the model is hashed or any call made
     if reference is not None:
         captured_on = reference.capture.metadata.get("model_hash")
         if captured_on and captured_on != model_hash:
@@ -383,11 +467,15 @@ def measure_gains(pipe, prompts: Sequence[str], sampler: SamplerSettings, num_ca
         if checkpoint is not None:
             write_json(checkpoint, {"fingerprint": fingerprint, "gains": gains})
 
-    calls = record_calls(pipe, prompts, sampler, num_calls)
+    if reference is not None and reference.guided:
+        calls, output = guided_units(pipe, prompts, sampler, num_calls)
+    else:
+        calls, output = record_calls(pipe, prompts, sampler, num_calls), _output
     gains, block_influence = propagation_gains(denoiser, calls, rel_noise=rel_noise, seed=seed, progress=progress,
                                                noise_chunk=noise_chunk, known=known, after_each=save_partial, only=only,
-                                               reference=reference, record=record)
+                                               reference=reference, record=record, output=output)
     metadata = {"method": fingerprint["method"], "reference": fingerprint["reference"],
+                "target": "guided" if reference is not None and reference.guided else "call",
                 "model_hash": model_hash, "prompts": len(prompts), "prompts_digest": prompts_digest(prompts),
                 "calls": len(calls), "rel_noise": rel_noise, "seed": seed, "noise_chunk": noise_chunk,
                 "sampler": sampler.to_dict(), "dtype": fingerprint["dtype"], "device_type": fingerprint["device_type"]}
