@@ -77,9 +77,10 @@ def job_gain_target() -> str:
 
 
 def capture_and_score(pipe, calibration: list[str], sampler, batch_size: int, extra_sites: tuple[str, ...] = (),
-                      gain_target: str = "call"):
+                      gain_target: str = "call", model_id: str = "reference-flux"):
     """The capture (seeded) and the influence scores every method of this benchmark (and kind_calibration.py) shares;
     ``gain_target``: truncation gains on each call's output or on the guided prediction (``score.gain_target``)."""
+    from slimdiff.arch.pipelines import denoiser_of
     from slimdiff.compress import SlimDiffConfig
     from slimdiff.scoring.gains import measure_gains
     from slimdiff.scoring.influence import Granularity, score
@@ -87,11 +88,11 @@ def capture_and_score(pipe, calibration: list[str], sampler, batch_size: int, ex
 
     torch.manual_seed(0)
     stats = capture(pipe, calibration, sampler, num_buckets=4, batch_size=batch_size, extra_sites=extra_sites,
-                    model_id="reference-flux")
+                    model_id=model_id)
     # the job's gains (truncation at half width), at the job's reg
     reference = SlimDiffConfig(gain_target=gain_target).gain_reference(stats)
     gains = measure_gains(pipe, calibration[:8], sampler, num_calls=4, reference=reference)
-    scores = score(pipe.transformer, stats, gains, Granularity(rank_step=1))
+    scores = score(denoiser_of(pipe)[1], stats, gains, Granularity(rank_step=1))
     return stats, scores
 
 
