@@ -362,7 +362,8 @@ compressed at each budget (parameters) from the first {results['calibration_prom
 `{sampler['guidance_argument']}` {sampler['guidance_scale']} with an empty negative prompt,
 {sampler['max_sequence_length']} T5 tokens, {sampler['height']} px) and compression settings
 (`data/reference-flux/job/params.yaml`: {config['num_buckets']} timestep buckets, {config['gain_prompts']} gain prompts,
-allocator `{config['allocator']}`, minimum kept {config['min_keep']}), projected or cut to the slim shapes. Read by the
+gains on `{config.get('gain_target', 'call')}` output, allocator `{config['allocator']}`, minimum kept {config['min_keep']}),
+projected or cut to the slim shapes. Read by the
 reference evaluator on {results['n_plain']} evaluation prompts without a background phrase, sampled as the reference's
 metrics are ({sampling['steps']} steps, `{sampling['guidance_argument']}` {sampling['guidance_scale']}, batch
 {sampling['batch_size']}, seed {sampling['seed']}); {threads} torch thread. Columns as in the UNet table above.
