@@ -106,43 +106,74 @@ def _stored_dtype(folder: Path) -> str | None:
     return None
 
 
+# the libraries a model_index.json may name for a component: a model folder is input, and its index must not make the
+# job import an arbitrary module
+COMPONENT_LIBRARIES = ("diffusers", "transformers")
+
+
 def meta_pipeline(model: str | Path, stored_dtype: str | None = None):
     """The pipeline of a local diffusers folder with every torch component built from its config on the meta device
     (tokenizers and the scheduler loaded as usual: small). Returns (pipeline, {component: stored dtype}); a folder of
-    configs without weights (a published model's) takes ``stored_dtype`` for every component."""
+    configs without weights (a published model's) takes ``stored_dtype`` for every component. A folder that cannot
+    be built raises ``ValueError`` in one line naming the component and why."""
     import importlib
 
-    import diffusers  # noqa: F401 - imported before quiet_libraries silences it
+    import diffusers  # imported before quiet_libraries silences it
     from accelerate import init_empty_weights
 
+    from slimdiff.arch.pipelines import read_model_index
     from slimdiff.environment import quiet_libraries
 
     quiet_libraries()
     folder = Path(model)
-    index = json.loads((folder / "model_index.json").read_text())
+    index = read_model_index(folder)
     pipeline_cls = getattr(importlib.import_module("diffusers"), index["_class_name"])
     components, stored = {}, {}
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
-            if not name.startswith("_"):
-                components[name] = None
+        if name.startswith("_"):
             continue
+        if not isinstance(spec, list):  # a pipeline argument stored in the index (requires_safety_checker)
+            components[name] = spec
+            continue
+        if spec[:1] == [None]:  # a component the folder leaves out
+            components[name] = None
+            continue
+        where = f"{folder / 'model_index.json'} component {name!r}"
+        if (len(spec) != 2 or not isinstance(spec[0], str) or not isinstance(spec[1], str)
+                or not (spec[0] in COMPONENT_LIBRARIES or hasattr(diffusers.pipelines, spec[0]))):
+            raise ValueError(f"{where} is {spec!r}; expected [library, class] with library one of "
+                             f"{', '.join(COMPONENT_LIBRARIES)} or a diffusers pipeline module (e.g. stable_diffusion)")
         library, class_name = spec
-        cls = getattr(importlib.import_module(library), class_name)
+        # a pipeline module (SD 1.5's ["stable_diffusion", "StableDiffusionSafetyChecker"]) as diffusers resolves it
+        source = importlib.import_module(library) if library in COMPONENT_LIBRARIES else getattr(diffusers.pipelines, library)
+        cls = getattr(source, class_name, None) if class_name.isidentifier() else None
+        if not isinstance(cls, type):
+            raise ValueError(f"{where} names {library}.{class_name}, which {library} does not have")
         sub = folder / name
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
-            with init_empty_weights(include_buffers=True):
-                if library == "diffusers":
-                    module = cls.from_config(cls.load_config(str(sub)))
-                else:
-                    from transformers import AutoConfig
+        config = sub / "config.json"
+        if not sub.is_dir() or (issubclass(cls, nn.Module) and not config.is_file()):
+            raise ValueError(f"{where} ({class_name}): {config if sub.is_dir() else sub} is missing")
+        try:
+            if issubclass(cls, nn.Module):
+                with init_empty_weights(include_buffers=True):
+                    if library == "diffusers":
+                        module = cls.from_config(cls.load_config(str(sub)))
+                    else:
+                        from transformers import AutoConfig
 
-                    module = cls(AutoConfig.from_pretrained(str(sub)))
-            components[name] = module.to("meta")
-            stored[name] = stored_dtype or _stored_dtype(sub) or "float32"
-        else:
-            components[name] = cls.from_pretrained(str(sub))
-    return pipeline_cls(**components), stored
+                        module = cls(AutoConfig.from_pretrained(str(sub)))
+                components[name] = module.to("meta")
+                stored[name] = stored_dtype or _stored_dtype(sub) or "float32"
+            else:
+                components[name] = cls.from_pretrained(str(sub))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            raise ValueError(f"{where} ({class_name}) cannot be built from {sub}: "
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    try:
+        return pipeline_cls(**components), stored
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{folder}: {pipeline_cls.__name__} cannot be built from the components its model_index.json "
+                         f"lists ({', '.join(components) or 'none'}): {str(error).splitlines()[0]}") from None
 
 
 class _Stop(Exception):

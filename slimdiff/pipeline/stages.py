@@ -177,20 +177,18 @@ def check_model_supported(model: str | Path, sampler, guided_gains: bool = False
     """Fail in one line when no adapter handles the pipeline's denoiser (naming its class and the supported ones), its
     call does not take the sampler settings, or (``guided_gains``) the sampler makes no unconditional prediction to
     measure guided gains on; built on the meta device from the configs, no weight is read."""
-    import diffusers
-
-    from slimdiff.arch import find_groups
+    from slimdiff.arch import UnsupportedModelError, find_groups
     from slimdiff.arch.pipelines import denoiser_of
     from slimdiff.pipeline.memory import meta_pipeline
 
-    index = json.loads((Path(model) / "model_index.json").read_text())
-    name = str(index.get("_class_name"))
-    if not isinstance(getattr(diffusers, name, None), type):
-        raise ValueError(f"{Path(model) / 'model_index.json'} names pipeline class {name!r}, which diffusers "
-                         f"{diffusers.__version__} does not have")
-    pipe, _ = meta_pipeline(model)
-    _, denoiser = denoiser_of(pipe)
-    find_groups(denoiser)
+    pipe, _ = meta_pipeline(model)  # the index and every component's config, checked (one-line ValueError)
+    try:
+        _, denoiser = denoiser_of(pipe)
+        find_groups(denoiser)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"{Path(model)}: pipeline {type(pipe).__name__}: {error}") from None
+    except ValueError as error:  # no denoiser component
+        raise ValueError(f"{Path(model)}: {error}") from None
     sampler.check_pipeline(type(pipe))
     if guided_gains:
         from slimdiff.scoring.gains import check_guided
