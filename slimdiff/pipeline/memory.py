@@ -23,7 +23,6 @@ The model is assumed on ``model.device``; on a GPU the float64 linear algebra ru
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -127,7 +126,7 @@ def meta_pipeline(model: str | Path, stored_dtype: str | None = None):
     quiet_libraries()
     folder = Path(model)
     index = read_model_index(folder)
-    pipeline_cls = getattr(importlib.import_module("diffusers"), index["_class_name"])
+    pipeline_cls = getattr(diffusers, index["_class_name"])  # checked by read_model_index
     components, stored = {}, {}
     for name, spec in index.items():
         if name.startswith("_"):
